@@ -1,0 +1,1 @@
+"""Python components of the LSMS referring lesion segmentation bundle (network, transforms, losses, metrics, data tools)."""

@@ -1,0 +1,63 @@
+"""Named errors of the clinical inputs and outputs.
+
+Every error says what is wrong with which file and how to fix it. Input errors derive from
+:class:`ClinicalInputError` (a ``ValueError``) so that a caller can catch all bad-input cases at once.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClinicalInputError",
+    "NoImageError",
+    "MixedSeriesError",
+    "MissingSliceError",
+    "NotCTError",
+    "InvalidGeometryError",
+    "GeometryMismatchError",
+    "OutputExistsError",
+    "ProtectedInputError",
+]
+
+
+class ClinicalInputError(ValueError):
+    """An input volume that cannot be used as given."""
+
+
+class NoImageError(ClinicalInputError):
+    """No readable image: a missing path, a non-image file, or a folder without DICOM images."""
+
+
+class MixedSeriesError(ClinicalInputError):
+    """Several DICOM series in one input and none selected with ``series_uid``."""
+
+
+class MissingSliceError(ClinicalInputError):
+    """A gap in the slice positions of a DICOM series."""
+
+
+class NotCTError(ClinicalInputError):
+    """A DICOM series whose modality is not CT (its values would not be Hounsfield units)."""
+
+
+class InvalidGeometryError(ClinicalInputError):
+    """Slices that do not form one regular volume: missing or differing orientation, spacing or size,
+    or several slices at the same position."""
+
+
+class GeometryMismatchError(ValueError):
+    """A mask whose grid does not match the grid of the image it should be written for."""
+
+
+class OutputExistsError(FileExistsError):
+    """An output file exists already and ``overwrite`` was not requested."""
+
+    def __init__(self, path):
+        super().__init__(
+            f"Output file '{path}' exists already; it is left untouched. "
+            "Choose another output path or pass overwrite=True to replace it."
+        )
+        self.filename = str(path)
+
+
+class ProtectedInputError(ValueError):
+    """An output path that points at an input file."""

@@ -1,0 +1,79 @@
+"""Grid helpers shared by the readers and writers: channel handling and exact reorientation between grids."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+from custom.clinical.errors import GeometryMismatchError
+
+__all__ = ["as_spatial_array", "affine_of", "reorient_to", "ras_to_lps"]
+
+#: Tolerance (mm) when comparing two affines of the same grid.
+AFFINE_ATOL_MM = 1e-3
+
+
+def as_spatial_array(volume) -> np.ndarray:
+    """Return ``volume`` as a 3D numpy array (X, Y, Z), dropping a leading channel of size 1.
+
+    Accepts numpy arrays, torch tensors and MONAI ``MetaTensor`` of shape (X, Y, Z) or (1, X, Y, Z).
+    """
+    if isinstance(volume, torch.Tensor):
+        volume = volume.detach().cpu().numpy()
+    array = np.asarray(volume)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise ValueError(f"Expected a 3D volume (X, Y, Z) or (1, X, Y, Z), got shape {array.shape}.")
+    return array
+
+
+def affine_of(volume, affine=None) -> np.ndarray:
+    """Return the 4x4 affine given explicitly, or the one carried by a ``MetaTensor``."""
+    if affine is None:
+        affine = getattr(volume, "affine", None)
+    if affine is None:
+        raise ValueError("No affine: pass `affine=` or a MONAI MetaTensor that carries one.")
+    if isinstance(affine, torch.Tensor):
+        affine = affine.detach().cpu().numpy()
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.ndim == 3 and affine.shape[0] == 1:  # a batch of one
+        affine = affine[0]
+    if affine.shape != (4, 4):
+        raise ValueError(f"Expected a 4x4 affine, got shape {affine.shape}.")
+    return affine
+
+
+def reorient_to(array: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, target_shape=None) -> np.ndarray:
+    """Flip and permute the axes of ``array`` (X, Y, Z) so that it lies on the grid of ``target_affine``.
+
+    Only axis flips and permutations are applied (no resampling), so the result is exact; the resulting affine is
+    checked against ``target_affine`` (and the shape against ``target_shape``) and a ``GeometryMismatchError``
+    says so when the two grids differ by more than a reorientation (for example after ``Spacingd``: invert it first
+    with MONAI's ``Invertd``).
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    target_affine = np.asarray(target_affine, dtype=np.float64)
+    transform = ornt_transform(io_orientation(affine), io_orientation(target_affine))
+    result = apply_orientation(array, transform)
+    result_affine = affine @ inv_ornt_aff(transform, array.shape)
+    if target_shape is not None and tuple(result.shape) != tuple(int(s) for s in target_shape):
+        raise GeometryMismatchError(
+            f"After reorientation the mask has shape {result.shape} but the image has shape {tuple(target_shape)}. "
+            "The mask must lie on the image's grid (up to axis flips/permutations); undo any resampling first."
+        )
+    if not np.allclose(result_affine, target_affine, atol=AFFINE_ATOL_MM):
+        raise GeometryMismatchError(
+            "The mask's affine does not match the image's affine after reorientation:\n"
+            f"mask:\n{np.round(result_affine, 4)}\nimage:\n{np.round(target_affine, 4)}\n"
+            "The mask must lie on the image's grid (up to axis flips/permutations); undo any resampling first."
+        )
+    return np.ascontiguousarray(result)
+
+
+def ras_to_lps(points_mm) -> np.ndarray:
+    """Convert world points (..., 3) from RAS to LPS (DICOM patient coordinates), or back: negate x and y."""
+    points = np.array(points_mm, dtype=np.float64)
+    points[..., :2] *= -1
+    return points

@@ -1,0 +1,70 @@
+"""Joint loss of LSMS: Dice + cross-entropy on the mask, plus a pixel-to-sentence contrastive term."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch import nn
+
+__all__ = ["PixelSentenceContrastiveLoss", "LSMSLoss"]
+
+
+class PixelSentenceContrastiveLoss(nn.Module):
+    """InfoNCE between an expression and the pixels of its image: referred-lesion pixels are the positives.
+
+    For every positive pixel p of image b: ``-log(exp(s_p / t) / (exp(s_p / t) + sum_n exp(s_n / t)))`` with
+    ``s`` the cosine similarity of pixel and sentence embeddings and n running over the image's other (negative)
+    pixels. Averaged over positive pixels, then over images that have any; images with an empty target add 0.
+
+    ``pixel_embeddings (B, E, h, w), sentence_embedding (B, E), target (B, 1, H, W) -> scalar``.
+    """
+
+    def __init__(self, temperature: float = 0.07) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}.")
+        self.temperature = temperature
+
+    def forward(
+        self, pixel_embeddings: torch.Tensor, sentence_embedding: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        positives = F.adaptive_max_pool2d(target.float(), pixel_embeddings.shape[-2:]).flatten(1) > 0.5  # (B, N)
+        pixels = F.normalize(pixel_embeddings.flatten(2), dim=1)  # (B, E, N)
+        sentence = F.normalize(sentence_embedding, dim=1)  # (B, E)
+        scores = torch.einsum("ben,be->bn", pixels, sentence) / self.temperature  # (B, N)
+        negatives_logsumexp = torch.logsumexp(scores.masked_fill(positives, float("-inf")), dim=1, keepdim=True)
+        per_pixel = -scores + torch.logaddexp(scores, negatives_logsumexp)  # (B, N)
+        counts = positives.sum(1)
+        has_positive = counts > 0
+        if not has_positive.any():
+            return scores.sum() * 0.0
+        per_image = (per_pixel * positives).sum(1)[has_positive] / counts[has_positive]
+        return per_image.mean()
+
+
+class LSMSLoss(nn.Module):
+    """``DiceCELoss(sigmoid) + contrastive_weight * PixelSentenceContrastiveLoss``.
+
+    ``pred`` is the network's logits (B, 1, H, W) or its ``return_embeddings=True`` dict; ``target`` (B, 1, H, W)
+    in {0, 1}. The contrastive term is used when the dict carries a sentence embedding and the weight is > 0.
+    Dice is computed over the whole batch (``batch=True``) so slices with an empty target stay finite and sensible.
+    """
+
+    def __init__(
+        self, contrastive_weight: float = 0.1, temperature: float = 0.07, lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.segmentation = DiceCELoss(sigmoid=True, batch=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+        self.contrastive = PixelSentenceContrastiveLoss(temperature)
+        self.contrastive_weight = contrastive_weight
+
+    def forward(self, pred, target: torch.Tensor) -> torch.Tensor:
+        logits = pred["logits"] if isinstance(pred, dict) else pred
+        loss = self.segmentation(logits, target.float())
+        if isinstance(pred, dict) and pred.get("sentence_embedding") is not None and self.contrastive_weight > 0:
+            loss = loss + self.contrastive_weight * self.contrastive(
+                pred["pixel_embeddings"], pred["sentence_embedding"], target
+            )
+        return loss

@@ -1,0 +1,120 @@
+"""Decoders from the encoder's features F1..F4 to stride-4 features: the Full-Scale Decoder and a plain FPN."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ConvNormAct", "PositionAlignment", "CrossScaleAttention", "FullScaleDecoder", "FPNDecoder"]
+
+
+class ConvNormAct(nn.Sequential):
+    """Convolution, batch norm, ReLU. ``(B, C_in, H, W) -> (B, C_out, H, W)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class PositionAlignment(nn.Module):
+    """Bring F1..F4 to one spatial size, each through its own projection so the scales keep their identity.
+
+    ``[Fi (B, C_i, H_i, W_i)] , size -> [Pi (B, D, *size)]``.
+    """
+
+    def __init__(self, in_channels: Sequence[int], channels: int) -> None:
+        super().__init__()
+        self.projections = nn.ModuleList(ConvNormAct(c, channels) for c in in_channels)
+
+    def forward(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
+        aligned = []
+        for projection, feature in zip(self.projections, features):
+            projected = projection(feature)
+            if tuple(projected.shape[-2:]) != tuple(size):
+                projected = F.interpolate(projected, size=tuple(size), mode="bilinear", align_corners=False)
+            aligned.append(projected)
+        return aligned
+
+
+class CrossScaleAttention(nn.Module):
+    """Global modelling across scales: self-attention over the tokens of several aligned maps together.
+
+    Each map gets a learned scale embedding and a depthwise-convolution position encoding before its tokens are
+    concatenated. ``[Pi (B, D, h, w)] -> [Pi' (B, D, h, w)]`` (residual).
+    """
+
+    def __init__(self, channels: int, num_scales: int, num_heads: int, depth: int = 1, mlp_ratio: float = 2.0):
+        super().__init__()
+        self.scale_embedding = nn.Parameter(torch.zeros(num_scales, channels))
+        self.position = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                channels, num_heads, int(channels * mlp_ratio), dropout=0.0, activation="gelu", batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        b, c, h, w = maps[0].shape
+        tokens = [
+            (m + self.position(m)).flatten(2).transpose(1, 2) + self.scale_embedding[i] for i, m in enumerate(maps)
+        ]
+        x = torch.cat(tokens, dim=1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        chunks = x.split(h * w, dim=1)
+        return [m + chunk.transpose(1, 2).reshape(b, c, h, w) for m, chunk in zip(maps, chunks)]
+
+
+class FullScaleDecoder(nn.Module):
+    """Full-Scale Decoder (FSD).
+
+    Position Alignment projects F1..F4 per scale; P2..P4 meet at the stride of F3 for global cross-scale
+    attention (a token budget that stays small at 480 px), are fused there, brought to the stride of F1 and
+    merged with P1. ``[F1..F4] -> (B, D, H / 4, W / 4)``.
+    """
+
+    def __init__(
+        self, in_channels: Sequence[int], channels: int = 128, num_heads: int = 4, depth: int = 1
+    ) -> None:
+        super().__init__()
+        self.align_fine = PositionAlignment(in_channels[:1], channels)
+        self.align_coarse = PositionAlignment(in_channels[1:], channels)
+        self.cross_scale = CrossScaleAttention(channels, len(in_channels) - 1, num_heads, depth)
+        self.fuse_coarse = ConvNormAct(channels * (len(in_channels) - 1), channels)
+        self.merge = ConvNormAct(2 * channels, channels)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        fine_size = features[0].shape[-2:]
+        (p1,) = self.align_fine(features[:1], fine_size)
+        coarse = self.cross_scale(self.align_coarse(features[1:], features[2].shape[-2:]))
+        global_context = self.fuse_coarse(torch.cat(coarse, dim=1))
+        global_context = F.interpolate(global_context, size=fine_size, mode="bilinear", align_corners=False)
+        return self.merge(torch.cat([p1, global_context], dim=1))
+
+
+class FPNDecoder(nn.Module):
+    """Plain FPN-style decoder (ablation of FSD): lateral 1x1, top-down upsample-and-add, 3x3 smoothing.
+
+    ``[F1..F4] -> (B, D, H / 4, W / 4)``.
+    """
+
+    def __init__(self, in_channels: Sequence[int], channels: int = 128) -> None:
+        super().__init__()
+        self.laterals = nn.ModuleList(ConvNormAct(c, channels) for c in in_channels)
+        self.smooth = ConvNormAct(channels, channels, kernel_size=3)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = self.laterals[-1](features[-1])
+        for lateral, feature in zip(reversed(self.laterals[:-1]), reversed(features[:-1])):
+            x = lateral(feature) + F.interpolate(x, size=feature.shape[-2:], mode="bilinear", align_corners=False)
+        return self.smooth(x)

@@ -1,0 +1,153 @@
+"""Scale-aware Vision-Language Attention (SVLA) and the encoder block that holds it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.layers import DropPath
+from torch import nn
+
+__all__ = ["MultiKernelAttention", "PixelWordAttention", "SVLA", "SVLABlock", "ConvFeedForward"]
+
+
+class MultiKernelAttention(nn.Module):
+    """Visual attention over several receptive fields: depthwise 5x5, then strip convolutions 1xk / kx1 per k.
+
+    ``(B, C, H, W) -> (B, C, H, W)`` attention map (un-normalised weights that modulate the features).
+    """
+
+    def __init__(self, channels: int, strip_kernel_sizes: Sequence[int] = (7, 11, 21)) -> None:
+        super().__init__()
+        self.local = nn.Conv2d(channels, channels, 5, padding=2, groups=channels)
+        self.strips = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(channels, channels, (1, k), padding=(0, k // 2), groups=channels),
+                nn.Conv2d(channels, channels, (k, 1), padding=(k // 2, 0), groups=channels),
+            )
+            for k in strip_kernel_sizes
+        )
+        self.project = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = self.local(x)
+        summed = local + sum(strip(local) for strip in self.strips)
+        return self.project(summed)
+
+
+class PixelWordAttention(nn.Module):
+    """Each pixel attends over the word features of its expression; padding tokens are masked out.
+
+    ``x (B, C, H, W), words (B, T, D), word_mask (B, T) -> (B, C, H, W)`` language-aligned features.
+    """
+
+    def __init__(self, channels: int, text_dim: int, num_heads: int) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads}).")
+        self.norm = nn.LayerNorm(channels)
+        self.attention = nn.MultiheadAttention(
+            channels, num_heads, kdim=text_dim, vdim=text_dim, batch_first=True
+        )
+
+    def forward(self, x: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        queries = self.norm(x.flatten(2).transpose(1, 2))
+        aligned, _ = self.attention(queries, words, words, key_padding_mask=~word_mask.bool(), need_weights=False)
+        return aligned.transpose(1, 2).reshape(b, c, h, w)
+
+
+class SVLA(nn.Module):
+    """Multi-kernel visual attention in parallel with pixel-to-word attention, fused by modulation.
+
+    The visual branch gives an attention map ``a`` over several receptive fields; the language branch gives
+    language-aligned features ``l`` passed through a learned tanh gate. The visual map modulates both the
+    visual features and the gated language features: ``out = a * u + a * gate(l) * l``.
+
+    ``x (B, C, H, W), words (B, T, D) | None, word_mask (B, T) | None -> (B, C, H, W)``.
+    Without words (or with ``use_language=False``) it is plain multi-kernel attention.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        text_dim: int,
+        num_heads: int,
+        strip_kernel_sizes: Sequence[int] = (7, 11, 21),
+        use_multi_kernel: bool = True,
+        use_language: bool = True,
+    ) -> None:
+        super().__init__()
+        self.proj_in = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.GELU())
+        self.visual = MultiKernelAttention(channels, strip_kernel_sizes) if use_multi_kernel else None
+        self.language = PixelWordAttention(channels, text_dim, num_heads) if use_language else None
+        self.language_gate = (
+            nn.Sequential(nn.Conv2d(channels, channels, 1), nn.GELU(), nn.Conv2d(channels, channels, 1), nn.Tanh())
+            if use_language
+            else None
+        )
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(
+        self, x: torch.Tensor, words: torch.Tensor | None = None, word_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        u = self.proj_in(x)
+        attention = self.visual(u) if self.visual is not None else torch.ones_like(u)
+        fused = attention * u
+        if self.language is not None and words is not None:
+            aligned = self.language(u, words, word_mask)
+            fused = fused + attention * self.language_gate(aligned) * aligned
+        return self.proj_out(fused)
+
+
+class ConvFeedForward(nn.Module):
+    """1x1 expand, depthwise 3x3, GELU, 1x1 project. ``(B, C, H, W) -> (B, C, H, W)``."""
+
+    def __init__(self, channels: int, mlp_ratio: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        hidden = int(channels * mlp_ratio)
+        self.layers = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(hidden, channels, 1),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class SVLABlock(nn.Module):
+    """Encoder block: pre-norm SVLA and pre-norm feed-forward, each residual with layer scale and drop path.
+
+    ``x (B, C, H, W), words (B, T, D) | None, word_mask (B, T) | None -> (B, C, H, W)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        text_dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        strip_kernel_sizes: Sequence[int] = (7, 11, 21),
+        drop_path: float = 0.0,
+        layer_scale: float = 1e-2,
+        use_multi_kernel: bool = True,
+        use_language: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(channels)
+        self.attention = SVLA(channels, text_dim, num_heads, strip_kernel_sizes, use_multi_kernel, use_language)
+        self.norm2 = nn.BatchNorm2d(channels)
+        self.feed_forward = ConvFeedForward(channels, mlp_ratio)
+        self.scale1 = nn.Parameter(layer_scale * torch.ones(channels, 1, 1))
+        self.scale2 = nn.Parameter(layer_scale * torch.ones(channels, 1, 1))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(
+        self, x: torch.Tensor, words: torch.Tensor | None = None, word_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.drop_path(self.scale1 * self.attention(self.norm1(x), words, word_mask))
+        return x + self.drop_path(self.scale2 * self.feed_forward(self.norm2(x)))

@@ -1,0 +1,184 @@
+"""LSMS network, text encoder and joint loss: shapes, text conditioning, gradients, loss behaviour, state dicts."""
+
+import pytest
+import torch
+
+from custom.losses import LSMSLoss, PixelSentenceContrastiveLoss
+from custom.networks import BertTextEncoder, LSMS, lsms_tiny
+
+EXPRESSIONS = ["the largest hypodense lesion in the right lobe", "the small cyst in the left lobe"]
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    return BertTextEncoder()
+
+
+@pytest.fixture(scope="module")
+def tokens(text_encoder):
+    return text_encoder.tokenize(EXPRESSIONS)
+
+
+def make_tiny(text_encoder, **overrides):
+    torch.manual_seed(0)
+    return lsms_tiny(text_encoder=text_encoder, **overrides)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 80), (100, 130), (33, 47)])
+def test_output_shape_equals_input_shape(text_encoder, tokens, size):
+    net = make_tiny(text_encoder).eval()
+    image = torch.rand(2, 1, *size)
+    with torch.no_grad():
+        assert net(image, **tokens).shape == (2, 1, *size)
+        assert net(image).shape == (2, 1, *size)
+
+
+def test_different_expressions_give_different_logits_and_same_expression_equal(text_encoder, tokens):
+    net = make_tiny(text_encoder).eval()
+    image = torch.rand(1, 1, 64, 64).expand(2, -1, -1, -1)
+    with torch.no_grad():
+        different = net(image, **tokens)
+        same_twice = net(image, tokens["input_ids"][:1].repeat(2, 1), tokens["attention_mask"][:1].repeat(2, 1))
+    same_gap = (same_twice[0] - same_twice[1]).abs().max()
+    different_gap = (different[0] - different[1]).abs().max()
+    assert same_gap <= 1e-7
+    assert different_gap > 1e-6 and different_gap > 100 * same_gap
+
+
+def test_text_batch_of_one_broadcasts_over_image_batch(text_encoder, tokens):
+    net = make_tiny(text_encoder).eval()
+    image = torch.rand(4, 1, 64, 64)
+    one = {k: v[:1] for k, v in tokens.items()}
+    repeated = {k: v[:1].repeat(4, 1) for k, v in tokens.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(net(image, **one), net(image, **repeated))
+
+
+def test_text_batch_must_be_one_or_image_batch(text_encoder, tokens):
+    net = make_tiny(text_encoder).eval()
+    with pytest.raises(ValueError, match="text batch"):
+        net(torch.rand(3, 1, 64, 64), **tokens)
+
+
+def test_padding_tokens_do_not_change_the_output(text_encoder):
+    net = make_tiny(text_encoder).eval()
+    image = torch.rand(1, 1, 64, 64)
+    short = text_encoder.tokenize(EXPRESSIONS[:1], max_length=16)
+    long = text_encoder.tokenize(EXPRESSIONS[:1], max_length=32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(image, **short), net(image, **long), atol=1e-5, rtol=1e-4)
+
+
+def test_every_trainable_parameter_gets_a_gradient_and_frozen_text_encoder_none(text_encoder, tokens):
+    net = make_tiny(text_encoder).train()
+    target = torch.zeros(2, 1, 64, 64)
+    target[0, :, 20:36, 24:40] = 1
+    output = net(torch.rand(2, 1, 64, 64), **tokens, return_embeddings=True)
+    LSMSLoss(contrastive_weight=0.5)(output, target).backward()
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing, f"no gradient for {missing}"
+    assert all(p.grad is None for p in net.text_encoder.parameters())
+    assert not any(p.requires_grad for p in net.text_encoder.parameters())
+
+
+def test_top_text_layers_can_be_fine_tuned(tokens):
+    encoder = BertTextEncoder(freeze=True, trainable_layers=1)
+    trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    last = len(encoder.model.encoder.layer) - 1
+    assert trainable and all(f"encoder.layer.{last}." in n for n in trainable)
+    words, sentence = encoder(**tokens)
+    (words.sum() + sentence.sum()).backward()
+    assert all(p.grad is not None for n, p in encoder.named_parameters() if n in trainable)
+    with pytest.raises(ValueError, match="trainable_layers"):
+        BertTextEncoder(trainable_layers=99)
+
+
+def test_cached_text_features_equal_fresh_ones(tokens):
+    cached, fresh = BertTextEncoder(cache_size=16), BertTextEncoder(cache_size=0)
+    batch = {k: torch.cat([v, v.flip(0)]) for k, v in tokens.items()}
+    real_tokens = batch["attention_mask"].bool()  # padding positions are masked out downstream
+    for _ in range(2):  # first call fills the cache, second reads it
+        (words, sentence), (fresh_words, fresh_sentence) = cached(**batch), fresh(**batch)
+        torch.testing.assert_close(words[real_tokens], fresh_words[real_tokens], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(sentence, fresh_sentence, atol=1e-5, rtol=1e-4)
+    assert len(cached._cache) == 2
+
+
+def test_loss_is_finite_on_empty_target_and_zero_contrastive_term(text_encoder, tokens):
+    net = make_tiny(text_encoder).train()
+    output = net(torch.rand(2, 1, 64, 64), **tokens, return_embeddings=True)
+    empty = torch.zeros(2, 1, 64, 64)
+    loss = LSMSLoss()(output, empty)
+    assert torch.isfinite(loss) and loss > 0
+    contrastive = PixelSentenceContrastiveLoss()(output["pixel_embeddings"], output["sentence_embedding"], empty)
+    assert contrastive.item() == 0.0
+    loss.backward()
+
+
+def test_contrastive_loss_prefers_pixels_aligned_with_the_sentence():
+    target = torch.zeros(1, 1, 8, 8)
+    target[..., :4, :4] = 1
+    sentence = torch.tensor([[1.0, 0.0]])
+    aligned = torch.stack([target[0, 0], 1 - target[0, 0]])[None]  # positives point to the sentence
+    opposed = aligned.flip(1)
+    loss = PixelSentenceContrastiveLoss(temperature=0.1)
+    assert loss(aligned, sentence, target) < loss(opposed, sentence, target)
+
+
+def test_loss_decreases_on_a_tiny_overfit_run(text_encoder, tokens):
+    net = make_tiny(text_encoder, drop_path_rate=0.0).train()
+    torch.manual_seed(1)
+    image = torch.rand(2, 1, 64, 64) * 0.2
+    target = torch.zeros(2, 1, 64, 64)
+    target[0, :, 10:26, 10:26] = 1
+    target[1, :, 36:54, 30:50] = 1
+    image = image + 0.6 * target
+    loss_fn = LSMSLoss(contrastive_weight=0.1)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = loss_fn(net(image, **tokens, return_embeddings=True), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
+
+
+def test_state_dict_round_trip_gives_identical_outputs(text_encoder, tokens):
+    net = make_tiny(text_encoder).eval()
+    torch.manual_seed(3)
+    other = lsms_tiny(text_encoder=BertTextEncoder()).eval()
+    image = torch.rand(2, 1, 64, 64)
+    other.load_state_dict(net.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(net(image, **tokens), other(image, **tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "ablation",
+    [dict(use_multi_kernel=False), dict(use_language=False), dict(decoder="fpn")],
+    ids=["no-multi-kernel", "no-language", "fpn-decoder"],
+)
+def test_ablations_build_run_and_differ_in_parameters(text_encoder, tokens, ablation):
+    full = make_tiny(text_encoder)
+    net = make_tiny(text_encoder, **ablation).eval()
+    with torch.no_grad():
+        assert net(torch.rand(2, 1, 64, 64), **tokens).shape == (2, 1, 64, 64)
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert count(net) < count(full)
+    if not ablation.get("use_language", True):
+        assert net.text_encoder is None
+
+
+def test_tiny_variant_trainable_parameters_in_range(text_encoder):
+    trainable = sum(p.numel() for p in make_tiny(text_encoder).parameters() if p.requires_grad)
+    assert 3e6 <= trainable <= 6e6, trainable
+
+
+def test_invalid_sizes_are_named():
+    with pytest.raises(ValueError, match="decoder"):
+        LSMS(use_language=False, decoder="unet")
+    with pytest.raises(ValueError, match="4 entries"):
+        LSMS(use_language=False, depths=(1, 1, 1))
