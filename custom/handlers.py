@@ -1,0 +1,110 @@
+"""Ignite handlers of the referring evaluation: per-expression scores to CSV, a summary to JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.utils import min_version, optional_import
+
+from custom.metrics import ExpressionScores, score_expression, summarize
+
+Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
+
+__all__ = ["ReferringResultsWriter"]
+
+
+def _array(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+class ReferringResultsWriter:
+    """Scores every (case, expression) an evaluator sees and writes the results when the run completes.
+
+    Each decollated item must hold ``pred`` (1, ...) binary mask and ``label`` (1, ...) referred-target mask in
+    the geometry of ``instance_key`` (the lesion instance map, a MetaTensor whose affine names the axial axis),
+    and the strings ``case_id``, ``text``, ``kind``. Writes ``<output_dir>/<prefix>_expressions.csv`` and
+    ``<prefix>_summary.json`` (DESIGN section 6 metrics, overall and per kind), gathering across DDP ranks and
+    writing on rank 0 only. The summary is also kept in ``engine.state.metrics["referring_summary"]``.
+    """
+
+    def __init__(self, output_dir: str, prefix: str = "evaluation", instance_key: str = "lesions") -> None:
+        self.output_dir = Path(output_dir)
+        self.prefix = prefix
+        self.instance_key = instance_key
+        self.scores: list[ExpressionScores] = []
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def reset(self, engine=None) -> None:
+        self.scores = []
+
+    def collect(self, engine) -> None:
+        for item, output in zip(engine.state.batch, engine.state.output):
+            instances = item[self.instance_key]
+            instance_map = _array(instances)[0]
+            label = _array(output["label"])[0] > 0
+            targets = sorted(int(t) for t in np.unique(instance_map[label]) if t > 0)
+            self.scores.append(
+                score_expression(
+                    _array(output["pred"])[0] > 0.5,
+                    instance_map,
+                    targets,
+                    _array(instances.affine),
+                    case_id=str(item.get("case_id", "")),
+                    text=str(item.get("text", "")),
+                    kind=str(item.get("kind", "")),
+                )
+            )
+
+    def _gathered(self) -> list[ExpressionScores]:
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.scores
+        parts: list[list[ExpressionScores]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(parts, self.scores)
+        return [s for part in parts for s in part]
+
+    def write(self, engine) -> None:
+        scores = self._gathered()
+        summary = summarize(scores)
+        engine.state.metrics["referring_summary"] = summary
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        rows = [s.row() for s in scores]
+        csv_path = self.output_dir / f"{self.prefix}_expressions.csv"
+        _write_atomic(csv_path, lambda f: _write_csv(f, rows))
+        summary_path = self.output_dir / f"{self.prefix}_summary.json"
+        _write_atomic(summary_path, lambda f: json.dump(summary, f, indent=2))
+        overall = summary["overall"]
+        self.logger.info(
+            f"{len(scores)} expressions: 3D Dice {overall['dice_3d']:.4f}, negatives empty "
+            f"{overall['negatives_empty_rate']:.3f}, positive hit rate {overall['positive_hit_rate']:.3f}; "
+            f"written to {csv_path} and {summary_path}"
+        )
+
+
+def _write_csv(handle, rows: list[dict]) -> None:
+    if not rows:
+        return
+    writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "w", newline="") as handle:
+        write(handle)
+    os.replace(temporary, path)

@@ -1,0 +1,186 @@
+"""Metrics of referring lesion segmentation, one definition used everywhere (DESIGN section 6).
+
+Per (case, expression) a :class:`ExpressionScores` holds the 3D Dice, the 2D slice overlaps and the lesion-wise
+matching; :func:`summarize` aggregates a list of them, overall and per expression kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "EXPRESSION_KINDS",
+    "ExpressionScores",
+    "axial_axis",
+    "dice_3d",
+    "slice_overlaps",
+    "match_lesions",
+    "score_expression",
+    "summarize",
+]
+
+EXPRESSION_KINDS = ("location", "size", "density", "count", "negative")
+PRECISION_THRESHOLDS = (0.5, 0.7, 0.9)
+#: A referred lesion counts as found when a predicted component overlaps it with at least this Dice.
+HIT_DICE = 0.1
+
+
+def axial_axis(affine: np.ndarray) -> int:
+    """Array axis that runs along the patient's superior-inferior direction, from a 4x4 voxel-to-world affine."""
+    return int(np.argmax(np.abs(np.asarray(affine, dtype=float)[2, :3])))
+
+
+def dice_3d(pred: np.ndarray, target: np.ndarray) -> float:
+    """Dice of two binary volumes; two empty volumes agree perfectly (1.0)."""
+    pred, target = pred.astype(bool), target.astype(bool)
+    total = pred.sum() + target.sum()
+    return 1.0 if total == 0 else float(2.0 * np.logical_and(pred, target).sum() / total)
+
+
+def slice_overlaps(pred: np.ndarray, target: np.ndarray, axis: int) -> list[tuple[int, int]]:
+    """(intersection, union) per 2D slice sample along ``axis``: the slices where the target is present."""
+    pred, target = np.moveaxis(pred.astype(bool), axis, 0), np.moveaxis(target.astype(bool), axis, 0)
+    return [
+        (int(np.logical_and(p, t).sum()), int(np.logical_or(p, t).sum()))
+        for p, t in zip(pred, target)
+        if t.any()
+    ]
+
+
+def match_lesions(
+    pred: np.ndarray, instance_map: np.ndarray, target_ids: Sequence[int], min_dice: float = HIT_DICE
+) -> dict[str, int]:
+    """Match predicted 3D components (26-connectivity) to the referred lesions by Dice >= ``min_dice``.
+
+    Returns counts: ``targets``, ``targets_hit``, ``components``, ``components_matched``.
+    """
+    components, count = ndimage.label(pred.astype(bool), structure=np.ones((3, 3, 3), bool))
+    targets = [instance_map == t for t in target_ids]
+    target_sizes = [int(t.sum()) for t in targets]
+    hit = [False] * len(targets)
+    matched = 0
+    for component_id in range(1, count + 1):
+        component = components == component_id
+        size = int(component.sum())
+        is_match = False
+        for i, (target, target_size) in enumerate(zip(targets, target_sizes)):
+            overlap = int(np.logical_and(component, target).sum())
+            if overlap and 2.0 * overlap / (size + target_size) >= min_dice:
+                hit[i] = is_match = True
+        matched += is_match
+    return {"targets": len(targets), "targets_hit": sum(hit), "components": count, "components_matched": matched}
+
+
+@dataclass
+class ExpressionScores:
+    """Scores of one (case, expression)."""
+
+    case_id: str
+    text: str
+    kind: str
+    targets: list[int]
+    dice: float
+    predicted_empty: bool
+    lesions: dict[str, int]
+    slices: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def negative(self) -> bool:
+        return not self.targets
+
+    @property
+    def hit(self) -> bool:
+        """Positive expression whose every referred lesion was found."""
+        return bool(self.targets) and self.lesions["targets_hit"] == len(self.targets)
+
+    def row(self) -> dict:
+        """Flat record for the per-expression CSV."""
+        ious = [i / u for i, u in self.slices if u]
+        return {
+            "case_id": self.case_id,
+            "text": self.text,
+            "kind": self.kind,
+            "targets": " ".join(map(str, self.targets)),
+            "dice_3d": round(self.dice, 6),
+            "predicted_empty": int(self.predicted_empty),
+            "hit": int(self.hit),
+            "slices": len(self.slices),
+            "mean_slice_iou": round(float(np.mean(ious)), 6) if ious else "",
+            **{f"lesion_{k}": v for k, v in self.lesions.items()},
+        }
+
+
+def score_expression(
+    pred: np.ndarray,
+    instance_map: np.ndarray,
+    target_ids: Sequence[int],
+    affine: np.ndarray,
+    case_id: str = "",
+    text: str = "",
+    kind: str = "",
+) -> ExpressionScores:
+    """All scores of one binary prediction against the referred lesions ``target_ids`` of ``instance_map``."""
+    pred = np.asarray(pred).astype(bool)
+    instance_map = np.asarray(instance_map)
+    target = np.isin(instance_map, list(target_ids)) if target_ids else np.zeros_like(pred)
+    return ExpressionScores(
+        case_id=case_id,
+        text=text,
+        kind=kind or ("negative" if not target_ids else ""),
+        targets=[int(t) for t in target_ids],
+        dice=dice_3d(pred, target),
+        predicted_empty=not pred.any(),
+        lesions=match_lesions(pred, instance_map, target_ids),
+        slices=slice_overlaps(pred, target, axial_axis(affine)),
+    )
+
+
+def _summary_of(scores: Sequence[ExpressionScores]) -> dict:
+    positives = [s for s in scores if not s.negative]
+    negatives = [s for s in scores if s.negative]
+    slices = [pair for s in positives for pair in s.slices]
+    ious = np.array([i / u for i, u in slices if u], dtype=float)
+    lesions = {k: sum(s.lesions[k] for s in scores) for k in ("targets", "targets_hit", "components", "components_matched")}
+    precision = lesions["components_matched"] / lesions["components"] if lesions["components"] else float("nan")
+    recall = lesions["targets_hit"] / lesions["targets"] if lesions["targets"] else float("nan")
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else float("nan")
+    cases = {s.case_id for s in scores}
+    false_positives = lesions["components"] - lesions["components_matched"]
+    summary = {
+        "expressions": len(scores),
+        "dice_3d": float(np.mean([s.dice for s in scores])) if scores else float("nan"),
+        "positive_dice_3d": float(np.mean([s.dice for s in positives])) if positives else float("nan"),
+        "slice_samples": len(slices),
+        "mIoU": float(ious.mean()) if ious.size else float("nan"),
+        "oIoU": sum(i for i, _ in slices) / sum(u for _, u in slices) if slices else float("nan"),
+        **{f"P@{t}": float((ious >= t).mean()) if ious.size else float("nan") for t in PRECISION_THRESHOLDS},
+        "negatives": len(negatives),
+        "negatives_empty_rate": float(np.mean([s.predicted_empty for s in negatives])) if negatives else float("nan"),
+        "positive_hit_rate": float(np.mean([s.hit for s in positives])) if positives else float("nan"),
+        "lesion_hit_rate": recall,
+        "instance_precision": precision,
+        "instance_recall": recall,
+        "instance_f1": f1,
+        "false_positives_per_case": false_positives / len(cases) if cases else float("nan"),
+    }
+    return summary
+
+
+def summarize(scores: Iterable[ExpressionScores]) -> dict:
+    """Aggregate scores overall and per expression kind (location, size, density, count, negative)."""
+    scores = list(scores)
+    result = {"overall": _summary_of(scores), "by_kind": {}}
+    for kind in EXPRESSION_KINDS:
+        of_kind = [s for s in scores if s.kind == kind]
+        if of_kind:
+            result["by_kind"][kind] = _summary_of(of_kind)
+    return result
+
+
+def scores_to_dict(scores: ExpressionScores) -> dict:
+    """JSON-serialisable form of one ExpressionScores."""
+    return asdict(scores)
