@@ -56,7 +56,7 @@ class OutputExistsError(FileExistsError):
             f"Output file '{path}' exists already; it is left untouched. "
             "Choose another output path or pass overwrite=True to replace it."
         )
-        self.filename = str(path)
+        self.path = str(path)
 
 
 class ProtectedInputError(ValueError):
