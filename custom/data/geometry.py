@@ -1,0 +1,270 @@
+"""Patient-space geometry of a case: world coordinates, the liver frame, Couinaud regions, lesion measurements.
+
+Every spatial quantity here is computed in RAS world millimetres (``+x`` patient right, ``+y`` anterior,
+``+z`` superior) through the affine, never from array indices, so a volume stored in LPS (or any other
+axis order) gives exactly the same answers as the same volume stored in RAS.
+
+Liver regions (an approximation of the Couinaud scheme from the liver mask alone, usable on any dataset).
+Fractions are taken over the liver's own bounding box in world coordinates:
+
+* ``lateral``  0 at the patient-right edge of the liver, 1 at the tip of the left lobe;
+* ``vertical`` 0 at the lowest liver voxel, 1 at the dome;
+* ``anterior`` 0 at the most posterior liver voxel, 1 at the most anterior one.
+
+The Cantlie plane ``lateral = 0.55`` separates the right lobe (segments 5-8) from the left lobe (2-4). In the
+right lobe the plane ``anterior = 0.5`` separates the anterior sector (5, 8) from the posterior one (6, 7) and
+the portal plane ``vertical = 0.5`` the superior segments (7, 8) from the inferior ones (5, 6). In the left
+lobe the falciform plane ``lateral = 0.75`` separates segment 4 (medial) from the lateral section, where
+``vertical = 0.6`` separates segment 2 (superior) from segment 3 (inferior). The caudate lobe (segment 1) is
+not separated. A lesion belongs to the region of its centroid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+__all__ = [
+    "CANTLIE_FRACTION",
+    "FALCIFORM_FRACTION",
+    "RIGHT_SECTOR_FRACTION",
+    "PORTAL_FRACTION",
+    "LEFT_PORTAL_FRACTION",
+    "DENSITY_THRESHOLD_HU",
+    "LiverFrame",
+    "axial_axis",
+    "voxel_to_world",
+    "world_coordinates",
+    "liver_frame",
+    "segment_of",
+    "classify_density",
+    "measure_lesions",
+]
+
+CANTLIE_FRACTION = 0.55
+FALCIFORM_FRACTION = 0.75
+RIGHT_SECTOR_FRACTION = 0.5
+PORTAL_FRACTION = 0.5
+LEFT_PORTAL_FRACTION = 0.6
+
+#: A lesion is hypodense (hyperdense) when its mean HU is this much below (above) the liver parenchyma median.
+DENSITY_THRESHOLD_HU = 15.0
+
+
+@dataclass(frozen=True)
+class LiverFrame:
+    """Bounding box of the liver in RAS world millimetres plus the dome point (centre of its top slice)."""
+
+    x_range: tuple[float, float]
+    y_range: tuple[float, float]
+    z_range: tuple[float, float]
+    dome: tuple[float, float, float]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LiverFrame:
+        return cls(
+            x_range=tuple(data["x_range"]), y_range=tuple(data["y_range"]),
+            z_range=tuple(data["z_range"]), dome=tuple(data["dome"]),
+        )
+
+    def to_dict(self) -> dict:
+        return {key: [round(float(v), 2) for v in value] for key, value in asdict(self).items()}
+
+    def fractions(self, point) -> tuple[float, float, float]:
+        """(lateral, vertical, anterior) fractions of a RAS point, see the module docstring."""
+        x, y, z = (float(v) for v in point)
+        lateral = (self.x_range[1] - x) / max(self.x_range[1] - self.x_range[0], 1e-6)
+        vertical = (z - self.z_range[0]) / max(self.z_range[1] - self.z_range[0], 1e-6)
+        anterior = (y - self.y_range[0]) / max(self.y_range[1] - self.y_range[0], 1e-6)
+        return lateral, vertical, anterior
+
+    def plane_offsets(self, point) -> dict[str, float]:
+        """Signed distances in mm from a RAS point to the region planes.
+
+        Positive means: patient-right of the Cantlie and falciform planes, anterior to the right sector plane,
+        above the portal planes.
+        """
+        x, y, z = (float(v) for v in point)
+        width = self.x_range[1] - self.x_range[0]
+        return {
+            "cantlie": x - (self.x_range[1] - CANTLIE_FRACTION * width),
+            "falciform": x - (self.x_range[1] - FALCIFORM_FRACTION * width),
+            "right_sector": y - (self.y_range[0] + RIGHT_SECTOR_FRACTION * (self.y_range[1] - self.y_range[0])),
+            "portal": z - (self.z_range[0] + PORTAL_FRACTION * (self.z_range[1] - self.z_range[0])),
+            "left_portal": z - (self.z_range[0] + LEFT_PORTAL_FRACTION * (self.z_range[1] - self.z_range[0])),
+        }
+
+    def dome_distance(self, point) -> float:
+        return float(np.linalg.norm(np.asarray(point, float) - np.asarray(self.dome, float)))
+
+
+#: Conditions (plane, sign) whose conjunction defines each region; sign +1 means positive offset.
+REGION_CONDITIONS: dict[str, tuple[tuple[str, int], ...]] = {
+    "right": (("cantlie", 1),),
+    "left": (("cantlie", -1),),
+    "5": (("cantlie", 1), ("right_sector", 1), ("portal", -1)),
+    "6": (("cantlie", 1), ("right_sector", -1), ("portal", -1)),
+    "7": (("cantlie", 1), ("right_sector", -1), ("portal", 1)),
+    "8": (("cantlie", 1), ("right_sector", 1), ("portal", 1)),
+    "4": (("cantlie", -1), ("falciform", 1)),
+    "2": (("falciform", -1), ("left_portal", 1)),
+    "3": (("falciform", -1), ("left_portal", -1)),
+}
+
+
+def segment_of(offsets: dict[str, float]) -> int:
+    """Couinaud segment (2-8) of a point from its plane offsets."""
+    for segment in ("2", "3", "4", "5", "6", "7", "8"):
+        if all((1 if offsets[plane] >= 0 else -1) == sign for plane, sign in REGION_CONDITIONS[segment]):
+            return int(segment)
+    raise AssertionError(f"no segment for offsets {offsets}")  # pragma: no cover - regions tile space
+
+
+def voxel_to_world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    """(N, 3) voxel indices -> (N, 3) RAS world millimetres."""
+    affine = np.asarray(affine, dtype=np.float64)
+    return np.asarray(ijk, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
+
+
+def world_coordinates(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """(H, W, D) boolean mask -> (N, 3) RAS world coordinates of its voxel centres."""
+    return voxel_to_world(affine, np.argwhere(mask))
+
+
+def axial_axis(affine: np.ndarray) -> int:
+    """Index of the array axis that runs along the patient's superior-inferior direction."""
+    return int(np.argmax(np.abs(np.asarray(affine, float)[2, :3])))
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def liver_frame(liver: np.ndarray, affine: np.ndarray) -> LiverFrame | None:
+    """Liver frame from the largest connected component of a (H, W, D) liver mask; None for an empty mask."""
+    liver = _largest_component(np.asarray(liver) > 0)
+    if not liver.any():
+        return None
+    points = world_coordinates(liver, affine)
+    z_top = points[:, 2].max()
+    top = points[np.isclose(points[:, 2], z_top, atol=1e-3)]
+    return LiverFrame(
+        x_range=(float(points[:, 0].min()), float(points[:, 0].max())),
+        y_range=(float(points[:, 1].min()), float(points[:, 1].max())),
+        z_range=(float(points[:, 2].min()), float(z_top)),
+        dome=tuple(float(v) for v in top.mean(axis=0)),
+    )
+
+
+def classify_density(contrast_hu: float) -> str:
+    """'hypodense', 'isodense' or 'hyperdense' from the lesion-minus-liver mean HU difference."""
+    if contrast_hu <= -DENSITY_THRESHOLD_HU:
+        return "hypodense"
+    if contrast_hu >= DENSITY_THRESHOLD_HU:
+        return "hyperdense"
+    return "isodense"
+
+
+def _in_plane_corners(points_2d: np.ndarray, half_steps: np.ndarray) -> np.ndarray:
+    """(N, 2) pixel centres -> (4N, 2) pixel corners, given the two in-plane half-step vectors (2, 2)."""
+    offsets = np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]], dtype=np.float64) @ half_steps
+    return (points_2d[:, None, :] + offsets[None]).reshape(-1, 2)
+
+
+def _max_pairwise_distance(points: np.ndarray) -> float:
+    if len(points) > 8:
+        try:
+            points = points[ConvexHull(points).vertices]
+        except QhullError:  # collinear points
+            pass
+    diff = points[:, None, :] - points[None, :, :]
+    return float(np.sqrt((diff**2).sum(-1)).max())
+
+
+def longest_axial_diameter(mask: np.ndarray, affine: np.ndarray) -> float:
+    """Largest in-plane Feret diameter (mm) over the axial slices of a (H, W, D) mask, pixel corners included."""
+    affine = np.asarray(affine, float)
+    axis = axial_axis(affine)
+    in_plane = [a for a in range(3) if a != axis]
+    half_steps = 0.5 * affine[:2, in_plane].T  # world (x, y) step of each in-plane axis
+    best = 0.0
+    for index in np.unique(np.argwhere(mask)[:, axis]):
+        section = np.take(mask, index, axis=axis)
+        if section.sum() > 8:  # pixels whose four neighbours are inside cannot hold the Feret diameter
+            section = section & ~ndimage.binary_erosion(section)
+        pixels = np.argwhere(section)
+        ijk = np.zeros((len(pixels), 3))
+        ijk[:, in_plane] = pixels
+        ijk[:, axis] = index
+        centres = voxel_to_world(affine, ijk)[:, :2]
+        best = max(best, _max_pairwise_distance(_in_plane_corners(centres, half_steps)))
+    return best
+
+
+def measure_lesions(
+    lesions: np.ndarray,
+    affine: np.ndarray,
+    image: np.ndarray | None = None,
+    liver: np.ndarray | None = None,
+    kinds: dict[int, str] | None = None,
+) -> tuple[list[dict], dict]:
+    """Measure every lesion of a (H, W, D) instance map in RAS world coordinates.
+
+    Args:
+        lesions: instance map, 0 background, 1..K one id per lesion.
+        affine: 4x4 voxel-to-RAS affine of the arrays.
+        image: CT in HU, same shape; gives ``mean_hu``, ``contrast_hu`` and ``density``.
+        liver: liver mask (lesions included), same shape; gives the liver frame, ``lobe``, ``segment``.
+        kinds: lesion type per id when known (synthetic data); otherwise the type is left to the caller.
+
+    Returns:
+        (per-lesion attribute dicts sorted by id, case-level dict with ``liver_frame`` and ``liver_hu``).
+    """
+    lesions = np.asarray(lesions)
+    affine = np.asarray(affine, float)
+    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+    frame = liver_frame(liver, affine) if liver is not None else None
+    liver_hu = None
+    if image is not None and liver is not None and (parenchyma := (np.asarray(liver) > 0) & (lesions == 0)).any():
+        liver_hu = float(np.median(np.asarray(image)[parenchyma]))
+    attributes = []
+    for index, box in enumerate(ndimage.find_objects(lesions.astype(np.int32)), start=1):
+        if box is None:
+            continue
+        mask = lesions[box] == index
+        offset = np.array([s.start for s in box])
+        sub_affine = affine.copy()
+        sub_affine[:3, 3] = voxel_to_world(affine, offset[None])[0]
+        points = world_coordinates(mask, sub_affine)
+        centroid = points.mean(axis=0)
+        item = {
+            "id": index,
+            "kind": (kinds or {}).get(index),
+            "centroid_ras_mm": [round(float(v), 1) for v in centroid],
+            "z_range_mm": [round(float(points[:, 2].min()), 1), round(float(points[:, 2].max()), 1)],
+            "volume_ml": round(float(mask.sum() * voxel_ml), 3),
+            "longest_axial_diameter_mm": round(longest_axial_diameter(mask, sub_affine), 1),
+        }
+        if image is not None:
+            mean_hu = float(np.asarray(image)[box][mask].mean())
+            item["mean_hu"] = round(mean_hu, 1)
+            if liver_hu is not None:
+                item["contrast_hu"] = round(mean_hu - liver_hu, 1)
+                item["density"] = classify_density(item["contrast_hu"])
+        if frame is not None:
+            offsets = frame.plane_offsets(centroid)
+            item["lobe"] = "right" if offsets["cantlie"] >= 0 else "left"
+            item["segment"] = segment_of(offsets)
+            item["dome_distance_mm"] = round(frame.dome_distance(centroid), 1)
+        attributes.append(item)
+    case = {"liver_frame": frame.to_dict() if frame is not None else None,
+            "liver_hu": round(liver_hu, 1) if liver_hu is not None else None}
+    return attributes, case
