@@ -175,15 +175,30 @@ def test_record_is_json_and_follows_the_decision():
     probabilities = np.where(mask, 0.9, 0.05)
     rule = NotPresentRule(min_max_probability=0.6, min_volume_ml=0.1)
     decision = rule.decide(probabilities, affine)
-    record = build_record("the largest lesion", rule.apply(probabilities, decision), probabilities * 100, affine,
-                          probabilities, decision, extra={"case": "case_000"})
+    record = build_record(
+        "the largest lesion",
+        rule.apply(probabilities, decision),
+        probabilities * 100,
+        affine,
+        probabilities,
+        decision,
+        extra={"case": "case_000"},
+    )
     text = json.dumps(record, allow_nan=False)
     loaded = json.loads(text)
     assert loaded["found"] is True and loaded["n_lesions"] == 1 and loaded["case"] == "case_000"
     assert loaded["confidence"] == pytest.approx(decision.confidence, abs=1e-3)
     assert loaded["lesions"][0]["volume_ml"] == pytest.approx(loaded["total_volume_ml"])
-    for key in ("volume_ml", "longest_axial_diameter_mm", "perpendicular_diameter_mm", "mean_hu", "max_hu",
-                "slice_range", "centroid_ras_mm", "centroid_lps_mm"):
+    for key in (
+        "volume_ml",
+        "longest_axial_diameter_mm",
+        "perpendicular_diameter_mm",
+        "mean_hu",
+        "max_hu",
+        "slice_range",
+        "centroid_ras_mm",
+        "centroid_lps_mm",
+    ):
         assert key in loaded["lesions"][0]
 
 

@@ -40,8 +40,10 @@ def test_volume_uses_the_voxel_size_from_the_affine():
 
 def test_confidence_is_half_at_the_operating_point_and_grows_away_from_it():
     rule = NotPresentRule(min_max_probability=0.6, min_volume_ml=0.0)
-    confidence = [rule.decide_features({"max_probability": p, "volume_ml": 5.0}).confidence for p in
-                  (0.0, 0.3, 0.59, 0.6, 0.8, 1.0)]
+    confidence = [
+        rule.decide_features({"max_probability": p, "volume_ml": 5.0}).confidence
+        for p in (0.0, 0.3, 0.59, 0.6, 0.8, 1.0)
+    ]
     assert confidence[3] == pytest.approx(0.5)
     assert confidence[0] == pytest.approx(1.0) and confidence[-1] == pytest.approx(1.0)
     assert confidence[0] > confidence[1] > confidence[2] > 0.5 and 0.5 < confidence[4] < confidence[5]
@@ -60,8 +62,9 @@ def test_rule_parameters_are_plain_json_floats():
     json.dumps(decision.to_dict(), allow_nan=False)
 
 
-@pytest.mark.parametrize("bad", [{"min_max_probability": 0.0}, {"min_max_probability": 1.5}, {"min_volume_ml": -1},
-                                 {"voxel_threshold": 0}])
+@pytest.mark.parametrize(
+    "bad", [{"min_max_probability": 0.0}, {"min_max_probability": 1.5}, {"min_volume_ml": -1}, {"voxel_threshold": 0}]
+)
 def test_invalid_parameters_are_refused(bad):
     with pytest.raises(ValueError):
         NotPresentRule(**bad)
@@ -146,8 +149,12 @@ def test_unreachable_specificity_and_missing_classes_are_errors():
 
 def test_evaluate_rule_counts():
     rule = NotPresentRule(min_max_probability=0.5, min_volume_ml=1.0)
-    positives = [{"max_probability": 0.9, "volume_ml": 2.0}, {"max_probability": 0.9, "volume_ml": 0.5},
-                 {"max_probability": 0.4, "volume_ml": 3.0}, {"max_probability": 0.6, "volume_ml": 1.0}]
+    positives = [
+        {"max_probability": 0.9, "volume_ml": 2.0},
+        {"max_probability": 0.9, "volume_ml": 0.5},
+        {"max_probability": 0.4, "volume_ml": 3.0},
+        {"max_probability": 0.6, "volume_ml": 1.0},
+    ]
     negatives = [{"max_probability": 0.2, "volume_ml": 0.0}, {"max_probability": 0.8, "volume_ml": 4.0}]
     result = evaluate_rule(rule, positives, negatives)
     assert result["true_positives"] == 2 and result["sensitivity"] == 0.5

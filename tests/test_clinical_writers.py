@@ -43,8 +43,9 @@ def case_volume(shape=SHAPE) -> np.ndarray:
 
 def lps_affine(spacing=(0.7, 0.8, 2.5), origin=(110.0, 90.0, -20.0)) -> np.ndarray:
     """RAS affine of a grid stored LPS (as DICOM-derived NIfTI often is)."""
-    return np.array([[-spacing[0], 0, 0, origin[0]], [0, -spacing[1], 0, origin[1]], [0, 0, spacing[2], origin[2]],
-                     [0, 0, 0, 1.0]])
+    return np.array(
+        [[-spacing[0], 0, 0, origin[0]], [0, -spacing[1], 0, origin[1]], [0, 0, spacing[2], origin[2]], [0, 0, 0, 1.0]]
+    )
 
 
 def digest(path: Path) -> str:
@@ -171,8 +172,12 @@ def test_dicom_seg_round_trip_with_highdicom(dicom_case):
     image = load_ct_ras(tmp_path / "series")
     mask_ras = image > 0
     frames = ras_mask_to_source_frames(mask_ras, image.meta)
-    out = write_dicom_seg(frames, image.meta["source_files"], tmp_path / "out" / "seg.dcm",
-                          description="the largest hypodense lesion in the right lobe")
+    out = write_dicom_seg(
+        frames,
+        image.meta["source_files"],
+        tmp_path / "out" / "seg.dcm",
+        description="the largest hypodense lesion in the right lobe",
+    )
 
     seg = hd.seg.segread(out)
     sources = [pydicom.dcmread(p) for p in paths]
@@ -275,8 +280,9 @@ def test_overlay_png_shows_the_key_slice_in_radiological_view(tmp_path):
 def test_montage_covers_the_mask_slices(tmp_path):
     hu = case_volume()
     mask = hu > 0
-    indices = write_montage(hu, mask, tmp_path / "montage.png", title="all lesions", count=6, columns=3,
-                            affine=lps_affine())
+    indices = write_montage(
+        hu, mask, tmp_path / "montage.png", title="all lesions", count=6, columns=3, affine=lps_affine()
+    )
     present = np.flatnonzero(mask.any(axis=(0, 1)))
     assert len(indices) == 6 and indices[0] == present[0] and indices[-1] == present[-1]
     with Image.open(tmp_path / "montage.png") as png:

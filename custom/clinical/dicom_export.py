@@ -7,16 +7,13 @@ patient/study/series identity, frame of reference, geometry, and RescaleSlope/In
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from custom.clinical.errors import OutputExistsError
-from custom.clinical.geometry import ras_to_lps
 
 __all__ = ["write_ct_series"]
 
@@ -133,8 +130,3 @@ def write_ct_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-def lps_position(affine_ras: np.ndarray, index: Sequence[float]) -> np.ndarray:
-    """LPS world position (mm) of voxel ``index`` of a grid with RAS affine ``affine_ras``."""
-    return ras_to_lps((np.asarray(affine_ras, dtype=np.float64) @ np.array([*index, 1.0]))[:3])

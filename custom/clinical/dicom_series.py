@@ -494,4 +494,3 @@ def ras_mask_to_source_frames(mask_ras, image_meta: Mapping, ras_affine=None) ->
     grid = reorient_to(as_spatial_array(mask_ras), affine_of(None, ras_affine), source_affine, source_shape)
     frames = np.transpose(grid, (2, 1, 0))  # (columns, rows, slices) -> (slices, rows, columns)
     return np.ascontiguousarray(frames > 0, dtype=np.uint8)
-

@@ -1,0 +1,254 @@
+"""All outputs of one (case, expression) in one call: the component an inference config uses.
+
+``ReferringOutputWriter`` takes the loaded image (a ``MetaTensor`` from ``LoadClinicalImaged``/``load_ct_ras``,
+usually RAS-oriented), the probabilities on the same grid and the expression, decides "found" / "not present" with a
+:class:`NotPresentRule`, and writes into ``<output_dir>/<case_id>/``:
+
+- ``<expression_id>_mask.nii.gz`` (NIfTI input) or ``<expression_id>_seg.dcm`` (DICOM input), in the input geometry;
+- ``<expression_id>.json``: the record of :func:`build_record`;
+- ``<expression_id>_overlay.png`` (key slice) and, optionally, ``<expression_id>_montage.png``.
+
+Existing outputs are detected before anything is written, so a refused call writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Orientation
+from monai.utils import MetaKeys
+
+from custom.clinical.dicom_series import RAS_LABELS, is_nifti_path, ras_mask_to_source_frames
+from custom.clinical.errors import OutputExistsError
+from custom.clinical.measurements import build_record
+from custom.clinical.not_present import NotPresentRule
+from custom.clinical.writers import (
+    DEFAULT_WINDOW,
+    write_dicom_seg,
+    write_json_record,
+    write_montage,
+    write_nifti_mask,
+    write_overlay_png,
+)
+
+__all__ = ["ReferringOutputWriter", "SaveReferringOutputsd", "expression_slug"]
+
+
+def expression_slug(expression: str, max_length: int = 48) -> str:
+    """File-name-safe identifier of an expression: lowercase words joined by '_' plus a short hash of the text."""
+    words = re.sub(r"[^a-z0-9]+", "_", expression.lower()).strip("_")[:max_length].strip("_") or "expression"
+    return f"{words}-{hashlib.sha1(expression.encode('utf-8')).hexdigest()[:6]}"
+
+
+def _safe_name(name: str) -> str:
+    """A single path component (no separators, no leading dots)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).lstrip(".")
+    return cleaned or "case"
+
+
+def _case_id_from(meta: Mapping) -> str:
+    source = Path(str(meta.get("filename_or_obj", "case")))
+    name = source.name
+    for suffix in (".nii.gz", ".nii", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _ras_metatensor(volume, name: str) -> MetaTensor:
+    """Channel-first ``MetaTensor`` in RAS orientation (a no-op for RAS inputs)."""
+    if not isinstance(volume, MetaTensor):
+        raise TypeError(f"{name} must be a MONAI MetaTensor (it carries the affine), got {type(volume).__name__}.")
+    if volume.ndim == 3:
+        volume = volume.unsqueeze(0)
+    return Orientation(axcodes="RAS", labels=RAS_LABELS)(volume)
+
+
+class ReferringOutputWriter:
+    """Decide, measure and write every output of one (case, expression).
+
+    Args:
+        output_dir: root folder of the outputs (one sub-folder per case).
+        rule: the "not present" rule or its parameters (a JSON-config mapping); default ``NotPresentRule()``.
+        overwrite: replace existing outputs; otherwise ``OutputExistsError`` before anything is written.
+        montage: also write a montage of the referred slices.
+        window: CT display window (centre, width) in HU for the PNGs.
+        algorithm_version: model version written into the DICOM-SEG algorithm identification.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        rule: NotPresentRule | Mapping | None = None,
+        overwrite: bool = False,
+        montage: bool = False,
+        window: tuple[float, float] = DEFAULT_WINDOW,
+        algorithm_version: str = "1.0",
+    ):
+        self.output_dir = Path(output_dir)
+        self.rule = rule if isinstance(rule, NotPresentRule) else NotPresentRule(**dict(rule or {}))
+        self.overwrite = overwrite
+        self.montage = montage
+        self.window = tuple(window)
+        self.algorithm_version = algorithm_version
+
+    def output_paths(self, case_id: str, expression_id: str, dicom: bool) -> dict[str, Path]:
+        """The files one call writes, by kind."""
+        folder = self.output_dir / _safe_name(case_id)
+        stem = _safe_name(expression_id)
+        paths = {
+            "mask": folder / (f"{stem}_seg.dcm" if dicom else f"{stem}_mask.nii.gz"),
+            "record": folder / f"{stem}.json",
+            "overlay": folder / f"{stem}_overlay.png",
+        }
+        if self.montage:
+            paths["montage"] = folder / f"{stem}_montage.png"
+        return paths
+
+    def _check_free(self, paths: Mapping[str, Path]) -> None:
+        if self.overwrite:
+            return
+        for path in paths.values():
+            if path.exists():
+                raise OutputExistsError(path)
+
+    def __call__(
+        self,
+        image: MetaTensor,
+        probabilities: MetaTensor,
+        expression: str,
+        mask: MetaTensor | None = None,
+        case_id: str | None = None,
+        expression_id: str | None = None,
+    ) -> dict:
+        """Write the outputs; return ``{"record": ..., "paths": {kind: path}}``.
+
+        Args:
+            image: (1, X, Y, Z) HU image with its metadata (``original_affine``, ``spatial_shape``, and for DICOM
+                ``source_files``), on the pipeline grid.
+            probabilities: (1, X, Y, Z) probabilities after sigmoid on the same grid.
+            expression: the referring expression.
+            mask: optional referred mask on the same grid (e.g. after the volume-level referral step); by default
+                the rule's voxel threshold of ``probabilities``. It is emptied when the rule says "not present".
+            case_id: sub-folder name; defaults to the input's file or folder name.
+            expression_id: file stem; defaults to :func:`expression_slug`.
+        """
+        meta = image.meta
+        dicom = bool(meta.get("source_files"))
+        case_id = case_id or _case_id_from(meta)
+        paths = self.output_paths(case_id, expression_id or expression_slug(expression), dicom)
+        self._check_free(paths)
+
+        image_ras, probs_ras = _ras_metatensor(image, "image"), _ras_metatensor(probabilities, "probabilities")
+        decision = self.rule.decide(probs_ras)
+        if mask is None:
+            referred = self.rule.apply(probs_ras, decision)
+        else:
+            referred = (_ras_metatensor(mask, "mask")[0].numpy() > 0) & decision.found
+        referred = referred.astype(np.uint8)
+        affine = image_ras.affine.numpy()
+
+        self._write_mask(referred, affine, meta, paths["mask"], expression)
+        record = build_record(
+            expression,
+            referred,
+            image_ras,
+            affine,
+            probs_ras,
+            decision,
+            source_affine=meta.get(MetaKeys.ORIGINAL_AFFINE),
+            slice_numbers=meta.get("source_instance_numbers"),
+            extra={
+                "case_id": case_id,
+                "input": str(meta.get("filename_or_obj", "")),
+                "outputs": {kind: path.name for kind, path in paths.items()},
+            },
+        )
+        write_json_record(record, paths["record"], self.overwrite)
+        title = self._title(expression, record)
+        write_overlay_png(
+            image_ras, referred, paths["overlay"], title, affine=affine, window=self.window, overwrite=self.overwrite
+        )
+        if self.montage:
+            write_montage(
+                image_ras,
+                referred,
+                paths["montage"],
+                title,
+                affine=affine,
+                window=self.window,
+                overwrite=self.overwrite,
+            )
+        return {"record": record, "paths": paths}
+
+    def _write_mask(self, referred: np.ndarray, affine: np.ndarray, meta: Mapping, path: Path, expression: str):
+        if meta.get("source_files"):
+            frames = ras_mask_to_source_frames(referred, meta, ras_affine=affine)
+            return write_dicom_seg(
+                frames,
+                meta["source_files"],
+                path,
+                description=expression,
+                algorithm_version=self.algorithm_version,
+                overwrite=self.overwrite,
+            )
+        source = str(meta.get("filename_or_obj", ""))
+        if is_nifti_path(source) and Path(source).is_file():
+            reference = source
+        else:
+            reference = (meta[MetaKeys.ORIGINAL_AFFINE], meta[MetaKeys.SPATIAL_SHAPE])
+        return write_nifti_mask(referred, reference, path, mask_affine=affine, overwrite=self.overwrite)
+
+    @staticmethod
+    def _title(expression: str, record: Mapping) -> str:
+        if not record["found"]:
+            return f'"{expression}": not present (confidence {record["confidence"]:.2f})'
+        return (
+            f'"{expression}": {record["n_lesions"]} lesion(s), {record["total_volume_ml"]:.1f} ml '
+            f"(confidence {record['confidence']:.2f})"
+        )
+
+
+class SaveReferringOutputsd(MapTransform):
+    """Dictionary transform (post-processing) around :class:`ReferringOutputWriter`.
+
+    Reads the image, probabilities, expression (and optional mask and case id) from the data dictionary of one
+    decollated item, writes the outputs, and stores the record under ``record_key``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        image_key: str = "image",
+        prob_key: str = "pred",
+        expression_key: str = "text",
+        mask_key: str | None = None,
+        case_id_key: str | None = "case_id",
+        record_key: str = "record",
+        rule: NotPresentRule | Mapping | None = None,
+        overwrite: bool = False,
+        montage: bool = False,
+        window: tuple[float, float] = DEFAULT_WINDOW,
+    ):
+        super().__init__(keys=[image_key, prob_key])
+        self.writer = ReferringOutputWriter(output_dir, rule, overwrite, montage, window)
+        self.image_key, self.prob_key, self.expression_key = image_key, prob_key, expression_key
+        self.mask_key, self.case_id_key, self.record_key = mask_key, case_id_key, record_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        result = self.writer(
+            d[self.image_key],
+            d[self.prob_key],
+            str(d[self.expression_key]),
+            mask=d.get(self.mask_key) if self.mask_key else None,
+            case_id=str(d[self.case_id_key]) if self.case_id_key and d.get(self.case_id_key) else None,
+        )
+        d[self.record_key] = result["record"]
+        return d

@@ -1,0 +1,102 @@
+"""One call per (case, expression): decision, record and files in the input's format and geometry."""
+
+from __future__ import annotations
+
+import json
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from monai.transforms import Compose, Orientationd
+
+from custom.clinical.dicom_export import write_ct_series
+from custom.clinical.dicom_series import RAS_LABELS, LoadClinicalImaged, load_ct_ras
+from custom.clinical.errors import OutputExistsError
+from custom.clinical.outputs import ReferringOutputWriter, SaveReferringOutputsd, expression_slug
+
+SHAPE = (48, 40, 12)
+AFFINE_LPS = np.array([[-0.7, 0, 0, 110.0], [0, -0.8, 0, 90.0], [0, 0, 2.5, -20.0], [0, 0, 0, 1]])
+
+
+def case_volume() -> np.ndarray:
+    hu = np.full(SHAPE, -100.0, dtype=np.float32)
+    x, y, z = np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij")
+    hu[((x - 14) / 9.0) ** 2 + ((y - 22) / 7.0) ** 2 + ((z - 6) / 3.0) ** 2 <= 1] = 60.0
+    return hu
+
+
+def probabilities_like(image, peak: float):
+    """Probabilities on the image's grid: ``peak`` inside the lesion (HU > 0), 0.02 elsewhere."""
+    probabilities = image.clone()
+    probabilities.array = np.where(image.numpy() > 0, peak, 0.02).astype(np.float32)
+    return probabilities
+
+
+def test_nifti_case_found(tmp_path):
+    hu = case_volume()
+    nib.save(nib.Nifti1Image(hu, AFFINE_LPS), tmp_path / "case_007.nii.gz")
+    image = load_ct_ras(tmp_path / "case_007.nii.gz")
+    writer = ReferringOutputWriter(
+        tmp_path / "out", rule={"min_max_probability": 0.6, "min_volume_ml": 0.2, "voxel_threshold": 0.5}, montage=True
+    )
+    result = writer(image, probabilities_like(image, 0.9), "the largest lesion in the right lobe")
+
+    paths = result["paths"]
+    assert paths["mask"].parent.name == "case_007" and paths["mask"].name.endswith("_mask.nii.gz")
+    assert all(path.is_file() for path in paths.values())
+    written = nib.load(paths["mask"])
+    np.testing.assert_allclose(written.affine, AFFINE_LPS, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), hu > 0)
+    record = json.loads(paths["record"].read_text())
+    assert record == result["record"]
+    assert record["found"] and record["n_lesions"] == 1 and record["case_id"] == "case_007"
+    truth_ml = (hu > 0).sum() * 0.7 * 0.8 * 2.5 / 1000
+    assert record["lesions"][0]["volume_ml"] == pytest.approx(truth_ml, abs=1e-3)
+    assert record["outputs"]["mask"] == paths["mask"].name
+
+    with pytest.raises(OutputExistsError):  # refused before anything is written
+        writer(image, probabilities_like(image, 0.9), "the largest lesion in the right lobe")
+
+
+def test_dicom_case_not_present_gives_an_empty_seg(tmp_path):
+    paths = write_ct_series(case_volume(), AFFINE_LPS, tmp_path / "series_a")
+    image = load_ct_ras(tmp_path / "series_a")
+    writer = ReferringOutputWriter(
+        tmp_path / "out", rule={"min_max_probability": 0.6, "min_volume_ml": 0.2, "voxel_threshold": 0.5}
+    )
+    result = writer(image, probabilities_like(image, 0.55), "a hyperdense lesion in the left lobe")
+    record = result["record"]
+    assert record["found"] is False and record["lesions"] == [] and record["confidence"] > 0.5
+    seg = hd.seg.segread(result["paths"]["mask"])
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+    assert not seg.get_pixels_by_source_instance(uids).any()
+    assert result["paths"]["overlay"].is_file()
+
+
+def test_dict_transform_in_a_pipeline_with_a_dicom_series(tmp_path):
+    hu = case_volume()
+    write_ct_series(hu, AFFINE_LPS, tmp_path / "series_b")
+    load = Compose([LoadClinicalImaged("image"), Orientationd("image", axcodes="RAS", labels=RAS_LABELS)])
+    data = load({"image": str(tmp_path / "series_b"), "text": "all lesions", "case_id": "patient_b"})
+    data["pred"] = probabilities_like(data["image"], 0.95)
+    saved = SaveReferringOutputsd(
+        tmp_path / "out", rule={"min_max_probability": 0.5, "min_volume_ml": 0.0, "voxel_threshold": 0.5}
+    )(data)
+    record = saved["record"]
+    assert record["found"] and record["case_id"] == "patient_b"
+    seg_path = tmp_path / "out" / "patient_b" / f"{expression_slug('all lesions')}_seg.dcm"
+    seg = hd.seg.segread(seg_path)
+    sources = [pydicom.dcmread(p) for p in data["image"].meta["source_files"]]
+    pixels = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in sources], segment_numbers=[1])[..., 0]
+    expected = np.stack([pydicom.pixels.apply_modality_lut(ds.pixel_array, ds) > 0 for ds in sources])
+    np.testing.assert_array_equal(pixels, expected)
+    numbers = [int(ds.InstanceNumber) for ds, frame in zip(sources, expected) if frame.any()]
+    assert record["lesions"][0]["slice_number_range"] == [min(numbers), max(numbers)]
+
+
+def test_expression_slug_is_a_safe_unique_file_name():
+    slug = expression_slug("The largest lesion / in the RIGHT lobe?")
+    assert slug.startswith("the_largest_lesion_in_the_right_lobe-") and "/" not in slug
+    assert expression_slug("all cysts") != expression_slug("All cysts!")
