@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from custom.clinical.dicom_export import write_ct_series
-from custom.clinical.dicom_series import load_ct_ras, ras_mask_to_source_frames
+from custom.clinical.dicom_series import load_ct_ras, ras_mask_to_source_frames, read_source_datasets
 from custom.clinical.errors import GeometryMismatchError, OutputExistsError, ProtectedInputError
 from custom.clinical.measurements import build_record
 from custom.clinical.writers import (
@@ -174,7 +174,7 @@ def test_dicom_seg_round_trip_with_highdicom(dicom_case):
     frames = ras_mask_to_source_frames(mask_ras, image.meta)
     out = write_dicom_seg(
         frames,
-        image.meta["source_files"],
+        read_source_datasets(image.meta),  # headers of the source images, in the order of the frames
         tmp_path / "out" / "seg.dcm",
         description="the largest hypodense lesion in the right lobe",
     )

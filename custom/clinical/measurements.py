@@ -161,20 +161,21 @@ class _SliceIndexer:
         return [int(min(numbers)), int(max(numbers))]
 
 
-def _lesion_record(component, hu, affine, probabilities, indexer: _SliceIndexer) -> dict:
-    """Measurements of one lesion (a boolean mask (X, Y, Z) on the grid of ``affine``)."""
-    voxels = np.argwhere(component)
+def _lesion_record(component, hu, affine, probabilities, indexer: _SliceIndexer, offset: np.ndarray) -> dict:
+    """Measurements of one lesion: ``component`` is its boolean mask cropped at voxel ``offset`` of the grid of
+    ``affine``; ``hu`` and ``probabilities`` are cropped alike."""
+    voxels = np.argwhere(component) + offset
     centroid_ras = (affine @ np.append(voxels.mean(axis=0), 1.0))[:3]
-    values = hu[component]
+    values = hu[component].astype(np.float64)
     axial_ks = np.unique(voxels[:, indexer.axis])
-    diameters = axial_diameters(component, affine)
+    diameters = axial_diameters(component, affine)  # lengths need only the affine's linear part
     slice_range = indexer.range_of(axial_ks)
     record = {
         "volume_ml": len(voxels) * voxel_volume_ml(affine),
         "voxel_count": int(len(voxels)),
         "longest_axial_diameter_mm": diameters["longest_axial_diameter_mm"],
         "perpendicular_diameter_mm": diameters["perpendicular_diameter_mm"],
-        "diameter_slice": indexer(diameters["diameter_slice"]),
+        "diameter_slice": indexer(diameters["diameter_slice"] + int(offset[indexer.axis])),
         "mean_hu": float(values.mean()),
         "max_hu": float(values.max()),
         "slice_range": slice_range,
@@ -185,8 +186,9 @@ def _lesion_record(component, hu, affine, probabilities, indexer: _SliceIndexer)
     if numbers is not None:
         record["slice_number_range"] = numbers
     if probabilities is not None:
-        record["max_probability"] = float(probabilities[component].max())
-        record["mean_probability"] = float(probabilities[component].mean())
+        inside = probabilities[component].astype(np.float64)
+        record["max_probability"] = float(inside.max())
+        record["mean_probability"] = float(inside.mean())
     return record
 
 
@@ -218,14 +220,18 @@ def measure_lesions(
     """
     affine = affine_of(mask_ras, affine)
     mask = as_spatial_array(mask_ras) > 0
-    hu = as_spatial_array(hu_ras).astype(np.float64, copy=False)
-    probs = None if probabilities is None else as_spatial_array(probabilities).astype(np.float64, copy=False)
+    hu = as_spatial_array(hu_ras)
+    probs = None if probabilities is None else as_spatial_array(probabilities)
     for name, array in (("hu_ras", hu), ("probabilities", probs)):
         if array is not None and array.shape != mask.shape:
             raise ValueError(f"{name} has shape {array.shape} but the mask has shape {mask.shape}.")
     labels, count = label_lesions(mask)
     indexer = _SliceIndexer(affine, source_affine, slice_numbers)
-    lesions = [_lesion_record(labels == n, hu, affine, probs, indexer) for n in range(1, count + 1)]
+    lesions = []
+    for n, box in enumerate(ndimage.find_objects(labels), start=1):
+        offset = np.array([b.start for b in box])
+        cropped_probs = None if probs is None else probs[box]
+        lesions.append(_lesion_record(labels[box] == n, hu[box], affine, cropped_probs, indexer, offset))
     lesions.sort(key=lambda lesion: -lesion["voxel_count"])
     return [{"index": i + 1, **lesion} for i, lesion in enumerate(lesions)]
 
