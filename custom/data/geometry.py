@@ -15,7 +15,7 @@ The Cantlie plane ``lateral = 0.55`` separates the right lobe (segments 5-8) fro
 right lobe the plane ``anterior = 0.5`` separates the anterior sector (5, 8) from the posterior one (6, 7) and
 the portal plane ``vertical = 0.5`` the superior segments (7, 8) from the inferior ones (5, 6). In the left
 lobe the falciform plane ``lateral = 0.75`` separates segment 4 (medial) from the lateral section, where
-``vertical = 0.6`` separates segment 2 (superior) from segment 3 (inferior). The caudate lobe (segment 1) is
+``vertical = 0.7`` separates segment 2 (superior) from segment 3 (inferior). The caudate lobe (segment 1) is
 not separated. A lesion belongs to the region of its centroid.
 """
 
@@ -48,7 +48,7 @@ CANTLIE_FRACTION = 0.55
 FALCIFORM_FRACTION = 0.75
 RIGHT_SECTOR_FRACTION = 0.5
 PORTAL_FRACTION = 0.5
-LEFT_PORTAL_FRACTION = 0.6
+LEFT_PORTAL_FRACTION = 0.7
 
 #: A lesion is hypodense (hyperdense) when its mean HU is this much below (above) the liver parenchyma median.
 DENSITY_THRESHOLD_HU = 15.0

@@ -1,0 +1,82 @@
+"""The embedded default dataset: generated once into a cache folder, reused afterwards.
+
+``ensure_default_dataset(cache_dir)`` returns ``cache_dir/lsms_synthetic_v<version>_n<cases>_seed<seed>/datalist.json``.
+The first caller generates it under an exclusive lock file (so two processes, e.g. two DDP ranks, never both
+write it); the others wait for the lock and then reuse the result. Generation writes to a temporary folder and
+renames it into place, so an interrupted run leaves no half-written dataset behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .synthetic import DATASET_VERSION, DEFAULT_NUM_CASES, generate_dataset
+
+__all__ = ["DEFAULT_SEED", "default_dataset_dir", "ensure_default_dataset"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEED = 0
+LOCK_TIMEOUT_S = 900.0
+
+
+def default_dataset_dir(cache_dir: str | Path, num_cases: int = DEFAULT_NUM_CASES, seed: int = DEFAULT_SEED) -> Path:
+    """Folder of the default dataset inside ``cache_dir``."""
+    return Path(cache_dir).absolute() / f"lsms_synthetic_v{DATASET_VERSION}_n{num_cases}_seed{seed}"
+
+
+@contextmanager
+def _exclusive_lock(path: Path, timeout_s: float = LOCK_TIMEOUT_S):
+    """Hold an exclusive lock on ``path`` (``fcntl.flock``; a create-exclusive file where fcntl is missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        fcntl = None
+    if fcntl is not None:
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    deadline = time.monotonic() + timeout_s  # pragma: no cover - not POSIX
+    while True:  # pragma: no cover
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Lock {path} is still held after {timeout_s} s; delete it if no process is "
+                                   "generating the dataset.") from None
+            time.sleep(1.0)
+    try:  # pragma: no cover
+        yield
+    finally:  # pragma: no cover
+        os.close(fd)
+        os.remove(path)
+
+
+def ensure_default_dataset(cache_dir: str | Path, num_cases: int = DEFAULT_NUM_CASES, seed: int = DEFAULT_SEED,
+                           workers: int = 1) -> Path:
+    """Path of the default synthetic datalist under ``cache_dir``; generates it on first use.
+
+    Safe to call from several processes at once: one generates, the others wait and reuse it.
+    """
+    dataset_dir = default_dataset_dir(cache_dir, num_cases, seed)
+    datalist = dataset_dir / "datalist.json"
+    if datalist.is_file():
+        return datalist
+    with _exclusive_lock(dataset_dir.with_name(dataset_dir.name + ".lock")):
+        if datalist.is_file():  # another process finished it while we waited
+            return datalist
+        logger.info("Generating the default synthetic dataset (%d cases) in %s", num_cases, dataset_dir)
+        start = time.perf_counter()
+        path = generate_dataset(dataset_dir, num_cases=num_cases, seed=seed, workers=workers, overwrite=True)
+        logger.info("Generated the default dataset in %.1f s", time.perf_counter() - start)
+    return path

@@ -1,0 +1,278 @@
+"""Dictionary transforms for referring lesion segmentation that MONAI does not provide.
+
+Loading uses MONAI as is; a typical chain in a config (volumes are reoriented to RAS so that the last axis is
+axial, running inferior to superior)::
+
+    LoadImaged(keys=[image, lesions, liver], image_only=True)
+    EnsureChannelFirstd(keys=[image, lesions, liver])
+    Orientationd(keys=[image, lesions, liver], axcodes="RAS")
+    Spacingd(keys=[image, lesions, liver], pixdim=[...], mode=[bilinear, nearest, nearest])   # optional
+    HUWindowd(keys=image, windows=[[60, 160], [40, 400]])
+    ReferredMaskd(instance_key=lesions, targets_key=targets, output_key=label)
+    Tokenized(text_key=text)
+    DeleteItemsd(keys=[targets])          # lists of unequal length do not collate
+    ReferringSlicesd(keys=[image, label], label_key=label, negative_ratio=0.5, max_samples=8)
+
+Items come from :func:`custom.data.datalist.expand_expressions` (one per expression) or, with
+:class:`RandSelectExpressiond`, from :func:`custom.data.datalist.load_datalist` (one per case).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Randomizable
+from monai.transforms.traits import MultiSampleTrait
+
+from custom.text import DEFAULT_MAX_TOKENS, default_text_model_path
+
+__all__ = ["HUWindowd", "ReferredMaskd", "ReferringSlicesd", "Tokenized", "RandSelectExpressiond"]
+
+
+def _as_tensor(value) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+
+
+class HUWindowd(MapTransform):
+    """Map Hounsfield units to [0, 1] through one or several (centre, width) windows.
+
+    (C, H, W[, D]) HU -> (C * len(windows), H, W[, D]) float32; output channel ``w * C + c`` is input channel
+    ``c`` seen through window ``w``. Values outside a window are clipped to 0 or 1.
+
+    Args:
+        keys: keys of the images to window.
+        windows: ``[[centre, width], ...]`` in HU, e.g. ``[[60, 160], [40, 400]]`` (liver, abdomen).
+    """
+
+    def __init__(self, keys: KeysCollection, windows: Sequence[Sequence[float]] = ((40.0, 400.0),),
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        windows = [tuple(float(v) for v in window) for window in windows]
+        if not windows or any(len(w) != 2 or w[1] <= 0 for w in windows):
+            raise ValueError(f"windows must be a non-empty list of [centre, width] pairs with width > 0, got {windows}.")
+        self.windows = windows
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = _as_tensor(d[key]).float()
+            channels = [((image - (centre - width / 2)) / width).clamp(0.0, 1.0) for centre, width in self.windows]
+            d[key] = torch.cat(channels, dim=0)
+        return d
+
+
+class ReferredMaskd(MapTransform):
+    """Mask of the referred lesions: union of the ``targets`` ids of the instance map.
+
+    (1, H, W[, D]) instance map + list of ids -> ``output_key`` (1, H, W[, D]) float32 in {0, 1}; empty
+    targets give zeros. A target id absent from the map raises ``ValueError`` unless
+    ``allow_absent_targets`` (e.g. after resampling that may erase a tiny lesion).
+    """
+
+    def __init__(self, instance_key: str = "lesions", targets_key: str = "targets", output_key: str = "label",
+                 allow_absent_targets: bool = False, allow_missing_keys: bool = False):
+        super().__init__([instance_key], allow_missing_keys)
+        self.instance_key = instance_key
+        self.targets_key = targets_key
+        self.output_key = output_key
+        self.allow_absent_targets = allow_absent_targets
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        if self.instance_key not in d and self.allow_missing_keys:
+            return d
+        instances = _as_tensor(d[self.instance_key])
+        targets = [int(t) for t in _as_tensor(d.get(self.targets_key, [])).reshape(-1).tolist()]
+        mask = torch.zeros_like(instances, dtype=torch.bool)
+        for target in targets:
+            hit = instances == target
+            if not self.allow_absent_targets and not bool(hit.any()):
+                present = sorted(int(v) for v in torch.unique(instances).tolist() if v != 0)
+                raise ValueError(
+                    f"Case '{d.get('case_id', '?')}': target id {target} is not in the lesion instance map "
+                    f"'{self.instance_key}' (ids present: {present}). Check the datalist with "
+                    "custom.data.datalist.validate_datalist, or set allow_absent_targets=True after resampling."
+                )
+            mask |= hit
+        d[self.output_key] = mask.float()
+        return d
+
+
+class ReferringSlicesd(Randomizable, MapTransform, MultiSampleTrait):
+    """Turn a volume sample into 2D axial slice samples (a list of dicts).
+
+    Input volumes (C, H, W, D) in RAS (D axial). Output per chosen slice ``z``: each key of ``keys`` other than
+    ``label_key`` becomes (C * (2 * context_slices + 1), H, W) with the neighbouring slices ``z - n .. z + n``
+    as extra channels (channel ``c * (2n + 1) + k`` is input channel ``c`` at offset ``k - n``; edges
+    replicate the first / last slice); ``label_key`` becomes its centre slice (1, H, W). Every other item is
+    copied, except volumes of the same (H, W, D) that are not in ``keys`` (e.g. ``lesions``, ``liver``), and
+    ``slice_index`` is added.
+
+    Chosen slices: every slice where the label is present, plus ``ceil(negative_ratio * positives)`` random
+    slices without it taken from the liver's z-range when ``liver_key`` is available (all slices otherwise).
+    For an empty label (a negative expression) every slice of the liver's z-range (all slices without a liver
+    mask or with an empty one). ``max_samples`` keeps a random subset of that size. Randomness comes from
+    ``self.R``, so ``set_random_state`` and MONAI's data loaders make it reproducible.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        label_key: str = "label",
+        negative_ratio: float = 0.5,
+        context_slices: int = 0,
+        max_samples: int | None = None,
+        liver_key: str | None = "liver",
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        if negative_ratio < 0 or context_slices < 0 or (max_samples is not None and max_samples < 1):
+            raise ValueError("negative_ratio and context_slices must be >= 0 and max_samples >= 1 (or None).")
+        self.label_key = label_key
+        self.negative_ratio = float(negative_ratio)
+        self.context_slices = int(context_slices)
+        self.max_samples = max_samples
+        self.liver_key = liver_key
+        self._chosen: list[int] = []
+
+    def _liver_slices(self, d: Mapping, depth: int) -> np.ndarray:
+        """Boolean (D,) of the slices inside the liver's z-range; all True without a usable liver mask."""
+        liver = d.get(self.liver_key) if self.liver_key else None
+        if liver is None:
+            return np.ones(depth, bool)
+        present = _as_tensor(liver).reshape(-1, depth).amax(0).cpu().numpy() > 0
+        if not present.any():
+            return np.ones(depth, bool)
+        inside = np.zeros(depth, bool)
+        indices = np.flatnonzero(present)
+        inside[indices[0] : indices[-1] + 1] = True
+        return inside
+
+    def randomize(self, positive: np.ndarray, liver_range: np.ndarray) -> None:
+        """Choose the slice indices from (D,) boolean masks of target slices and liver-range slices."""
+        if positive.any():
+            candidates = np.flatnonzero(~positive & liver_range)
+            if candidates.size == 0:
+                candidates = np.flatnonzero(~positive)
+            count = min(candidates.size, math.ceil(self.negative_ratio * int(positive.sum())))
+            negatives = self.R.choice(candidates, count, replace=False) if count else np.array([], int)
+            chosen = np.union1d(np.flatnonzero(positive), negatives)
+        else:
+            chosen = np.flatnonzero(liver_range)
+        if self.max_samples is not None and chosen.size > self.max_samples:
+            chosen = np.sort(self.R.choice(chosen, self.max_samples, replace=False))
+        self._chosen = [int(z) for z in chosen]
+
+    def _slice(self, volume, z: int, context: int):
+        volume = _as_tensor(volume)
+        depth = volume.shape[-1]
+        if context == 0:
+            out = volume[..., z]
+        else:
+            index = torch.arange(z - context, z + context + 1).clamp(0, depth - 1)
+            stack = volume[..., index]  # (C, H, W, K)
+            out = stack.permute(0, 3, 1, 2).reshape(-1, *volume.shape[1:-1])
+        if isinstance(volume, MetaTensor):
+            affine = volume.affine.clone()
+            affine[:3, 3] = affine[:3, 3] + affine[:3, 2] * z  # origin of slice z
+            out = MetaTensor(out.as_tensor() if isinstance(out, MetaTensor) else out, affine=affine,
+                             meta={k: v for k, v in volume.meta.items() if k != "affine"})
+        return out
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> list[dict[Hashable, torch.Tensor]]:
+        d = dict(data)
+        label = _as_tensor(d[self.label_key])
+        depth = label.shape[-1]
+        spatial = tuple(label.shape[1:])
+        positive = label.reshape(-1, depth).amax(0).cpu().numpy() > 0
+        self.randomize(positive, self._liver_slices(d, depth))
+        sliced = set(self.key_iterator(d))
+        copied = {
+            key: value for key, value in d.items()
+            if key not in sliced and not (hasattr(value, "shape") and len(value.shape) >= 4
+                                          and tuple(value.shape[1:]) == spatial)
+        }
+        samples = []
+        for z in self._chosen:
+            sample = dict(copied)
+            for key in sliced:
+                sample[key] = self._slice(d[key], z, 0 if key == self.label_key else self.context_slices)
+            sample["slice_index"] = z
+            samples.append(sample)
+        return samples
+
+
+class Tokenized(MapTransform):
+    """Tokenise the expression with the text encoder's tokenizer.
+
+    ``text_key`` (str) -> ``input_ids`` and ``attention_mask``, each a (max_length,) long tensor padded to
+    ``max_length`` so that samples collate. The tokenizer is loaded once per transform instance, from
+    ``model_path`` (a local folder or hub name; default: the bundled MiniLM BERT, no network).
+    """
+
+    def __init__(self, text_key: str = "text", model_path: str | None = None, max_length: int = DEFAULT_MAX_TOKENS,
+                 input_ids_key: str = "input_ids", attention_mask_key: str = "attention_mask",
+                 allow_missing_keys: bool = False):
+        super().__init__([text_key], allow_missing_keys)
+        self.text_key = text_key
+        self.model_path = model_path
+        self.max_length = int(max_length)
+        self.input_ids_key = input_ids_key
+        self.attention_mask_key = attention_mask_key
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path or default_text_model_path())
+        return self._tokenizer
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            text = d[key]
+            if not isinstance(text, str):
+                raise TypeError(f"'{key}' must be a string expression, got {type(text).__name__}: {text!r}.")
+            encoded = self.tokenizer(text, padding="max_length", truncation=True, max_length=self.max_length,
+                                     return_tensors="pt")
+            d[self.input_ids_key] = encoded["input_ids"][0].long()
+            d[self.attention_mask_key] = encoded["attention_mask"][0].long()
+        return d
+
+
+class RandSelectExpressiond(Randomizable, MapTransform):
+    """Pick one random expression of a case item (from ``load_datalist``).
+
+    Adds ``text``, ``targets`` (list of int), ``kind`` and ``expression_id`` from one entry of
+    ``expressions_key``, and removes ``drop_keys`` (lists of unequal length that would not collate).
+    """
+
+    def __init__(self, expressions_key: str = "expressions", drop_keys: Sequence[str] = ("expressions", "lesion_attributes"),
+                 allow_missing_keys: bool = False):
+        super().__init__([expressions_key], allow_missing_keys)
+        self.expressions_key = expressions_key
+        self.drop_keys = tuple(drop_keys)
+        self._index = 0
+
+    def randomize(self, count: int) -> None:
+        self._index = int(self.R.randint(count))
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        expressions = d.get(self.expressions_key) or []
+        if not expressions:
+            raise ValueError(f"Case '{d.get('case_id', '?')}' has no expressions to choose from.")
+        self.randomize(len(expressions))
+        chosen = expressions[self._index]
+        d.update(text=chosen["text"], targets=[int(t) for t in chosen["targets"]], kind=chosen["kind"],
+                 expression_id=chosen.get("id", f"{d.get('case_id', '')}-{self._index:02d}"))
+        for key in self.drop_keys:
+            d.pop(key, None)
+        return d
