@@ -27,6 +27,7 @@ from monai.utils import MetaKeys, ensure_tuple
 from pydicom.errors import InvalidDicomError
 
 from custom.clinical.errors import (
+    ClinicalInputError,
     InvalidGeometryError,
     MissingSliceError,
     MixedSeriesError,
@@ -297,6 +298,10 @@ class CTSeriesReader(PydicomReader):
         kwargs: passed to ``pydicom.dcmread`` for the pixel read.
 
     Input: a series folder, a single DICOM file, or a list of DICOM files of one series.
+
+    Use it through :class:`LoadClinicalImaged` / :func:`load_clinical_image` (or ``LoadImage(...)(path, reader)``):
+    a reader given to ``LoadImage``'s constructor is tried first, but on any error ``LoadImage`` falls back to its
+    default readers, which would read a mixed or gapped series without complaint.
     """
 
     def __init__(self, series_uid: str | None = None, require_ct: bool = True, recursive: bool = False, **kwargs):
@@ -428,7 +433,7 @@ def load_clinical_image(path: PathLike, series_uid: str | None = None, require_c
     reader = clinical_reader_for(path, series_uid, require_ct)
     try:
         return LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=np.float32)(path, reader)
-    except (NoImageError, MixedSeriesError, MissingSliceError, NotCTError, InvalidGeometryError):
+    except ClinicalInputError:
         raise
     except Exception as err:
         if isinstance(reader, NibabelReader):
