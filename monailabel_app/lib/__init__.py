@@ -1,0 +1,1 @@
+"""Tasks of the MONAI Label app that serves the LSMS referring lesion segmentation bundle."""

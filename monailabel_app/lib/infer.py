@@ -1,0 +1,233 @@
+"""MONAI Label infer task that runs the bundle's own inference workflow with a free-text prompt.
+
+Why not ``monailabel.tasks.infer.bundle.BundleInferTask``: it takes the bundle's ``preprocessing``, ``inferer`` and
+``postprocessing`` apart and calls ``inferer(image, network)`` itself, so (1) the expression's tokens never reach
+the network (our ``ReferringSliceInferer`` needs ``input_ids``/``attention_mask``), (2) the volume-level step and
+the writers of the mask and the measurement record (run by the bundle's evaluator) are skipped, and (3) a prompt
+edited in ``displayable_configs`` only reaches the tokenizer if the bundle refers to it in that direction. Running
+the bundle's workflow (``initialize``/``run``/``finalize`` of ``configs/inference.json``) once per request gives
+exactly what ``python -m monai.bundle run inference`` gives for the same image and prompt, with no pipeline logic
+repeated here.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Dict, Optional, Tuple
+
+from fastapi import HTTPException
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from lib.prompt import PromptChecker, PromptError
+
+logger = logging.getLogger(__name__)
+
+#: Name of the single label of the returned mask in ``/info`` (value 1 in the mask).
+LABEL_NAME = "referred lesion"
+
+#: Longest segment name given to 3D Slicer (the prompt is cut beyond it).
+MAX_SEGMENT_NAME = 64
+
+
+class InferenceInputError(Exception):
+    """A request the bundle cannot run (unknown image, unreadable volume): answered with a 4xx status."""
+
+    def __init__(self, status_code: int, detail: str):
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+def _segment_name(prompt: str, found: Optional[bool]) -> str:
+    name = " ".join(prompt.split())
+    if len(name) > MAX_SEGMENT_NAME:
+        name = name[: MAX_SEGMENT_NAME - 3].rstrip() + "..."
+    return f"{name} (not present)" if found is False else name
+
+
+class LSMSReferringInfer(InferTask):
+    """Referring lesion segmentation: the mask of the lesion(s) a free-text prompt refers to, and its record.
+
+    Args:
+        bundle_path: the bundle folder (``configs/inference.json``, ``configs/metadata.json``, ``models/``).
+        config_file: name of the inference config inside ``<bundle_path>/configs``.
+        conf: the app's ``--conf`` options (unused keys are ignored).
+    """
+
+    def __init__(self, bundle_path: str, config_file: str = "inference.json", conf: Optional[Dict[str, str]] = None):
+        self.bundle_path = os.path.realpath(bundle_path)
+        self.config_path = os.path.join(self.bundle_path, "configs", config_file)
+        self.meta_path = os.path.join(self.bundle_path, "configs", "metadata.json")
+        self.conf = dict(conf or {})
+        # The bundle's Python components live in the repository's ``custom`` package, beside the bundle folder.
+        self.repo_root = os.path.dirname(self.bundle_path)
+        if self.repo_root not in sys.path:
+            sys.path.insert(0, self.repo_root)
+
+        self._valid = os.path.isfile(self.config_path)
+        metadata: Dict[str, Any] = {}
+        if os.path.isfile(self.meta_path):
+            with open(self.meta_path) as f:
+                metadata = json.load(f)
+        self.version = metadata.get("version")
+
+        displayable: Dict[str, Any] = {"prompt": ""}
+        text_model_path = None
+        max_tokens = None
+        if self._valid:
+            parser = ConfigParser()
+            parser.read_config(self.config_path)
+            if "displayable_configs" in parser:
+                displayable = dict(parser.get_parsed_content("displayable_configs", instantiate=False))
+            elif "prompt" in parser:
+                displayable = {"prompt": parser.get_parsed_content("prompt")}
+            self._top_level_ids = {k for k in displayable if k in parser}
+            text_model_path = parser.get_parsed_content("text_model_path") if "text_model_path" in parser else None
+            max_tokens = parser.get_parsed_content("max_tokens") if "max_tokens" in parser else None
+        else:
+            self._top_level_ids = {"prompt"}
+            logger.warning(f"LSMS: no inference config at {self.config_path}; the model is not offered.")
+        displayable.setdefault("prompt", "")
+        self.displayable_configs = displayable
+        self.default_prompt = str(displayable.get("prompt") or "")
+        self.prompt_checker = PromptChecker(text_model_path=text_model_path, max_tokens=max_tokens)
+
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels={LABEL_NAME: 1},
+            dimension=3,
+            description=(
+                "LSMS referring lesion segmentation: type a sentence in 'prompt' (e.g. 'the largest hypodense "
+                "lesion in the right lobe'); returns the mask of the lesion(s) it refers to, in the study's "
+                "geometry, and the measurement record (found, volume, diameters, HU) in the JSON part. "
+                f"At most {self.prompt_checker.max_tokens} tokens."
+            ),
+            config=copy.deepcopy(displayable),
+        )
+        # One inference at a time: the workflow is CPU/GPU bound and the bundle's writers share the output tree.
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ MONAI Label interface
+    def is_valid(self) -> bool:
+        return self._valid
+
+    def info(self) -> Dict[str, Any]:
+        i = super().info()
+        i["version"] = self.version
+        i["prompt"] = {
+            "param": "prompt",
+            "max_tokens": self.prompt_checker.max_tokens,
+            "default": self.default_prompt,
+            "empty": "rejected with HTTP 422",
+            "too_long": "rejected with HTTP 422",
+        }
+        return i
+
+    def __call__(self, request: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+        """Run one (image, prompt) request; return the mask file (deleted by the server after sending) and JSON."""
+        try:
+            return self._infer(request)
+        except PromptError as err:
+            raise HTTPException(status_code=422, detail=str(err)) from err
+        except InferenceInputError as err:
+            raise HTTPException(status_code=err.status_code, detail=err.detail) from err
+
+    # ------------------------------------------------------------------ internals
+    def _request_options(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        options = copy.deepcopy(self.displayable_configs)
+        options.update({k: request[k] for k in self.displayable_configs if k in request})
+        return options
+
+    def _overrides(self, image: str, options: Dict[str, Any], output_dir: str) -> Dict[str, Any]:
+        overrides: Dict[str, Any] = {"bundle_root": self.bundle_path, "image": image, "output_dir": output_dir}
+        for key, value in options.items():
+            overrides[f"displayable_configs#{key}"] = value
+            if key in self._top_level_ids:
+                overrides[key] = value
+        return overrides
+
+    def _infer(self, request: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+        begin = time.time()
+        options = self._request_options(request)
+        options["prompt"] = self.prompt_checker.check(options.get("prompt"))
+        image = request.get("image")
+        if not isinstance(image, str) or not image or not os.path.exists(image):
+            image_id = request.get("image_id") or image
+            raise InferenceInputError(404, f"Image '{image_id}' not found in the datastore (see GET /datastore/).")
+
+        with self._lock, tempfile.TemporaryDirectory(prefix="lsms-label-") as output_dir:
+            start = time.time()
+            self._run_workflow(image, options, output_dir)
+            latency_infer = time.time() - start
+            mask_path, record = self._collect_outputs(output_dir)
+            suffix = ".nii.gz" if mask_path.endswith(".nii.gz") else os.path.splitext(mask_path)[1]
+            fd, result_file = tempfile.mkstemp(prefix="lsms-mask-", suffix=suffix)
+            os.close(fd)
+            shutil.copyfile(mask_path, result_file)
+
+        found = record.get("found") if isinstance(record, dict) else None
+        logger.info(f"LSMS: prompt={options['prompt']!r} found={found} ({time.time() - begin:.2f}s)")
+        logger.info(f"LSMS record: {json.dumps(record)}")
+        result_json: Dict[str, Any] = {
+            "prompt": options["prompt"],
+            "found": found,
+            "record": record,
+            "label_names": {_segment_name(options["prompt"], found): 1},
+            "latencies": {"infer": round(latency_infer, 2), "total": round(time.time() - begin, 2)},
+        }
+        return result_file, result_json
+
+    def _run_workflow(self, image: str, options: Dict[str, Any], output_dir: str) -> None:
+        workflow = ConfigWorkflow(
+            config_file=self.config_path,
+            meta_file=self.meta_path if os.path.isfile(self.meta_path) else None,
+            logging_file=False,  # keep the server's logging as it is
+            **self._overrides(image, options, output_dir),
+        )
+        path_before = list(sys.path)
+        try:
+            workflow.initialize()
+            workflow.run()
+            workflow.finalize()
+        except Exception as err:
+            input_error = _clinical_input_error()
+            if input_error is not None and isinstance(err, input_error):
+                raise InferenceInputError(422, f"The image cannot be used: {err}") from err
+            raise
+        finally:
+            sys.path[:] = path_before  # ConfigWorkflow.run() prepends the bundle folder on every call
+
+    @staticmethod
+    def _collect_outputs(output_dir: str) -> Tuple[str, Dict[str, Any]]:
+        masks = sorted(glob.glob(os.path.join(output_dir, "**", "*_mask.nii.gz"), recursive=True))
+        masks = masks or sorted(glob.glob(os.path.join(output_dir, "**", "*_mask.*"), recursive=True))
+        if len(masks) != 1:
+            raise RuntimeError(f"The bundle wrote {len(masks)} masks for one (image, prompt); expected exactly one.")
+        mask_path = masks[0]
+        stem = os.path.basename(mask_path).split("_mask.")[0]
+        record_path = os.path.join(os.path.dirname(mask_path), f"{stem}_record.json")
+        record: Dict[str, Any] = {}
+        if os.path.isfile(record_path):
+            with open(record_path) as f:
+                record = json.load(f)
+        else:
+            logger.warning(f"LSMS: no record beside {mask_path}")
+        return mask_path, record
+
+
+def _clinical_input_error():
+    try:
+        from custom.clinical.errors import ClinicalInputError
+    except ImportError:  # pragma: no cover - an older checkout without the clinical package
+        return None
+    return ClinicalInputError

@@ -1,0 +1,328 @@
+"""MONAI Label app: a real ``monailabel start_server`` on loopback, serving the bundle with a free-text prompt.
+
+Checks: ``/info`` lists the model and its prompt option; ``POST /infer/lsms`` returns the same mask (and record) as
+``python -m monai.bundle run inference`` for the same case and prompt; two prompts give two masks, each on its own
+lesion; an empty or over-long prompt is a clear 422; 8 concurrent requests all succeed; the server stops cleanly.
+
+MONAI Label is optional (``requirements-monailabel.txt``): the module is skipped only when it cannot be imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+pytest.importorskip(
+    "monailabel", reason="MONAI Label is optional: see monailabel_app/README.md (pip install -r requirements-monailabel.txt)"
+)
+requests = pytest.importorskip("requests")
+from requests_toolbelt.multipart.decoder import MultipartDecoder  # noqa: E402  (a MONAI Label dependency)
+
+from custom.data.synthetic import generate_dataset  # noqa: E402
+from custom.text import DEFAULT_MAX_TOKENS  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "monailabel_app"
+INFERENCE_CONFIG = REPO / "bundle" / "configs" / "inference.json"
+MODEL = "lsms"
+
+START_TIMEOUT_S = 180
+REQUEST_TIMEOUT_S = 300
+STOP_TIMEOUT_S = 30
+CONCURRENT_REQUESTS = 8
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _monailabel_command() -> list[str]:
+    script = Path(sys.executable).with_name("monailabel")
+    if not script.is_file():
+        found = shutil.which("monailabel")
+        if not found:
+            pytest.fail("the 'monailabel' command is not installed beside this Python; reinstall monailabel")
+        script = Path(found)
+    return [str(script)]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pick_case(datalist: Path):
+    """A case with two positive expressions that refer to two different single lesions."""
+    data = json.loads(datalist.read_text())
+    for split in ("test", "validation", "training"):
+        for case in data.get(split, []):
+            positives = [e for e in case["expressions"] if len(e["targets"]) == 1]
+            for i, first in enumerate(positives):
+                for second in positives[i + 1 :]:
+                    if first["targets"] != second["targets"]:
+                        return case, first, second
+    pytest.fail(f"no case in {datalist} has two expressions that refer to two different lesions")
+
+
+class Server:
+    """``monailabel start_server`` as a child process, with its log in a file."""
+
+    def __init__(self, studies: Path, work: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = work / "server.log"
+        env = dict(os.environ)
+        env["MONAILABEL_PYEXE"] = sys.executable  # the 'monailabel' script runs ${MONAILABEL_PYEXE:-python}
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["MONAI_LABEL_SESSION_PATH"] = str(work / "sessions")
+        env["MONAI_LABEL_AUTO_UPDATE_SCORING"] = "false"
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        command = _monailabel_command() + [
+            "start_server", "--app", str(APP_DIR), "--studies", str(studies),
+            "--host", "127.0.0.1", "--port", str(self.port), "--conf", "models", MODEL,
+        ]  # fmt: skip
+        self._log = open(self.log_path, "wb")
+        # cwd outside the repository: the app must find the bundle and the custom package by itself
+        self.process = subprocess.Popen(command, cwd=work, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.returncode = None
+        self.killed = False
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"monailabel start_server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        pytest.fail(f"monailabel start_server not ready after {START_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def stop(self) -> int:
+        """SIGTERM (uvicorn's graceful shutdown), then SIGKILL if it does not end in time; returns the exit code.
+
+        The ``monailabel`` script ``exec``s Python, so the child process is the server itself.
+        """
+        if self.returncode is None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    self.killed = True
+                    self.process.kill()
+                    self.process.wait(timeout=STOP_TIMEOUT_S)
+            self.returncode = self.process.returncode
+            self._log.close()
+        return self.returncode
+
+
+def _infer(url: str, image_id: str, params: dict, output: str | None = None, timeout: float = REQUEST_TIMEOUT_S):
+    query = {"image": image_id}
+    if output:
+        query["output"] = output
+    return requests.post(
+        f"{url}/infer/{MODEL}", params=query, files={"params": (None, json.dumps(params))}, timeout=timeout
+    )
+
+
+def _mask_and_json(response, tmp_dir: Path, name: str):
+    """Split MONAI Label's multipart answer (``params`` JSON + ``image`` mask file)."""
+    assert response.status_code == 200, response.text[:2000]
+    decoder = MultipartDecoder(response.content, response.headers["content-type"])
+    result, mask_path = None, None
+    for part in decoder.parts:
+        disposition = part.headers[b"Content-Disposition"].decode()
+        if 'name="params"' in disposition:
+            result = json.loads(part.content)
+        elif 'name="image"' in disposition:
+            mask_path = tmp_dir / f"{name}.nii.gz"
+            mask_path.write_bytes(part.content)
+    assert result is not None and mask_path is not None, "expected a 'params' part and an 'image' part"
+    return nib.load(mask_path), result
+
+
+def _volatile(key: str) -> bool:
+    return any(word in key.lower() for word in ("path", "file", "time", "date", "output", "latenc", "version"))
+
+
+def _stable(value):
+    """A record without the entries that name files or times (they differ between two runs by design)."""
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if not _volatile(k)}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("monailabel")
+
+
+@pytest.fixture(scope="module")
+def study(work):
+    """Synthetic cases from the data generator; the chosen case's image is copied into the studies folder."""
+    datalist = generate_dataset(work / "dataset", num_cases=3, seed=3)
+    case, first, second = _pick_case(datalist)
+    studies = work / "studies"
+    studies.mkdir()
+    image = studies / Path(case["image"]).name
+    shutil.copyfile(datalist.parent / case["image"], image)
+    image_id = image.name[: -len(".nii.gz")]
+    lesions = np.asarray(nib.load(datalist.parent / case["lesions"]).dataobj)
+    return {
+        "studies": studies,
+        "image": image,
+        "image_id": image_id,
+        "sha256": _sha256(image),
+        "expressions": [first, second],
+        "lesions": lesions,
+    }
+
+
+@pytest.fixture(scope="module")
+def server(study, work, request):
+    srv = Server(study["studies"], work)
+    request.addfinalizer(srv.stop)  # also on failure
+    srv.wait_ready()
+    return srv
+
+
+@pytest.fixture(scope="module")
+def reference(study, work):
+    """What ``python -m monai.bundle run inference`` writes for the study and each of the two prompts."""
+    if not INFERENCE_CONFIG.is_file():
+        pytest.fail(f"{INFERENCE_CONFIG} is missing: the app serves the bundle's inference config")
+    refs = []
+    for n, expression in enumerate(study["expressions"]):
+        out = work / f"cli_{n}"
+        command = [
+            sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(INFERENCE_CONFIG),
+            "--image", str(study["image"]), "--prompt", expression["text"], "--output_dir", str(out),
+        ]  # fmt: skip
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=REQUEST_TIMEOUT_S)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        masks = sorted(out.rglob("*_mask.nii.gz"))
+        assert len(masks) == 1, f"expected one mask under {out}, found {masks}"
+        record_path = masks[0].with_name(masks[0].name.replace("_mask.nii.gz", "_record.json"))
+        refs.append({"mask": nib.load(masks[0]), "record": json.loads(record_path.read_text())})
+    return refs
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+def test_info_lists_model_and_prompt_option(server):
+    info = requests.get(f"{server.url}/info/", timeout=30).json()
+    assert MODEL in info["models"], info["models"].keys()
+    model = info["models"][MODEL]
+    assert model["type"] == "segmentation"
+    # displayable_configs -> the model's "config": what 3D Slicer's MONAI Label module shows as editable options
+    assert isinstance(model["config"].get("prompt"), str)
+    assert model["prompt"]["max_tokens"] == DEFAULT_MAX_TOKENS
+    assert info["datastore"]["total"] == 1
+
+
+def test_infer_equals_bundle_cli(server, study, reference, work):
+    expression = study["expressions"][0]
+    mask, result = _mask_and_json(_infer(server.url, study["image_id"], {"prompt": expression["text"]}), work, "a")
+    ref = reference[0]
+    image = nib.load(study["image"])
+    # the study's own geometry
+    assert mask.shape == image.shape
+    np.testing.assert_allclose(mask.affine, image.affine, atol=1e-4)
+    # the same mask and record as the bundle's command line
+    np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(ref["mask"].dataobj))
+    np.testing.assert_allclose(mask.affine, ref["mask"].affine, atol=1e-5)
+    assert result["prompt"] == expression["text"]
+    assert result["found"] == ref["record"]["found"]
+    assert _stable(result["record"]) == _stable(ref["record"])
+    # the input is never modified
+    assert _sha256(study["image"]) == study["sha256"]
+
+
+def test_two_prompts_two_masks_each_on_its_lesion(server, study, reference, work):
+    masks = []
+    for n, expression in enumerate(study["expressions"]):
+        mask, result = _mask_and_json(_infer(server.url, study["image_id"], {"prompt": expression["text"]}), work, f"p{n}")
+        data = np.asarray(mask.dataobj) > 0
+        np.testing.assert_array_equal(data, np.asarray(reference[n]["mask"].dataobj) > 0)
+        assert result["found"] is True, (expression, result["record"])
+        masks.append(data)
+    assert not np.array_equal(masks[0], masks[1]), "two different prompts gave the same mask"
+    lesions = study["lesions"]
+    targets = [np.isin(lesions, e["targets"]) for e in study["expressions"]]
+    for n, expression in enumerate(study["expressions"]):
+        own, other = _dice(masks[n], targets[n]), _dice(masks[n], targets[1 - n])
+        assert own > other, f"{expression['text']!r}: Dice {own:.2f} with its lesion, {other:.2f} with the other"
+        assert own >= 0.5, f"{expression['text']!r}: Dice {own:.2f} with the referred lesion"
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [("", "empty"), ("   ", "empty"), ("lesion " * (2 * DEFAULT_MAX_TOKENS), "tokens"), (42, "text")],
+    ids=["empty", "blank", "over_token_limit", "not_text"],
+)
+def test_bad_prompt_is_a_clear_422(server, study, prompt, message):
+    response = _infer(server.url, study["image_id"], {"prompt": prompt}, output="json", timeout=60)
+    assert response.status_code == 422, (response.status_code, response.text[:500])
+    assert message in response.json()["detail"]
+
+
+def test_unknown_image_is_404(server):
+    response = _infer(server.url, "no_such_case", {"prompt": "the largest lesion"}, output="json", timeout=60)
+    assert response.status_code == 404, (response.status_code, response.text[:500])
+    assert "no_such_case" in response.json()["detail"]
+
+
+def test_concurrent_requests_all_succeed(server, study, reference, work):
+    texts = [e["text"] for e in study["expressions"]]
+
+    def one(n):
+        response = _infer(server.url, study["image_id"], {"prompt": texts[n % 2]})
+        mask, result = _mask_and_json(response, work, f"c{n}")
+        return n, np.asarray(mask.dataobj), result
+
+    with ThreadPoolExecutor(max_workers=CONCURRENT_REQUESTS) as pool:
+        results = list(pool.map(one, range(CONCURRENT_REQUESTS)))
+    assert len(results) == CONCURRENT_REQUESTS
+    for n, data, result in results:
+        assert result["prompt"] == texts[n % 2]
+        np.testing.assert_array_equal(data, np.asarray(reference[n % 2]["mask"].dataobj))
+
+
+def test_server_stops_cleanly(server):
+    assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
+    code = server.stop()
+    assert not server.killed, f"the server did not end within {STOP_TIMEOUT_S} s of SIGTERM:\n{server.log_tail()}"
+    # uvicorn shuts down gracefully, then re-raises the signal it caught: exit status 0 or "terminated by SIGTERM"
+    assert code in (0, -signal.SIGTERM), f"exit code {code}:\n{server.log_tail()}"
+    assert "Application shutdown complete" in server.log_tail(20000)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{server.url}/info/", timeout=5)
