@@ -399,6 +399,7 @@ class PhantomBuilder:
         self.liver[box] = shape
         self.liver &= ~self.kidney_mask & ~self.ivc_mask
         self._carve_gallbladder()
+        self.liver = largest_component(self.liver)
         self.hu[self.liver] = self.contrast.liver
         lbox = bounding_box(self.liver)
         texture = 4.0 * smooth_field(self.rng, tuple(s.stop - s.start for s in lbox), 10)
@@ -559,6 +560,15 @@ class PhantomBuilder:
 def _rotation_x(angle: float) -> np.ndarray:
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
