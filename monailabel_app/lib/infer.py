@@ -194,18 +194,21 @@ class LSMSReferringInfer(InferTask):
             logging_file=False,  # keep the server's logging as it is
             **self._overrides(image, options, output_dir),
         )
-        path_before = list(sys.path)
+        added = self.bundle_path  # ConfigWorkflow.run() puts the bundle folder on sys.path on every call
+        count_before = sys.path.count(added)
         try:
             workflow.initialize()
             workflow.run()
             workflow.finalize()
         except Exception as err:
-            input_error = _clinical_input_error()
-            if input_error is not None and isinstance(err, input_error):
-                raise InferenceInputError(422, f"The image cannot be used: {err}") from err
+            # MONAI wraps errors of config expressions in RuntimeError: look for a bad-input error in the chain
+            cause = _input_error_in(err)
+            if cause is not None:
+                raise InferenceInputError(422, str(cause)) from err
             raise
         finally:
-            sys.path[:] = path_before  # ConfigWorkflow.run() prepends the bundle folder on every call
+            while sys.path.count(added) > count_before:
+                sys.path.remove(added)
 
     @staticmethod
     def _collect_outputs(output_dir: str) -> Tuple[str, Dict[str, Any]]:
@@ -225,9 +228,30 @@ class LSMSReferringInfer(InferTask):
         return mask_path, record
 
 
-def _clinical_input_error():
+def _input_error_types() -> tuple:
+    """Errors of the bundle that mean "this input cannot be used" (answered 422, not 500)."""
+    types = []
     try:
         from custom.clinical.errors import ClinicalInputError
-    except ImportError:  # pragma: no cover - an older checkout without the clinical package
-        return None
-    return ClinicalInputError
+
+        types.append(ClinicalInputError)
+    except ImportError:  # pragma: no cover - a checkout without the clinical package
+        pass
+    try:
+        from custom.prompts import PromptError as BundlePromptError
+
+        types.append(BundlePromptError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def _input_error_in(err: BaseException) -> Optional[BaseException]:
+    types = _input_error_types()
+    seen = set()
+    while err is not None and id(err) not in seen and types:
+        if isinstance(err, types):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
