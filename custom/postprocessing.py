@@ -70,3 +70,37 @@ class SelectReferredComponentsd(MapTransform):
             )
             d[key] = convert_to_dst_type(mask.astype(np.float32), probabilities, dtype=torch.float32)[0]
         return d
+
+
+class ApplyNotPresentRuled(MapTransform):
+    """Answer "not present" with an empty mask when the probabilities fail the calibrated rule.
+
+    ``prob_key`` (1, H, W, D) probabilities with an affine (MetaTensor) decide through
+    :class:`custom.clinical.not_present.NotPresentRule` (``rule``: its parameters, as in a JSON config); the masks
+    under ``keys`` are emptied when the answer is "not present". The decision (found, confidence, features) is
+    stored under ``decision_key``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob_key: str = "prob",
+        rule: Mapping | None = None,
+        decision_key: str = "decision",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        from custom.clinical.not_present import NotPresentRule
+
+        super().__init__(keys, allow_missing_keys)
+        self.prob_key = prob_key
+        self.rule = NotPresentRule.from_dict(rule) if rule else NotPresentRule()
+        self.decision_key = decision_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        decision = self.rule.decide(d[self.prob_key])
+        d[self.decision_key] = decision.to_dict()
+        if not decision.found:
+            for key in self.key_iterator(d):
+                d[key] = d[key] * 0
+        return d

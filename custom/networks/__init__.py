@@ -5,3 +5,4 @@ from custom.networks.encoder import LanguageGuidedEncoder, OverlapPatchEmbed
 from custom.networks.lsms import BASE, LSMS, TINY, lsms_base, lsms_tiny
 from custom.networks.svla import SVLA, MultiKernelAttention, PixelWordAttention, SVLABlock
 from custom.networks.text_encoder import BertTextEncoder
+from custom.networks.weights import ShippedWeights

@@ -1,0 +1,51 @@
+"""The weights a bundle ships: the network's state dict without a frozen pretrained text encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["ShippedWeights"]
+
+TEXT_ENCODER_PREFIX = "text_encoder."
+
+
+class ShippedWeights:
+    """State-dict view of an LSMS network for ``CheckpointSaver`` / ``CheckpointLoader``.
+
+    While the text encoder is fully frozen its weights are those of its pretrained package, so they are left out
+    of the file (``bundle/models/model.pt`` stays small). Loading is exact for every key the file holds: an
+    unexpected key, a shape mismatch or a missing key other than the frozen text encoder's raises an error.
+    A ``DistributedDataParallel`` wrapper is looked through.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network.module if hasattr(network, "module") else network
+
+    def _text_encoder_frozen(self) -> bool:
+        encoder = getattr(self.network, "text_encoder", None)
+        return encoder is not None and not any(p.requires_grad for p in encoder.parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = self.network.state_dict()
+        if self._text_encoder_frozen():
+            state = {k: v for k, v in state.items() if not k.startswith(TEXT_ENCODER_PREFIX)}
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        expected = self.network.state_dict()
+        unexpected = sorted(set(state_dict) - set(expected))
+        missing = sorted(set(expected) - set(state_dict))
+        if self._text_encoder_frozen():
+            missing = [k for k in missing if not k.startswith(TEXT_ENCODER_PREFIX)]
+        mismatched = [k for k in state_dict if k in expected and state_dict[k].shape != expected[k].shape]
+        if strict and (unexpected or missing or mismatched):
+            raise RuntimeError(
+                "The checkpoint does not match the network: "
+                f"unexpected keys {unexpected[:5]}, missing keys {missing[:5]}, shape mismatches {mismatched[:5]}. "
+                "Check that the network_def arguments (variant, windows, context slices, ablation switches) are "
+                "the ones the checkpoint was trained with."
+            )
+        self.network.load_state_dict(state_dict, strict=False)

@@ -1,0 +1,64 @@
+"""Inputs of text-conditioned inference: (image, prompt) pairs, checked before any model work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from custom.text import DEFAULT_MAX_TOKENS, default_text_model_path
+
+__all__ = ["PromptError", "check_prompt", "prompt_items"]
+
+
+class PromptError(ValueError):
+    """A prompt or an (image, prompt) list that inference cannot use."""
+
+
+def check_prompt(prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, tokenizer=None) -> str:
+    """Return the stripped prompt, or raise :class:`PromptError` if it is empty or longer than ``max_tokens``."""
+    text = (prompt or "").strip() if isinstance(prompt, str) or prompt is None else None
+    if text is None:
+        raise PromptError(f"The prompt must be text, got {type(prompt).__name__}.")
+    if not text:
+        raise PromptError(
+            "The prompt is empty. Describe the lesion to segment, e.g. --prompt 'the largest lesion in the right lobe'."
+        )
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(default_text_model_path())
+    count = len(tokenizer(text)["input_ids"])
+    if count > max_tokens:
+        raise PromptError(
+            f"The prompt has {count} tokens, more than the {max_tokens} the model reads. "
+            "Shorten it to one lesion description (lobe or segment, size, density, position)."
+        )
+    return text
+
+
+def prompt_items(image: str | None, prompt: str | None, datalist: str | None = None, tokenizer=None) -> list[dict]:
+    """Items ``{"image": path, "text": prompt}`` from ``--image/--prompt`` or from a JSON list of such pairs.
+
+    ``datalist`` is a JSON file holding ``[{"image": ..., "prompt": ...}, ...]`` (paths relative to the file).
+    """
+    if datalist:
+        path = Path(datalist)
+        if not path.is_file():
+            raise PromptError(f"The prompt list {path} does not exist; pass a JSON file of image/prompt pairs.")
+        try:
+            entries = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise PromptError(f"The prompt list {path} is not valid JSON: {err}.") from err
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and {"image", "prompt"} <= set(e) for e in entries):
+            raise PromptError(f"The prompt list {path} must be a JSON list of {{'image': ..., 'prompt': ...}} objects.")
+        pairs = [((path.parent / e["image"]), e["prompt"]) for e in entries]
+    else:
+        if not image:
+            raise PromptError("No image given: pass --image <NIfTI file or DICOM folder> (or --datalist <json>).")
+        pairs = [(Path(image), prompt)]
+    items = []
+    for image_path, text in pairs:
+        if not image_path.exists():
+            raise PromptError(f"The image {image_path} does not exist; pass a NIfTI file or a DICOM series folder.")
+        items.append({"image": str(image_path), "text": check_prompt(text, tokenizer=tokenizer)})
+    return items
