@@ -29,7 +29,8 @@ class ReferringResultsWriter:
 
     Each decollated item must hold ``pred`` (1, ...) binary mask and ``label`` (1, ...) referred-target mask in
     the geometry of ``instance_key`` (the lesion instance map, a MetaTensor whose affine names the axial axis),
-    and the strings ``case_id``, ``text``, ``kind``. Writes ``<output_dir>/<prefix>_expressions.csv`` and
+    and the strings ``case_id``, ``text``, ``kind``; the "not present" ``decision`` features (maximum probability,
+    predicted volume) are recorded when present, for calibrating the rule on the validation split. Writes ``<output_dir>/<prefix>_expressions.csv`` and
     ``<prefix>_summary.json`` (DESIGN section 6 metrics, overall and per kind), gathering across DDP ranks and
     writing on rank 0 only. The summary is also kept in ``engine.state.metrics["referring_summary"]``.
     """
@@ -55,6 +56,7 @@ class ReferringResultsWriter:
             instance_map = _array(instances)[0]
             label = _array(output["label"])[0] > 0
             targets = sorted(int(t) for t in np.unique(instance_map[label]) if t > 0)
+            decision = output.get("decision") or {}
             self.scores.append(
                 score_expression(
                     _array(output["pred"])[0] > 0.5,
@@ -64,6 +66,7 @@ class ReferringResultsWriter:
                     case_id=str(item.get("case_id", "")),
                     text=str(item.get("text", "")),
                     kind=str(item.get("kind", "")),
+                    features=decision.get("features"),
                 )
             )
 

@@ -87,6 +87,7 @@ class ExpressionScores:
     predicted_empty: bool
     lesions: dict[str, int]
     slices: list[tuple[int, int]] = field(default_factory=list)
+    features: dict = field(default_factory=dict)
 
     @property
     def negative(self) -> bool:
@@ -111,6 +112,7 @@ class ExpressionScores:
             "slices": len(self.slices),
             "mean_slice_iou": round(float(np.mean(ious)), 6) if ious else "",
             **{f"lesion_{k}": v for k, v in self.lesions.items()},
+            **{k: round(float(v), 6) for k, v in self.features.items()},
         }
 
 
@@ -122,8 +124,12 @@ def score_expression(
     case_id: str = "",
     text: str = "",
     kind: str = "",
+    features: dict | None = None,
 ) -> ExpressionScores:
-    """All scores of one binary prediction against the referred lesions ``target_ids`` of ``instance_map``."""
+    """All scores of one binary prediction against the referred lesions ``target_ids`` of ``instance_map``.
+
+    ``features`` (e.g. the "not present" rule's maximum probability and predicted volume) are carried along.
+    """
     pred = np.asarray(pred).astype(bool)
     instance_map = np.asarray(instance_map)
     target = np.isin(instance_map, list(target_ids)) if target_ids else np.zeros_like(pred)
@@ -136,6 +142,7 @@ def score_expression(
         predicted_empty=not pred.any(),
         lesions=match_lesions(pred, instance_map, target_ids),
         slices=slice_overlaps(pred, target, axial_axis(affine)),
+        features=dict(features or {}),
     )
 
 
