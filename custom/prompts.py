@@ -7,7 +7,7 @@ from pathlib import Path
 
 from custom.text import DEFAULT_MAX_TOKENS, default_text_model_path
 
-__all__ = ["PromptError", "check_prompt", "prompt_items"]
+__all__ = ["PromptError", "check_prompt", "images_in", "prompt_items"]
 
 
 class PromptError(ValueError):
@@ -36,11 +36,35 @@ def check_prompt(prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, tokenizer=No
     return text
 
 
-def prompt_items(image: str | None, prompt: str | None, datalist: str | None = None, tokenizer=None) -> list[dict]:
-    """Items ``{"image": path, "text": prompt}`` from ``--image/--prompt`` or from a JSON list of such pairs.
+def images_in(folder: str | Path) -> list[Path]:
+    """NIfTI files and DICOM series folders (folders holding ``.dcm`` files) directly inside ``folder``, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PromptError(f"The dataset folder {folder} does not exist; pass a folder of NIfTI files or DICOM series.")
+    found = sorted(
+        p for p in folder.iterdir()
+        if (p.is_file() and p.name.endswith((".nii", ".nii.gz"))) or (p.is_dir() and any(p.glob("*.dcm")))
+    )
+    if not found:
+        raise PromptError(f"The dataset folder {folder} holds no .nii/.nii.gz file and no folder of .dcm files.")
+    return found
 
-    ``datalist`` is a JSON file holding ``[{"image": ..., "prompt": ...}, ...]`` (paths relative to the file).
+
+def prompt_items(
+    image: str | None,
+    prompt: str | None,
+    datalist: str | None = None,
+    dataset_dir: str | None = None,
+    tokenizer=None,
+) -> list[dict]:
+    """Items ``{"image": path, "text": prompt}`` for inference, from the first of these that is given:
+
+    - ``datalist``: a JSON file holding ``[{"image": ..., "prompt": ...}, ...]`` (paths relative to the file);
+    - ``dataset_dir``: every NIfTI file and DICOM series folder in it, each with ``prompt``;
+    - ``image`` with ``prompt``.
     """
+    if dataset_dir and not datalist:
+        return [{"image": str(path), "text": check_prompt(prompt, tokenizer=tokenizer)} for path in images_in(dataset_dir)]
     if datalist:
         path = Path(datalist)
         if not path.is_file():

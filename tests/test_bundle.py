@@ -1,0 +1,176 @@
+"""The bundle's configs as MONAI workflows: training, sliding evaluation, inference, CLI, metadata, export, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
+
+from custom.data.synthetic import generate_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bundle" / "configs"
+SCHEMA = ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+META = str(CONFIGS / "metadata.json")
+LOGGING = str(CONFIGS / "logging.conf")
+
+#: Small and fast: coarse in-plane spacing, small slices, one epoch.
+TINY = {"in_plane_spacing": 4.0, "num_workers": 0}
+TINY_TRAIN = {**TINY, "slice_size": [96, 96], "epochs": 1, "val_interval": 1, "batch_cases": 2,
+              "slices_per_expression": 2, "max_val_expressions": 2}
+
+
+def workflow(config: str, workflow_type: str, **overrides) -> ConfigWorkflow:
+    return ConfigWorkflow(
+        config_file=str(CONFIGS / config), meta_file=META, logging_file=LOGGING, workflow_type=workflow_type,
+        **overrides,
+    )
+
+
+def run_workflow(flow: ConfigWorkflow) -> None:
+    flow.initialize()
+    assert flow.check_properties() == []
+    flow.run()
+    flow.finalize()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("data") / "synthetic", num_cases=4, seed=3).parent
+
+
+@pytest.fixture(scope="module")
+def checkpoint(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train")
+    flow = workflow("train.json", "train", dataset_dir=str(dataset), output_dir=str(out / "logs"),
+                    ckpt_dir=str(out / "models"), **TINY_TRAIN)
+    run_workflow(flow)
+    return out / "models" / "model.pt"
+
+
+def test_training_workflow_writes_a_small_checkpoint_without_the_frozen_text_encoder(checkpoint):
+    state = torch.load(checkpoint, weights_only=True)
+    assert state and not any(k.startswith("text_encoder.") for k in state)
+    assert checkpoint.stat().st_size < 25 * 2**20
+    assert list((checkpoint.parent.parent / "logs").glob("events.out.tfevents.*"))
+
+
+def test_evaluation_workflow_writes_per_expression_results_and_summary(dataset, checkpoint, tmp_path):
+    flow = workflow("evaluate.json", "infer", dataset_dir=str(dataset), output_dir=str(tmp_path),
+                    checkpoint=str(checkpoint), max_expressions=3, **TINY)
+    run_workflow(flow)
+    rows = (tmp_path / "test_expressions.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3
+    assert "max_probability" in rows[0] and "dice_3d" in rows[0]
+    summary = json.loads((tmp_path / "test_summary.json").read_text())
+    assert summary["overall"]["expressions"] == 3
+    for key in ("dice_3d", "mIoU", "oIoU", "P@0.5", "P@0.9", "negatives_empty_rate", "lesion_hit_rate", "instance_f1"):
+        assert key in summary["overall"]
+
+
+def lps_copy(source: Path, target: Path) -> Path:
+    """The same volume written in LPS: x and y axes flipped, affine adjusted, voxels unchanged in the world."""
+    image = nib.load(source)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = [image.shape[0] - 1, image.shape[1] - 1]
+    data = np.asanyarray(image.dataobj)[::-1, ::-1]
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data), image.affine @ flip), target)
+    return target
+
+
+@pytest.mark.parametrize("orientation", ["as stored", "LPS"])
+def test_inference_mask_has_the_input_geometry(dataset, checkpoint, tmp_path, orientation):
+    datalist = json.loads((dataset / "datalist.json").read_text())
+    case = datalist["test"][0]
+    image = dataset / case["image"]
+    if orientation == "LPS":
+        image = lps_copy(image, tmp_path / "case_lps.nii.gz")
+    prompt = case["expressions"][0]["text"]
+    flow = workflow("inference.json", "infer", image=str(image), prompt=prompt, output_dir=str(tmp_path / "out"),
+                    checkpoint=str(checkpoint), **TINY)
+    run_workflow(flow)
+    masks = list((tmp_path / "out").rglob("*_mask.nii.gz"))
+    records = list((tmp_path / "out").rglob("*.json"))
+    assert len(masks) == 1 and len(records) == 1 and list((tmp_path / "out").rglob("*_overlay.png"))
+    source, mask = nib.load(image), nib.load(masks[0])
+    assert mask.shape == source.shape
+    np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+    np.testing.assert_allclose(mask.header.get_zooms(), source.header.get_zooms(), atol=1e-6)
+    record = json.loads(records[0].read_text())
+    assert record["expression"] == prompt and isinstance(record["found"], bool)
+
+
+def test_inference_refuses_an_empty_prompt_with_a_clear_message(checkpoint, tmp_path):
+    from custom.prompts import PromptError
+
+    flow = workflow("inference.json", "infer", prompt="  ", output_dir=str(tmp_path), checkpoint=str(checkpoint), **TINY)
+    flow.initialize()
+    with pytest.raises(Exception) as raised:
+        flow.run()
+    chain = [raised.value]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    assert any(isinstance(e, PromptError) and "prompt is empty" in str(e) for e in chain)
+
+
+def test_metadata_is_valid_against_the_shared_schema():
+    verify_metadata(meta_file=META, filepath=str(SCHEMA))
+
+
+def test_network_input_and_output_match_the_metadata():
+    verify_net_in_out(net_id="network_def", meta_file=META, config_file=str(CONFIGS / "inference.json"))
+
+
+def test_torchscript_export_equals_eager_with_text_inputs(checkpoint, tmp_path):
+    from custom.export import export_torchscript
+    from custom.networks import ShippedWeights
+    from monai.bundle import ConfigParser
+
+    exported = tmp_path / "model.ts"
+    export_torchscript(str(CONFIGS / "inference.json"), str(checkpoint), str(exported), META)
+    loaded = torch.jit.load(str(exported))
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    eager = parser.get_parsed_content("network_def").eval()
+    ShippedWeights(eager).load_state_dict(torch.load(checkpoint, weights_only=True))
+    tokens = eager.text_encoder.tokenize(["the smallest cyst in the left lobe", "all lesions"])
+    image = torch.rand(2, 2, 192, 192)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(image, tokens["input_ids"], tokens["attention_mask"]), eager(image, **tokens))
+
+
+def cli(*args: str, timeout: int = 600, runner: tuple[str, ...] = (sys.executable, "-m", "monai.bundle")):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([*runner, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def overrides(values: dict) -> list[str]:
+    return [item for k, v in values.items() for item in (f"--{k}", json.dumps(v) if not isinstance(v, str) else v)]
+
+
+@pytest.mark.parametrize("run_id", ["training", None], ids=["run training", "run"])
+def test_command_line_training_with_legacy_id_and_run(dataset, tmp_path, run_id):
+    args = ["run"] + ([run_id] if run_id else []) + ["--config_file", "bundle/configs/train.json"]
+    cli(*args, *overrides({**TINY_TRAIN, "dataset_dir": str(dataset), "output_dir": str(tmp_path / "logs"),
+                          "ckpt_dir": str(tmp_path / "models")}))
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_two_process_ddp_training_ends_with_one_checkpoint(dataset, tmp_path):
+    config = "['bundle/configs/train.json','bundle/configs/multi_gpu_train.json']"
+    runner = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+              "-m", "monai.bundle")
+    cli("run", "--config_file", config,
+        *overrides({**TINY_TRAIN, "batch_cases": 1, "dataset_dir": str(dataset), "output_dir": str(tmp_path / "logs"),
+                    "ckpt_dir": str(tmp_path / "models")}), runner=runner)
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.pt"]
