@@ -212,20 +212,25 @@ class LSMSReferringInfer(InferTask):
 
     @staticmethod
     def _collect_outputs(output_dir: str) -> Tuple[str, Dict[str, Any]]:
+        """The one mask the bundle wrote under ``output_dir`` and the JSON record beside it."""
         masks = sorted(glob.glob(os.path.join(output_dir, "**", "*_mask.nii.gz"), recursive=True))
         masks = masks or sorted(glob.glob(os.path.join(output_dir, "**", "*_mask.*"), recursive=True))
         if len(masks) != 1:
             raise RuntimeError(f"The bundle wrote {len(masks)} masks for one (image, prompt); expected exactly one.")
         mask_path = masks[0]
-        stem = os.path.basename(mask_path).split("_mask.")[0]
-        record_path = os.path.join(os.path.dirname(mask_path), f"{stem}_record.json")
-        record: Dict[str, Any] = {}
-        if os.path.isfile(record_path):
-            with open(record_path) as f:
-                record = json.load(f)
-        else:
-            logger.warning(f"LSMS: no record beside {mask_path}")
-        return mask_path, record
+        folder, name = os.path.split(mask_path)
+        stem = name.split("_mask.")[0]
+        candidates = [os.path.join(folder, f"{stem}_record.json"), os.path.join(folder, f"{stem}.json")]
+        candidates += sorted(glob.glob(os.path.join(folder, "*.json")))
+        for path in candidates:
+            if os.path.isfile(path):
+                with open(path) as f:
+                    record = json.load(f)
+                outputs = record.get("outputs") if isinstance(record, dict) else None
+                if not isinstance(outputs, dict) or outputs.get("mask") in (None, name):
+                    return mask_path, record
+        logger.warning(f"LSMS: no record beside {mask_path}")
+        return mask_path, {}
 
 
 def _input_error_types() -> tuple:
