@@ -159,7 +159,7 @@ class ReferringSlicesd(Randomizable, MapTransform, MultiSampleTrait):
             candidates = np.flatnonzero(~positive & liver_range)
             if candidates.size == 0:
                 candidates = np.flatnonzero(~positive)
-            count = min(candidates.size, math.ceil(self.negative_ratio * int(positive.sum())))
+            count = min(candidates.size, math.ceil(self.negative_ratio * int(positive.sum()) - 1e-9))
             negatives = self.R.choice(candidates, count, replace=False) if count else np.array([], int)
             chosen = np.union1d(np.flatnonzero(positive), negatives)
         else:
