@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from .geometry import CANTLIE_FRACTION, FALCIFORM_FRACTION, PORTAL_FRACTION, RIGHT_SECTOR_FRACTION
+
 __all__ = ["LESION_KINDS", "PHASES", "PhantomOptions", "Phantom", "render_phantom"]
 
 LESION_KINDS = ("cyst", "metastasis", "hyperdense")
@@ -98,6 +100,15 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
+def ellipsoid_on_box(grid: Grid, box, centre, radii, rotation=None):
+    """Normalised radius q (< 1 inside) of an ellipsoid on a given box; returns (q, coordinates in its own frame)."""
+    rotation = np.eye(3) if rotation is None else np.asarray(rotation, float)
+    x, y, z = grid.coords(box)
+    d = (x - centre[0], y - centre[1], z - centre[2])
+    local = [rotation[0, k] * d[0] + rotation[1, k] * d[1] + rotation[2, k] * d[2] for k in range(3)]
+    return np.sqrt(sum((u / r) ** 2 for u, r in zip(local, radii))), local
+
+
 def ellipsoid_radius(grid: Grid, centre, radii, rotation=None, pad: float = 1.0):
     """Normalised radius q (< 1 inside) of an ellipsoid on its bounding box; returns (box, q, local coords)."""
     centre = np.asarray(centre, float)
@@ -105,10 +116,7 @@ def ellipsoid_radius(grid: Grid, centre, radii, rotation=None, pad: float = 1.0)
     rotation = np.eye(3) if rotation is None else np.asarray(rotation, float)
     half = np.abs(rotation) @ radii * pad
     box = grid.box(centre - half, centre + half)
-    x, y, z = grid.coords(box)
-    d = (x - centre[0], y - centre[1], z - centre[2])
-    local = [rotation[0, k] * d[0] + rotation[1, k] * d[1] + rotation[2, k] * d[2] for k in range(3)]
-    q = np.sqrt(sum((u / r) ** 2 for u, r in zip(local, radii)))
+    q, local = ellipsoid_on_box(grid, box, centre, radii, rotation)
     return box, q, local
 
 
@@ -379,20 +387,14 @@ class PhantomBuilder:
         left_r = (0.5 * self.cavity_a * self.rng.uniform(0.8, 1.15), 0.45 * self.cavity_b, 0.3 * h * self.rng.uniform(0.85, 1.1))
         box = self.grid.box((-self.cavity_a, -self.cavity_b + self.cavity_centre_y - 5, -0.6 * h),
                             (self.cavity_a, self.cavity_b + self.cavity_centre_y + 5, 0.6 * h))
-        _, q_right, _ = self._ellipsoid_on(box, right_c, right_r, rotation_z(self.rng.uniform(-0.15, 0.15)))
-        _, q_left, _ = self._ellipsoid_on(box, left_c, left_r, rotation_z(self.rng.uniform(-0.2, 0.1)))
+        q_right, _ = ellipsoid_on_box(self.grid, box, right_c, right_r, rotation_z(self.rng.uniform(-0.15, 0.15)))
+        q_left, _ = ellipsoid_on_box(self.grid, box, left_c, left_r, rotation_z(self.rng.uniform(-0.2, 0.1)))
         k = 6.0
         field = -np.log(np.exp(-k * (q_right**2 - 1)) + np.exp(-k * (q_left**2 - 1))) / k
         field += 0.12 * smooth_field(self.rng, field.shape, 5)
         x, _, z = self.grid.coords(box)
         floor = -0.5 * h + 0.25 * h * np.clip(0.6 - x / self.cavity_a, 0.0, 1.2)  # visceral surface rises medially
         return box, (field < 0) & self.cavity(box, 2.0) & (z > floor)
-
-    def _ellipsoid_on(self, box, centre, radii, rotation):
-        x, y, z = self.grid.coords(box)
-        d = (x - centre[0], y - centre[1], z - centre[2])
-        local = [rotation[0, k] * d[0] + rotation[1, k] * d[1] + rotation[2, k] * d[2] for k in range(3)]
-        return box, np.sqrt(sum((u / r) ** 2 for u, r in zip(local, radii))), local
 
     def draw_liver(self) -> None:
         box, shape = self.liver_shape()
@@ -431,8 +433,6 @@ class PhantomBuilder:
 
     def _draw_liver_vessels(self) -> None:
         """Hepatic veins along the Cantlie, right-sector and left planes; portal vein branches on the portal plane."""
-        from .geometry import CANTLIE_FRACTION, FALCIFORM_FRACTION, PORTAL_FRACTION, RIGHT_SECTOR_FRACTION
-
         x0, x1, y0, y1, z0, z1 = self._frame()
         width, depth, height = x1 - x0, y1 - y0, z1 - z0
         cantlie = x1 - CANTLIE_FRACTION * width
