@@ -388,7 +388,7 @@ def generate_expressions(
     frame,
     rng: np.random.Generator,
     num_expressions: tuple[int, int] = (10, 20),
-    negative_share: float = 0.2,
+    negative_share: float = 0.17,
     paraphrase_probability: float = 0.15,
     kind_words=("cyst", "metastasis"),
 ) -> list[dict]:

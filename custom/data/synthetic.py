@@ -67,7 +67,7 @@ def generate_case(
     orientation: str | None = None,
     orientations: dict[str, float] | None = None,
     num_expressions: tuple[int, int] = (10, 20),
-    negative_share: float = 0.2,
+    negative_share: float = 0.17,
     **phantom_options,
 ) -> dict:
     """Draw, save and describe case ``index`` of the dataset with ``seed``; returns its datalist record.
