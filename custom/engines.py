@@ -15,7 +15,8 @@ class ReferringPrepareBatch(PrepareBatchExtraInput):
     """Pass the tokenised expression of a batch to the network as keyword tensors, plus fixed keyword arguments.
 
     ``batch["image"], batch["label"]`` become the network input and target; ``input_ids`` and ``attention_mask``
-    (B, T) are passed as keywords when the batch has them (a text-free batch reaches the network as image only).
+    (B, T) are passed as keywords when the batch has them (a text-free batch reaches the network as image only);
+    ``text_keys={}`` withholds the text (the "no text" control of the evaluation).
     ``network_kwargs`` (e.g. ``{"return_embeddings": true}`` for the contrastive loss) are added to every call.
     """
 
@@ -24,7 +25,8 @@ class ReferringPrepareBatch(PrepareBatchExtraInput):
         text_keys: Mapping[str, str] | None = None,
         network_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(dict(text_keys or {"input_ids": "input_ids", "attention_mask": "attention_mask"}))
+        default_keys = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+        super().__init__(dict(default_keys if text_keys is None else text_keys))
         self.network_kwargs = dict(network_kwargs or {})
 
     def __call__(self, batchdata: dict[str, torch.Tensor], device=None, non_blocking: bool = False, **kwargs):

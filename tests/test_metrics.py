@@ -96,3 +96,26 @@ def test_referral_step_drops_specks_and_keeps_empty_empty():
     assert not select_referred_components(probabilities).any()
     probabilities[1, 1, 1] = 0.99
     assert not select_referred_components(probabilities, min_voxels=2).any()
+
+
+def test_shuffled_texts_come_from_other_cases_and_keep_targets():
+    from custom.data.datalist import shuffle_texts
+
+    items = [{"case_id": c, "text": f"{c}-{i}", "targets": [i]} for c in "abc" for i in range(3)]
+    shuffled = shuffle_texts(items, seed=0)
+    assert [s["targets"] for s in shuffled] == [i["targets"] for i in items]
+    assert all(not s["text"].startswith(s["case_id"]) for s in shuffled)
+    assert shuffle_texts(items, seed=None) is items
+
+
+def test_prepare_batch_can_withhold_the_text():
+    import torch
+
+    from custom.engines import ReferringPrepareBatch
+
+    batch = {"image": torch.zeros(1, 1, 4, 4), "label": torch.zeros(1, 1, 4, 4),
+             "input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    _, _, _, with_text = ReferringPrepareBatch(network_kwargs={"return_embeddings": True})(batch)
+    assert set(with_text) == {"input_ids", "attention_mask", "return_embeddings"}
+    _, _, _, without_text = ReferringPrepareBatch(text_keys={})(batch)
+    assert without_text == {}

@@ -243,3 +243,20 @@ def expand_expressions(cases: list[dict]) -> list[dict]:
             )
             items.append(item)
     return items
+
+
+def shuffle_texts(items: list[dict], seed: int | None) -> list[dict]:
+    """Give each (case, expression) item the text of an item from another case (targets unchanged).
+
+    The "shuffled text" control of the evaluation: a model that reads the text should lose accuracy. ``seed=None``
+    returns ``items`` unchanged. With a single case the texts are permuted within it.
+    """
+    if seed is None:
+        return items
+    rng = np.random.default_rng(seed)
+    shuffled = []
+    for item in items:
+        others = [o for o in items if o["case_id"] != item["case_id"]] or items
+        donor = others[int(rng.integers(len(others)))]
+        shuffled.append({**item, "text": donor["text"]})
+    return shuffled

@@ -34,7 +34,7 @@ __all__ = ["DEFAULT_NUM_CASES", "DEFAULT_ORIENTATIONS", "DATASET_VERSION", "gene
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NUM_CASES = 48
+DEFAULT_NUM_CASES = 96
 DATASET_VERSION = "1"
 #: Storage orientation of a case -> probability.
 DEFAULT_ORIENTATIONS = {"RAS": 0.6, "LPS": 0.3, "LAS": 0.1}
