@@ -119,3 +119,14 @@ def test_prepare_batch_can_withhold_the_text():
     assert set(with_text) == {"input_ids", "attention_mask", "return_embeddings"}
     _, _, _, without_text = ReferringPrepareBatch(text_keys={})(batch)
     assert without_text == {}
+
+
+def test_results_table_lists_metrics_and_kinds_per_model():
+    from benchmarks.results_table import table
+
+    instances = two_lesions()
+    good = summarize([score_expression(instances == 2, instances, [2], np.eye(4), "a", "t", "size")])
+    bad = summarize([score_expression(instances == 1, instances, [2], np.eye(4), "a", "t", "size")])
+    text = table({"model": good, "control": bad})
+    assert "| 3D Dice | 1.000 | 0.000 |" in text
+    assert "| 3D Dice, size | 1.000 | 0.000 |" in text and "| 3D Dice, negative | n/a | n/a |" in text
