@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from custom.clinical.measurements import axial_axis
+
 __all__ = [
     "EXPRESSION_KINDS",
     "ExpressionScores",
@@ -27,11 +29,6 @@ EXPRESSION_KINDS = ("location", "size", "density", "count", "negative")
 PRECISION_THRESHOLDS = (0.5, 0.7, 0.9)
 #: A referred lesion counts as found when a predicted component overlaps it with at least this Dice.
 HIT_DICE = 0.1
-
-
-def axial_axis(affine: np.ndarray) -> int:
-    """Array axis that runs along the patient's superior-inferior direction, from a 4x4 voxel-to-world affine."""
-    return int(np.argmax(np.abs(np.asarray(affine, dtype=float)[2, :3])))
 
 
 def dice_3d(pred: np.ndarray, target: np.ndarray) -> float:

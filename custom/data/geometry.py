@@ -27,6 +27,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
+from custom.clinical.measurements import axial_axis
+
 __all__ = [
     "CANTLIE_FRACTION",
     "FALCIFORM_FRACTION",
@@ -132,11 +134,6 @@ def voxel_to_world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
 def world_coordinates(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """(H, W, D) boolean mask -> (N, 3) RAS world coordinates of its voxel centres."""
     return voxel_to_world(affine, np.argwhere(mask))
-
-
-def axial_axis(affine: np.ndarray) -> int:
-    """Index of the array axis that runs along the patient's superior-inferior direction."""
-    return int(np.argmax(np.abs(np.asarray(affine, float)[2, :3])))
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
