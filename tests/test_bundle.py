@@ -174,3 +174,63 @@ def test_two_process_ddp_training_ends_with_one_checkpoint(dataset, tmp_path):
         *overrides({**TINY_TRAIN, "batch_cases": 1, "dataset_dir": str(dataset), "output_dir": str(tmp_path / "logs"),
                     "ckpt_dir": str(tmp_path / "models")}), runner=runner)
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.pt"]
+
+
+SHIPPED = ROOT / "bundle" / "models" / "model.pt"
+
+
+def read_seg_frames(path: Path) -> tuple[np.ndarray, list[str]]:
+    """(frames, rows, columns) of a binary DICOM-SEG and the SOPInstanceUIDs each frame refers to."""
+    import highdicom as hd
+
+    seg = hd.seg.segread(str(path))
+    uids = [uid for _, _, uid in seg.get_source_image_uids()]
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
+    return pixels[..., 0], uids
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="needs the shipped weights bundle/models/model.pt")
+def test_dicom_series_gives_the_same_mask_as_its_nifti_twin(tmp_path):
+    import pydicom
+
+    from custom.clinical import write_ct_series
+
+    sample = ROOT / "bundle" / "sample" / "sample_case.nii.gz"
+    ras = nib.as_closest_canonical(nib.load(sample))
+    files = write_ct_series(np.asanyarray(ras.dataobj).astype(np.int16), ras.affine, tmp_path / "dicom")
+    prompt = json.loads((ROOT / "bundle" / "sample" / "sample.json").read_text())["prompts"][0]["text"]
+    for name, image in (("nifti", sample), ("dicom", tmp_path / "dicom")):
+        run_workflow(workflow("inference.json", "infer", image=str(image), prompt=prompt,
+                              output_dir=str(tmp_path / name)))
+    nifti_mask = nib.as_closest_canonical(nib.load(next((tmp_path / "nifti").rglob("*_mask.nii.gz"))))
+    nifti_ras = np.asanyarray(nifti_mask.dataobj) > 0
+    frames, uids = read_seg_frames(next((tmp_path / "dicom").rglob("*_seg.dcm")))
+    slice_of = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: k for k, f in enumerate(files)}
+    dicom_ras = np.zeros_like(nifti_ras)
+    for frame, uid in zip(frames, uids):
+        dicom_ras[:, :, slice_of[uid]] = frame.T > 0  # write_ct_series stores slice k transposed
+    assert nifti_ras.any(), "the sample prompt should find its lesion"
+    np.testing.assert_array_equal(dicom_ras, nifti_ras)
+    records = [json.loads(next((tmp_path / n).rglob("*.json")).read_text()) for n in ("nifti", "dicom")]
+    assert records[0]["found"] == records[1]["found"]
+    assert [round(l["volume_ml"], 3) for l in records[0]["lesions"]] == [round(l["volume_ml"], 3) for l in records[1]["lesions"]]
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="needs the shipped weights bundle/models/model.pt")
+def test_readme_first_command_runs_the_default_inference(tmp_path):
+    cli("run", "inference", "--config_file", "bundle/configs/inference.json", "--output_dir", str(tmp_path))
+    record = json.loads(next(tmp_path.rglob("*.json")).read_text())
+    assert record["expression"] == "the largest hypodense lesion"
+    assert list(tmp_path.rglob("*_mask.nii.gz")) and list(tmp_path.rglob("*_overlay.png"))
+
+
+def test_two_process_ddp_evaluation_gathers_every_expression(dataset, checkpoint, tmp_path):
+    config = "['bundle/configs/evaluate.json','bundle/configs/multi_gpu_evaluate.json']"
+    runner = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+              "-m", "monai.bundle")
+    cli("run", "--config_file", config,
+        *overrides({**TINY, "dataset_dir": str(dataset), "output_dir": str(tmp_path), "checkpoint": str(checkpoint),
+                    "max_expressions": 5}), runner=runner)
+    summary = json.loads((tmp_path / "test_summary.json").read_text())
+    assert summary["overall"]["expressions"] == 5
+    assert len((tmp_path / "test_expressions.csv").read_text().strip().splitlines()) == 1 + 5
