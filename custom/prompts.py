@@ -63,6 +63,10 @@ def prompt_items(
     - ``dataset_dir``: every NIfTI file and DICOM series folder in it, each with ``prompt``;
     - ``image`` with ``prompt``.
     """
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(default_text_model_path())
     if dataset_dir and not datalist:
         return [{"image": str(path), "text": check_prompt(prompt, tokenizer=tokenizer)} for path in images_in(dataset_dir)]
     if datalist:
