@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 from monai.utils import min_version, optional_import
 
+from custom.clinical.writers import atomic_write
 from custom.metrics import ExpressionScores, score_expression, summarize
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
@@ -86,9 +86,9 @@ class ReferringResultsWriter:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         rows = [s.row() for s in scores]
         csv_path = self.output_dir / f"{self.prefix}_expressions.csv"
-        _write_atomic(csv_path, lambda f: _write_csv(f, rows))
+        atomic_write(csv_path, lambda tmp: _write_csv(tmp, rows), overwrite=True)
         summary_path = self.output_dir / f"{self.prefix}_summary.json"
-        _write_atomic(summary_path, lambda f: json.dump(summary, f, indent=2))
+        atomic_write(summary_path, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)), overwrite=True)
         overall = summary["overall"]
         self.logger.info(
             f"{len(scores)} expressions: 3D Dice {overall['dice_3d']:.4f}, negatives empty "
@@ -97,17 +97,9 @@ class ReferringResultsWriter:
         )
 
 
-def _write_csv(handle, rows: list[dict]) -> None:
-    if not rows:
-        return
-    writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(temporary, "w", newline="") as handle:
-        write(handle)
-    os.replace(temporary, path)
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        if rows:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)

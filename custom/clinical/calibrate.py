@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from custom.clinical.not_present import NotPresentRule, calibrate, evaluate_rule
+from custom.clinical.writers import atomic_write
 
 __all__ = ["read_features", "write_rule"]
 
@@ -41,9 +42,7 @@ def write_rule(rule: NotPresentRule, config_path: str | Path) -> None:
     if "not_present_rule" not in config:
         raise ValueError(f"{path} has no 'not_present_rule' entry to update.")
     config["not_present_rule"] = {k: round(v, 6) for k, v in rule.to_dict().items()}
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(config, indent=4) + "\n")
-    temporary.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(config, indent=4) + "\n"), overwrite=True)
 
 
 def main(argv=None) -> None:
