@@ -45,6 +45,7 @@ class BertTextEncoder(nn.Module):
         self._set_trainable(freeze, trainable_layers)
         self.cache_size = cache_size if self.fully_frozen else 0
         self._cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tokenizer = None
 
     @property
     def fully_frozen(self) -> bool:
@@ -72,10 +73,12 @@ class BertTextEncoder(nn.Module):
         return self
 
     def tokenizer(self):
-        """The tokenizer that matches this encoder."""
-        from transformers import AutoTokenizer
+        """The tokenizer that matches this encoder (loaded on first use, then kept)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.model_path)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return self._tokenizer
 
     def tokenize(self, texts: Sequence[str], max_length: int = DEFAULT_MAX_TOKENS) -> dict[str, torch.Tensor]:
         """Tokenise ``texts`` to ``input_ids`` and ``attention_mask`` of shape (len(texts), max_length)."""
