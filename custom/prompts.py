@@ -7,11 +7,18 @@ from pathlib import Path
 
 from custom.text import DEFAULT_MAX_TOKENS, default_text_model_path
 
-__all__ = ["PromptError", "check_prompt", "images_in", "prompt_items"]
+__all__ = ["PromptError", "check_prompt", "images_in", "load_tokenizer", "prompt_items"]
 
 
 class PromptError(ValueError):
     """A prompt or an (image, prompt) list that inference cannot use."""
+
+
+def load_tokenizer(text_model_path: str | None = None):
+    """The tokenizer of the network's text encoder (``None``: the default MiniLM shipped as a package)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(text_model_path or default_text_model_path())
 
 
 def check_prompt(prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, tokenizer=None) -> str:
@@ -24,9 +31,7 @@ def check_prompt(prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, tokenizer=No
             "The prompt is empty. Describe the lesion to segment, e.g. --prompt 'the largest lesion in the right lobe'."
         )
     if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(default_text_model_path())
+        tokenizer = load_tokenizer()
     count = len(tokenizer(text)["input_ids"])
     if count > max_tokens:
         raise PromptError(
@@ -56,19 +61,21 @@ def prompt_items(
     datalist: str | None = None,
     dataset_dir: str | None = None,
     tokenizer=None,
+    text_model_path: str | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> list[dict]:
     """Items ``{"image": path, "text": prompt}`` for inference, from the first of these that is given:
 
     - ``datalist``: a JSON file holding ``[{"image": ..., "prompt": ...}, ...]`` (paths relative to the file);
     - ``dataset_dir``: every NIfTI file and DICOM series folder in it, each with ``prompt``;
     - ``image`` with ``prompt``.
+
+    Prompts are counted with ``tokenizer``, else the one of ``text_model_path`` (the network's text encoder).
     """
     if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(default_text_model_path())
+        tokenizer = load_tokenizer(text_model_path)
     if dataset_dir and not datalist:
-        return [{"image": str(path), "text": check_prompt(prompt, tokenizer=tokenizer)} for path in images_in(dataset_dir)]
+        return [{"image": str(path), "text": check_prompt(prompt, max_tokens, tokenizer)} for path in images_in(dataset_dir)]
     if datalist:
         path = Path(datalist)
         if not path.is_file():
@@ -88,5 +95,5 @@ def prompt_items(
     for image_path, text in pairs:
         if not image_path.exists():
             raise PromptError(f"The image {image_path} does not exist; pass a NIfTI file or a DICOM series folder.")
-        items.append({"image": str(image_path), "text": check_prompt(text, tokenizer=tokenizer)})
+        items.append({"image": str(image_path), "text": check_prompt(text, max_tokens, tokenizer)})
     return items

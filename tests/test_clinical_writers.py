@@ -287,3 +287,15 @@ def test_montage_covers_the_mask_slices(tmp_path):
     assert len(indices) == 6 and indices[0] == present[0] and indices[-1] == present[-1]
     with Image.open(tmp_path / "montage.png") as png:
         assert png.size[0] >= 3 * 192
+
+
+def test_overlay_title_wraps_instead_of_being_cut(tmp_path):
+    shape = (40, 40, 4)
+    hu, mask = np.full(shape, 40.0), np.zeros(shape, dtype=bool)
+    mask[10:20, 10:20, 1] = True
+    short, long = tmp_path / "short.png", tmp_path / "long.png"
+    write_overlay_png(hu, mask, short, title="a lesion")
+    write_overlay_png(hu, mask, long, title="the largest hypodense lesion in the right lobe: found, 4 lesion(s), " * 3)
+    with Image.open(short) as a, Image.open(long) as b:
+        assert a.size[0] == b.size[0]
+        assert b.size[1] - a.size[1] >= 2 * 12  # extra title lines, none dropped

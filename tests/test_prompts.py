@@ -57,3 +57,14 @@ def test_network_cost_benchmark_prints_the_table():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| lsms_tiny")]
     assert len(rows) == 1 and float(rows[0].split("|")[2]) > 3.0  # trainable parameters in millions
+
+
+def test_prompt_items_count_tokens_with_the_networks_tokenizer_and_limit(tmp_path):
+    from custom.text import default_text_model_path
+
+    image = tmp_path / "a.nii.gz"
+    image.write_bytes(b"")
+    path = str(default_text_model_path())
+    assert prompt_items(str(image), "the largest cyst", text_model_path=path)[0]["text"] == "the largest cyst"
+    with pytest.raises(PromptError, match="more than the 4"):
+        prompt_items(str(image), "the largest hypodense lesion in the right lobe", text_model_path=path, max_tokens=4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -339,11 +340,12 @@ def _with_title(tile: Image.Image, title: str | None) -> Image.Image:
     if not title:
         return tile
     font = ImageFont.load_default()
-    height = 18
+    lines = textwrap.wrap(title, width=max(8, (tile.width - 8) // 6)) or [title]
+    line_height = 12
+    height = 6 + line_height * len(lines)
     canvas = Image.new("RGB", (tile.width, tile.height + height), (0, 0, 0))
     canvas.paste(tile, (0, height))
-    text = title if len(title) <= tile.width // 6 else title[: max(1, tile.width // 6 - 1)] + "~"
-    ImageDraw.Draw(canvas).text((4, 3), text, fill=(255, 255, 255), font=font)
+    ImageDraw.Draw(canvas).multiline_text((4, 3), "\n".join(lines), fill=(255, 255, 255), font=font, spacing=2)
     return canvas
 
 
