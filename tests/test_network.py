@@ -182,3 +182,25 @@ def test_invalid_sizes_are_named():
         LSMS(use_language=False, decoder="unet")
     with pytest.raises(ValueError, match="4 entries"):
         LSMS(use_language=False, depths=(1, 1, 1))
+
+
+def test_output_bias_starts_predictions_at_the_foreground_prior(text_encoder):
+    from monai.networks.nets import UNet
+
+    from custom.networks import init_output_bias
+
+    net = make_tiny(text_encoder)
+    init_output_bias(net, 0.01)
+    assert torch.allclose(net.head[-1].bias, torch.logit(torch.tensor([0.01])))
+    net.eval()
+    with torch.no_grad():
+        assert float(torch.sigmoid(net(torch.rand(1, 1, 64, 64))).mean()) < 0.05
+    unet = UNet(2, 1, 1, (8, 16, 32), (2, 2), num_res_units=2).eval()
+    with torch.no_grad():
+        before = float(torch.sigmoid(unet(torch.rand(1, 1, 32, 32))).mean())
+        after = float(torch.sigmoid(init_output_bias(unet, 0.01)(torch.rand(1, 1, 32, 32))).mean())
+    assert before > 0.2 and after < 0.05
+    with pytest.raises(ValueError, match="foreground_prior"):
+        init_output_bias(net, 1.0)
+    with pytest.raises(ValueError, match="output channels"):
+        init_output_bias(torch.nn.Linear(2, 1))

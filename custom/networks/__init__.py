@@ -1,6 +1,7 @@
 """LSMS network components."""
 
 from custom.networks.decoders import FPNDecoder, FullScaleDecoder, PositionAlignment, CrossScaleAttention
+from custom.networks.initialization import init_output_bias
 from custom.networks.encoder import LanguageGuidedEncoder, OverlapPatchEmbed
 from custom.networks.lsms import BASE, LSMS, TINY, lsms_base, lsms_tiny
 from custom.networks.svla import SVLA, MultiKernelAttention, PixelWordAttention, SVLABlock
