@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("outputs/study"))
     parser.add_argument("--foreground-prior", type=float, default=0.01,
-                        help="initial output probability of every variant (custom.networks.init_output_bias)")
+                        help="initial output probability of every variant (custom.networks.init_output_bias); 0: off")
     parser.add_argument("--size", type=int, default=192, help="slice size for the FLOPs column")
     parser.add_argument("--max-train-cases", type=int, help="train on the first N cases only (a quick check)")
     parser.add_argument("--max-expressions", type=int, help="evaluate the first N expressions only (a quick check)")
@@ -156,7 +156,7 @@ def main() -> None:
     steps, slices = training_slices(args.epochs, args.max_train_cases)
     summaries, costs = {}, []
     for name in args.variants:
-        cost = run_variant(name, args.epochs, args.out, limits, args.foreground_prior)
+        cost = run_variant(name, args.epochs, args.out, limits, args.foreground_prior or None)
         trainable, gflops = network_cost(VARIANTS[name][0], args.size)
         summaries[name] = json.loads((args.out / name / "test_summary.json").read_text())
         costs.append((name, cost, trainable, gflops))
