@@ -1,6 +1,6 @@
 """Ablations and text-free baselines of LSMS-tiny, each trained and evaluated the same way.
 
-Usage: ``python -m benchmarks.ablation_study [--epochs 40] [--variants NAME ...] [--out outputs/study]``
+Usage: ``python -m benchmarks.ablation_study [--epochs 30] [--variants NAME ...] [--out outputs/study]``
 from the repository root. For every variant it runs ``python -m monai.bundle run training`` with
 ``bundle/configs/train.json`` and then ``python -m monai.bundle run evaluating`` with
 ``bundle/configs/evaluate.json`` on the test split, both with the overrides listed in ``VARIANTS`` (no other
@@ -105,7 +105,9 @@ def network_cost(train_overrides: dict, size: int) -> tuple[int, float]:
     return parameters(net)[0], flops / 1e9
 
 
-def run_variant(name: str, epochs: int, out: Path, limits: dict | None = None, foreground_prior: float | None = 0.01) -> dict:
+def run_variant(
+    name: str, epochs: int, out: Path, limits: dict | None = None, foreground_prior: float | None = 0.01
+) -> dict:
     """Train (unless ``model.pt`` exists) and evaluate (unless ``test_summary.json`` exists) one variant."""
     train_overrides, evaluate_overrides = VARIANTS[name]
     limits = limits or {}
@@ -143,7 +145,7 @@ def training_slices(epochs: int, max_train_cases: int | None = None) -> tuple[in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("outputs/study"))
     parser.add_argument("--foreground-prior", type=float, default=0.01,
