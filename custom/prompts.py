@@ -5,20 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from custom.text import DEFAULT_MAX_TOKENS, default_text_model_path
+from custom.text import DEFAULT_MAX_TOKENS, load_tokenizer
 
-__all__ = ["PromptError", "check_prompt", "images_in", "load_tokenizer", "prompt_items"]
+__all__ = ["PromptError", "check_prompt", "images_in", "prompt_items"]
 
 
 class PromptError(ValueError):
     """A prompt or an (image, prompt) list that inference cannot use."""
-
-
-def load_tokenizer(text_model_path: str | None = None):
-    """The tokenizer of the network's text encoder (``None``: the default MiniLM shipped as a package)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(text_model_path or default_text_model_path())
 
 
 def check_prompt(prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, tokenizer=None) -> str:

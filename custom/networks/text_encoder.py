@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from custom.text import DEFAULT_MAX_TOKENS, default_text_model_path
+from custom.text import DEFAULT_MAX_TOKENS, default_text_model_path, load_tokenizer
 
 __all__ = ["BertTextEncoder"]
 
@@ -75,9 +75,7 @@ class BertTextEncoder(nn.Module):
     def tokenizer(self):
         """The tokenizer that matches this encoder (loaded on first use, then kept)."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            self._tokenizer = load_tokenizer(self.model_path)
         return self._tokenizer
 
     def tokenize(self, texts: Sequence[str], max_length: int = DEFAULT_MAX_TOKENS) -> dict[str, torch.Tensor]:

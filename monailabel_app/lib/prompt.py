@@ -41,11 +41,9 @@ class PromptChecker:
     def tokenizer(self):
         with self._lock:
             if self._tokenizer is None:
-                from transformers import AutoTokenizer
+                from custom.text import load_tokenizer
 
-                from custom.text import default_text_model_path
-
-                self._tokenizer = AutoTokenizer.from_pretrained(self.text_model_path or default_text_model_path())
+                self._tokenizer = load_tokenizer(self.text_model_path)
             return self._tokenizer
 
     def check(self, prompt: Any) -> str:
