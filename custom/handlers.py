@@ -1,4 +1,4 @@
-"""Ignite handlers of the referring evaluation: per-expression scores to CSV, a summary to JSON."""
+"""Ignite handlers: per-expression scores to CSV and a summary to JSON; input errors passed on without a traceback."""
 
 from __future__ import annotations
 
@@ -17,7 +17,23 @@ from custom.metrics import ExpressionScores, score_expression, summarize
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
-__all__ = ["ReferringResultsWriter"]
+__all__ = ["InputErrorHandler", "ReferringResultsWriter"]
+
+
+class InputErrorHandler:
+    """Raise an engine's exception at once, so that an input error (:class:`custom.errors.InputError`) reaches the
+    user as its own message instead of after ``StatsHandler``'s logged traceback.
+
+    Attach it before ``StatsHandler`` (ignite calls the ``EXCEPTION_RAISED`` handlers in order). Any other error is
+    raised too, and Python prints its traceback as usual.
+    """
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+
+    @staticmethod
+    def exception_raised(engine, error: Exception) -> None:
+        raise error
 
 
 def _array(value) -> np.ndarray:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from custom.errors import InputError
 from custom.text import DEFAULT_MAX_TOKENS, load_tokenizer
 
 __all__ = ["PromptError", "check_prompt", "images_in", "prompt_items"]
 
 
-class PromptError(ValueError):
+class PromptError(InputError, ValueError):
     """A prompt or an (image, prompt) list that inference cannot use."""
 
 
@@ -56,12 +57,13 @@ def prompt_items(
     tokenizer=None,
     text_model_path: str | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    sample_image: str | None = None,
 ) -> list[dict]:
     """Items ``{"image": path, "text": prompt}`` for inference, from the first of these that is given:
 
     - ``datalist``: a JSON file holding ``[{"image": ..., "prompt": ...}, ...]`` (paths relative to the file);
     - ``dataset_dir``: every NIfTI file and DICOM series folder in it, each with ``prompt``;
-    - ``image`` with ``prompt``.
+    - ``image`` with ``prompt`` (``image`` None: ``sample_image``, the bundle's sample CT).
 
     Prompts are counted with ``tokenizer``, else the one of ``text_model_path`` (the network's text encoder).
     """
@@ -79,8 +81,14 @@ def prompt_items(
             raise PromptError(f"The prompt list {path} is not valid JSON: {err}.") from err
         if not isinstance(entries, list) or not all(isinstance(e, dict) and {"image", "prompt"} <= set(e) for e in entries):
             raise PromptError(f"The prompt list {path} must be a JSON list of {{'image': ..., 'prompt': ...}} objects.")
+        if not entries:
+            raise PromptError(f"The prompt list {path} is empty; add {{'image': ..., 'prompt': ...}} entries.")
+        for n, entry in enumerate(entries):
+            if not isinstance(entry["image"], str) or not entry["image"].strip():
+                raise PromptError(f"Entry {n} of {path} has image {entry['image']!r}; give the image path as text.")
         pairs = [((path.parent / e["image"]), e["prompt"]) for e in entries]
     else:
+        image = sample_image if image is None else image
         if not image:
             raise PromptError("No image given: pass --image <NIfTI file or DICOM folder> (or --datalist <json>).")
         pairs = [(Path(image), prompt)]

@@ -24,6 +24,7 @@ def case_volume() -> np.ndarray:
     hu = np.full(SHAPE, -100.0, dtype=np.float32)
     x, y, z = np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij")
     hu[((x - 14) / 9.0) ** 2 + ((y - 22) / 7.0) ** 2 + ((z - 6) / 3.0) ** 2 <= 1] = 60.0
+    hu[0] = -1000.0  # air at one border, as in any CT
     return hu
 
 

@@ -349,6 +349,7 @@ class CTSeriesReader(PydicomReader):
             "StudyInstanceUID": str(first.get("StudyInstanceUID", "")),
             "Modality": str(first.get("Modality", "")),
             "SeriesDescription": str(first.get("SeriesDescription", "")),
+            "FrameOfReferenceUID": str(first.get("FrameOfReferenceUID", "") or ""),
             "source_files": [item.path for item in series],
             "source_sop_instance_uids": [str(item.header.get("SOPInstanceUID", "")) for item in series],
             "source_instance_numbers": [int(item.header.get("InstanceNumber", -1) or -1) for item in series],
@@ -468,13 +469,19 @@ class LoadClinicalImaged(MapTransform):
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
+        from custom.user_inputs import as_bool
+
         self.series_uid = series_uid or None
-        self.require_ct = require_ct
+        self.require_ct = as_bool(require_ct, "require_ct")
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from custom.clinical.preflight import check_hounsfield
+
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = load_clinical_image(d[key], self.series_uid, self.require_ct)
+            source = str(d[key])
+            d[key] = load_clinical_image(source, self.series_uid, self.require_ct)
+            check_hounsfield(d[key], source, self.require_ct)
         return d
 
 

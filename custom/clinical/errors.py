@@ -6,6 +6,8 @@ Every error says what is wrong with which file and how to fix it. Input errors d
 
 from __future__ import annotations
 
+from custom.errors import InputError
+
 __all__ = [
     "ClinicalInputError",
     "NoImageError",
@@ -19,7 +21,7 @@ __all__ = [
 ]
 
 
-class ClinicalInputError(ValueError):
+class ClinicalInputError(InputError, ValueError):
     """An input volume that cannot be used as given."""
 
 
@@ -48,16 +50,16 @@ class GeometryMismatchError(ValueError):
     """A mask whose grid does not match the grid of the image it should be written for."""
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(InputError, FileExistsError):
     """An output file exists already and ``overwrite`` was not requested."""
 
     def __init__(self, path):
         super().__init__(
             f"Output file '{path}' exists already; it is left untouched. "
-            "Choose another output path or pass overwrite=True to replace it."
+            "Choose another output folder, or replace it with --overwrite true (overwrite=True in Python)."
         )
         self.path = str(path)
 
 
-class ProtectedInputError(ValueError):
+class ProtectedInputError(InputError, ValueError):
     """An output path that points at an input file."""

@@ -4,17 +4,24 @@
 usually RAS-oriented), the probabilities on the same grid and the expression, decides "found" / "not present" with a
 :class:`NotPresentRule`, and writes into ``<output_dir>/<case_id>/``:
 
-- ``<expression_id>_mask.nii.gz`` (NIfTI input) or ``<expression_id>_seg.dcm`` (DICOM input), in the input geometry;
+- ``<expression_id>_mask.nii.gz`` (NIfTI input) or ``<expression_id>_seg.dcm`` (DICOM input), in the input geometry
+  (a DICOM series without a Frame of Reference UID, which DICOM-SEG requires, gets the NIfTI mask and a note in the
+  record);
 - ``<expression_id>.json``: the record of :func:`build_record`;
 - ``<expression_id>_overlay.png`` (key slice) and, optionally, ``<expression_id>_montage.png``.
 
-Existing outputs are detected before anything is written, so a refused call writes nothing.
+Existing outputs are detected before anything is written, and the files of one call are published together: every
+file is first written completely under a hidden temporary folder, then moved into place; if any step fails, none of
+them is left behind.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import shutil
+import uuid
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 
@@ -37,7 +44,7 @@ from custom.clinical.writers import (
     write_overlay_png,
 )
 
-__all__ = ["ReferringOutputWriter", "SaveReferringOutputsd", "expression_slug"]
+__all__ = ["ReferringOutputWriter", "SaveReferringOutputsd", "case_id_of", "expression_slug"]
 
 
 def expression_slug(expression: str, max_length: int = 48) -> str:
@@ -52,9 +59,9 @@ def _safe_name(name: str) -> str:
     return cleaned or "case"
 
 
-def _case_id_from(meta: Mapping) -> str:
-    source = Path(str(meta.get("filename_or_obj", "case")))
-    name = source.name
+def case_id_of(source: str) -> str:
+    """Case id of an input path: its file name without the image suffix (a series folder's name)."""
+    name = Path(str(source).rstrip("/\\")).name or "case"
     for suffix in (".nii.gz", ".nii", ".dcm"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -92,9 +99,11 @@ class ReferringOutputWriter:
         algorithm_version: str = "1.0",
     ):
         self.output_dir = Path(output_dir)
+        from custom.user_inputs import as_bool
+
         self.rule = rule if isinstance(rule, NotPresentRule) else NotPresentRule(**dict(rule or {}))
-        self.overwrite = overwrite
-        self.montage = montage
+        self.overwrite = as_bool(overwrite, "overwrite")
+        self.montage = as_bool(montage, "montage")
         self.window = tuple(window)
         self.algorithm_version = algorithm_version
 
@@ -140,11 +149,27 @@ class ReferringOutputWriter:
             expression_id: file stem; defaults to :func:`expression_slug`.
         """
         meta = image.meta
-        dicom = bool(meta.get("source_files"))
-        case_id = case_id or _case_id_from(meta)
-        paths = self.output_paths(case_id, expression_id or expression_slug(expression), dicom)
+        dicom_seg = bool(meta.get("source_files")) and bool(meta.get("FrameOfReferenceUID"))
+        case_id = case_id or case_id_of(str(meta.get("filename_or_obj", "case")))
+        paths = self.output_paths(case_id, expression_id or expression_slug(expression), dicom_seg)
         self._check_free(paths)
+        folder = paths["mask"].parent
+        new_folder = not folder.exists()
+        staging = folder / f".lsms-{uuid.uuid4().hex[:12]}.tmp"
+        staged = {kind: staging / path.name for kind, path in paths.items()}
+        published = False
+        try:
+            record = self._write_all(image, probabilities, expression, mask, meta, case_id, paths, staged)
+            self._publish(staged, paths)
+            published = True
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if new_folder and not published and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        return {"record": record, "paths": paths}
 
+    def _write_all(self, image, probabilities, expression, mask, meta, case_id, paths, staged) -> dict:
+        """Write every output under its staged name; return the record."""
         image_ras, probs_ras = _ras_metatensor(image, "image"), _ras_metatensor(probabilities, "probabilities")
         decision = self.rule.decide(probs_ras)
         if mask is None:
@@ -154,7 +179,13 @@ class ReferringOutputWriter:
         referred = referred.astype(np.uint8)
         affine = image_ras.affine.numpy()
 
-        self._write_mask(referred, affine, meta, paths["mask"], expression)
+        self._write_mask(referred, affine, meta, staged["mask"], expression)
+        notes = []
+        if meta.get("source_files") and not meta.get("FrameOfReferenceUID"):
+            notes.append(
+                "The DICOM series has no Frame of Reference UID, which a DICOM-SEG must reference; the mask is "
+                "written as NIfTI in the series' own grid instead."
+            )
         record = build_record(
             expression,
             referred,
@@ -168,27 +199,36 @@ class ReferringOutputWriter:
                 "case_id": case_id,
                 "input": str(meta.get("filename_or_obj", "")),
                 "outputs": {kind: path.name for kind, path in paths.items()},
+                **({"notes": notes} if notes else {}),
             },
         )
-        write_json_record(record, paths["record"], self.overwrite)
+        write_json_record(record, staged["record"])
         title = self._title(expression, record)
-        write_overlay_png(
-            image_ras, referred, paths["overlay"], title, affine=affine, window=self.window, overwrite=self.overwrite
-        )
+        write_overlay_png(image_ras, referred, staged["overlay"], title, affine=affine, window=self.window)
         if self.montage:
-            write_montage(
-                image_ras,
-                referred,
-                paths["montage"],
-                title,
-                affine=affine,
-                window=self.window,
-                overwrite=self.overwrite,
-            )
-        return {"record": record, "paths": paths}
+            write_montage(image_ras, referred, staged["montage"], title, affine=affine, window=self.window)
+        return record
+
+    def _publish(self, staged: Mapping[str, Path], paths: Mapping[str, Path]) -> None:
+        """Move every staged file into place; on any failure remove the ones already moved."""
+        done: list[Path] = []
+        try:
+            for kind, target in paths.items():
+                if self.overwrite:
+                    os.replace(staged[kind], target)
+                else:
+                    try:
+                        os.link(staged[kind], target)  # fails if the target appeared since the first check
+                    except FileExistsError:
+                        raise OutputExistsError(target) from None
+                done.append(target)
+        except BaseException:
+            for target in done:
+                target.unlink(missing_ok=True)
+            raise
 
     def _write_mask(self, referred: np.ndarray, affine: np.ndarray, meta: Mapping, path: Path, expression: str):
-        if meta.get("source_files"):
+        if meta.get("source_files") and meta.get("FrameOfReferenceUID"):
             frames = ras_mask_to_source_frames(referred, meta, ras_affine=affine)
             return write_dicom_seg(
                 frames,

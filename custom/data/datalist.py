@@ -18,6 +18,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from custom.errors import InputError
+
 from .expressions import EXPRESSION_KINDS
 
 __all__ = ["SPLITS", "DatalistError", "load_datalist", "validate_datalist", "expand_expressions", "read_datalist"]
@@ -27,7 +29,7 @@ FILE_KEYS = ("image", "lesions", "liver")
 AFFINE_TOLERANCE_MM = 1e-3
 
 
-class DatalistError(ValueError):
+class DatalistError(InputError, ValueError):
     """A referring datalist that cannot be used; the message lists each problem with its case and fix."""
 
     def __init__(self, path, problems: list[str]):

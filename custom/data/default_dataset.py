@@ -3,13 +3,15 @@
 ``ensure_default_dataset(cache_dir)`` returns ``cache_dir/lsms_synthetic_v<version>_n<cases>_seed<seed>/datalist.json``.
 The first caller generates it under an exclusive lock file (so two processes, e.g. two DDP ranks, never both
 write it); the others wait for the lock and then reuse the result. Generation writes to a temporary folder and
-renames it into place, so an interrupted run leaves no half-written dataset behind.
+renames it into place, so an interrupted run leaves no half-written dataset behind; the temporary folder of a killed
+run is removed by the next one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,6 +64,20 @@ def _exclusive_lock(path: Path, timeout_s: float = LOCK_TIMEOUT_S):
         os.remove(path)
 
 
+def remove_stale_temporaries(dataset_dir: Path) -> list[Path]:
+    """Delete the temporary folders an interrupted generation of ``dataset_dir`` left beside it.
+
+    Call it only while holding the dataset's lock: then no other process is writing one of them.
+    """
+    stale = sorted(dataset_dir.parent.glob(f".{dataset_dir.name}.tmp-*")) + sorted(
+        dataset_dir.parent.glob(f".{dataset_dir.name}.old-*")
+    )
+    for folder in stale:
+        logger.info("Removing %s, left by an interrupted dataset generation", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
+
+
 def ensure_default_dataset(cache_dir: str | Path, num_cases: int = DEFAULT_NUM_CASES, seed: int = DEFAULT_SEED,
                            workers: int = 1) -> Path:
     """Path of the default synthetic datalist under ``cache_dir``; generates it on first use.
@@ -75,6 +91,7 @@ def ensure_default_dataset(cache_dir: str | Path, num_cases: int = DEFAULT_NUM_C
     with _exclusive_lock(dataset_dir.with_name(dataset_dir.name + ".lock")):
         if datalist.is_file():  # another process finished it while we waited
             return datalist
+        remove_stale_temporaries(dataset_dir)
         logger.info("Generating the default synthetic dataset (%d cases) in %s", num_cases, dataset_dir)
         start = time.perf_counter()
         path = generate_dataset(dataset_dir, num_cases=num_cases, seed=seed, workers=workers, overwrite=True)

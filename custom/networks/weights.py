@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import os
+
 import torch
 from torch import nn
 
-__all__ = ["ShippedWeights"]
+from custom.errors import InputError
+
+__all__ = ["ShippedWeights", "CheckpointError", "check_checkpoint"]
 
 TEXT_ENCODER_PREFIX = "text_encoder."
 
@@ -49,3 +53,32 @@ class ShippedWeights:
                 "the ones the checkpoint was trained with."
             )
         self.network.load_state_dict(state_dict, strict=False)
+
+
+class CheckpointError(InputError, ValueError):
+    """A weights file that is missing or is not a PyTorch state dict."""
+
+
+def check_checkpoint(path: str | os.PathLike) -> str:
+    """Return ``path`` if it holds a state dict of tensors (read with ``weights_only=True``: no code runs), else
+    raise :class:`CheckpointError` naming the problem and the fix."""
+    if not path or not os.path.isfile(path):
+        raise CheckpointError(
+            f"The checkpoint '{path}' does not exist. Pass the model.pt of a training run with --checkpoint, or leave "
+            "it out to use the bundle's shipped weights."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"The checkpoint '{path}' is not a PyTorch weights file ({type(err).__name__}). Pass the model.pt that "
+            "training wrote (runs/<run>/models/model.pt) or the bundle's models/model.pt."
+        ) from err
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(
+            f"The checkpoint '{path}' holds no network weights (a state dict of tensors). Pass the model.pt that "
+            "training wrote or the bundle's models/model.pt."
+        )
+    return str(path)

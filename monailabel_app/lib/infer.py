@@ -25,7 +25,7 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 from fastapi import HTTPException
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.prompt import PromptChecker, PromptError
@@ -148,14 +148,6 @@ class LSMSReferringInfer(InferTask):
         options.update({k: request[k] for k in self.displayable_configs if k in request})
         return options
 
-    def _overrides(self, image: str, options: Dict[str, Any], output_dir: str) -> Dict[str, Any]:
-        overrides: Dict[str, Any] = {"bundle_root": self.bundle_path, "image": image, "output_dir": output_dir}
-        for key, value in options.items():
-            overrides[f"displayable_configs#{key}"] = value
-            if key in self._top_level_ids:
-                overrides[key] = value
-        return overrides
-
     def _infer(self, request: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
         begin = time.time()
         options = self._request_options(request)
@@ -188,11 +180,19 @@ class LSMSReferringInfer(InferTask):
         return result_file, result_json
 
     def _run_workflow(self, image: str, options: Dict[str, Any], output_dir: str) -> None:
-        workflow = ConfigWorkflow(
+        # The request's image and prompt are data: UserDataWorkflow sets them after the config is parsed, so no
+        # character of them reaches MONAI's config parser (no expression, reference or macro is ever read).
+        from custom.user_inputs import UserDataWorkflow
+
+        data = {key: value for key, value in options.items() if key in self._top_level_ids}
+        data["image"] = image
+        workflow = UserDataWorkflow(
             config_file=self.config_path,
+            data=data,
             meta_file=self.meta_path if os.path.isfile(self.meta_path) else None,
             logging_file=False,  # keep the server's logging as it is
-            **self._overrides(image, options, output_dir),
+            bundle_root=self.bundle_path,
+            output_dir=output_dir,
         )
         added = self.bundle_path  # ConfigWorkflow.run() puts the bundle folder on sys.path on every call
         count_before = sys.path.count(added)
@@ -233,30 +233,8 @@ class LSMSReferringInfer(InferTask):
         return mask_path, {}
 
 
-def _input_error_types() -> tuple:
-    """Errors of the bundle that mean "this input cannot be used" (answered 422, not 500)."""
-    types = []
-    try:
-        from custom.clinical.errors import ClinicalInputError
-
-        types.append(ClinicalInputError)
-    except ImportError:  # pragma: no cover - a checkout without the clinical package
-        pass
-    try:
-        from custom.prompts import PromptError as BundlePromptError
-
-        types.append(BundlePromptError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
-
-
 def _input_error_in(err: BaseException) -> Optional[BaseException]:
-    types = _input_error_types()
-    seen = set()
-    while err is not None and id(err) not in seen and types:
-        if isinstance(err, types):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    """The bundle's input error (``custom.errors.InputError``: answered 422, not 500) in the chain of ``err``."""
+    from custom.errors import find_input_error
+
+    return find_input_error(err)

@@ -1,0 +1,205 @@
+"""Checks of an inference run's inputs and outputs before any model work, and the values check after loading.
+
+:func:`check_inference_inputs` takes the (image, prompt) items of a run and, reading headers only, refuses with a
+named error: unreadable or corrupted files (a ``.nii.gz`` whose gzip stream fails its CRC), images that are not
+one 3D volume, DICOM series the model cannot read or answer, an output folder that cannot be written or lies in an
+input, two items that would write the same files, and outputs that exist already (unless ``overwrite``). It gives
+each item a case id that is unique within the run, so two inputs with the same file name in different folders never
+share outputs.
+
+:func:`check_hounsfield` runs on the loaded volume: NaN or infinite voxels, and values that are not plausibly CT in
+Hounsfield units (an MR, a uint8 export, a CT without its rescale), are refused; ``require_ct=False`` forces the
+latter through.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from custom.clinical.dicom_series import CTSeriesReader, clinical_reader_for, is_nifti_path
+from custom.clinical.errors import ClinicalInputError, NoImageError, NotCTError, OutputExistsError, ProtectedInputError
+from custom.clinical.outputs import ReferringOutputWriter, case_id_of, expression_slug
+
+__all__ = ["InvalidValuesError", "check_hounsfield", "check_inference_inputs", "check_output_dir", "check_volume_file"]
+
+#: A CT in HU holds air (-1000 HU) or at least fat (-100 HU): without a voxel below this, it is not CT in HU.
+MIN_HU_CEILING = -500.0
+#: ... and soft tissue (about 40 HU) or more: a volume whose maximum stays below this is not an abdominal CT.
+MAX_HU_FLOOR = 0.0
+#: How to force a volume that fails the Hounsfield check.
+FORCE_HINT = "--require_ct false"
+
+CHUNK = 1 << 22
+
+
+class InvalidValuesError(ClinicalInputError):
+    """A volume with NaN or infinite voxels."""
+
+
+def _check_gzip(path: Path) -> None:
+    """Read the whole gzip stream of ``path`` so that its CRC and length are checked (nibabel stops before)."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(CHUNK):
+                pass
+    except (OSError, EOFError, zlib.error) as err:
+        raise NoImageError(
+            f"'{path}' is a damaged gzip file ({type(err).__name__}: {err}); its voxels cannot be trusted. "
+            "Copy or export the file again."
+        ) from err
+
+
+def check_volume_file(path: str | os.PathLike, series_uid: str | None = None, require_ct: bool = True) -> dict:
+    """Check one input by its headers; return ``{"dicom": bool, "dicom_seg": bool}`` (whether the mask can be
+    written as DICOM-SEG), or raise a :class:`ClinicalInputError` naming the problem and the fix."""
+    path = Path(path)
+    reader = clinical_reader_for(path, series_uid, require_ct)
+    if is_nifti_path(path):
+        if path.name.lower().endswith(".gz"):
+            _check_gzip(path)
+        try:
+            image = nib.load(str(path))
+            shape = tuple(int(s) for s in image.shape)
+            dtype = image.get_data_dtype()
+        except Exception as err:
+            raise NoImageError(f"Cannot read '{path}' as NIfTI ({type(err).__name__}: {err}). Pass a NIfTI CT volume.") from err
+        if len(shape) == 4 and shape[3] == 1:
+            shape = shape[:3]
+        if len(shape) != 3 or min(shape) < 1:
+            raise NoImageError(
+                f"'{path}' has shape {shape}: the model needs one 3D CT volume (x, y, slices). "
+                + ("Pass the whole series, not one 2D image." if len(shape) < 3 else "Split the 4D file and pass one volume.")
+            )
+        if require_ct and np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.bool_)):
+            raise NotCTError(
+                f"'{path}' stores {np.dtype(dtype).name} voxels, which cannot hold Hounsfield units (air is -1000 HU): "
+                f"it is not a CT in HU (a screenshot or a mask?). Pass the CT volume, or {FORCE_HINT} to run anyway."
+            )
+        return {"dicom": False, "dicom_seg": False}
+    assert isinstance(reader, CTSeriesReader)
+    headers = reader.select_slices(str(path))
+    has_frame = all(str(h.header.get("FrameOfReferenceUID", "") or "") for h in headers)
+    return {"dicom": True, "dicom_seg": has_frame}
+
+
+def check_hounsfield(volume, source: str, require_ct: bool = True) -> None:
+    """Refuse a loaded volume with NaN/infinite voxels, or (``require_ct``) one that is not plausibly CT in HU."""
+    values = np.asarray(volume.detach().cpu().numpy() if hasattr(volume, "detach") else volume)
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(values.size - np.count_nonzero(finite))
+        raise InvalidValuesError(
+            f"'{source}' holds {bad} NaN or infinite voxel(s) of {values.size}; the model cannot read them. "
+            "Replace them (e.g. by -1024 HU, air) in the file and run again."
+        )
+    if not require_ct:
+        return
+    low, high = float(values.min()), float(values.max())
+    if low > MIN_HU_CEILING or high < MAX_HU_FLOOR:
+        raise NotCTError(
+            f"'{source}' has values from {low:g} to {high:g}, which is not a CT in Hounsfield units (a CT holds air at "
+            f"-1000 HU and soft tissue above 0 HU): an MR, a rescaled or uint8 export, or a CT without its "
+            f"RescaleIntercept. Pass the CT in HU, or {FORCE_HINT} to run anyway."
+        )
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_dir(output_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """The output folder, resolved; refused if it cannot be made or written, or lies in an input DICOM series."""
+    out = Path(output_dir).expanduser()
+    resolved = out.resolve()
+    if resolved.exists() and not resolved.is_dir():
+        raise ProtectedInputError(f"The output folder '{out}' is a file. Pass a folder with --output_dir.")
+    existing = next((p for p in (resolved, *resolved.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ProtectedInputError(
+            f"The output folder '{out}' cannot be written ('{existing}' is not writable). Pass a writable --output_dir."
+        )
+    for source in map(lambda p: Path(p).resolve(), inputs):
+        if source.is_dir() and _inside(resolved, source):
+            raise ProtectedInputError(
+                f"The output folder '{out}' is inside the input series folder '{source}'; outputs are never written "
+                "into an input. Pass another --output_dir."
+            )
+    return resolved
+
+
+def _unique_case_ids(paths: Sequence[Path]) -> list[str]:
+    """Case ids from the input names; inputs that share a name get their parent folders' names in front."""
+    resolved = [p.resolve() for p in paths]
+    ids = [case_id_of(str(p)) for p in paths]
+    depth = 1
+    while True:
+        owners: dict[str, set[Path]] = {}
+        for case_id, path in zip(ids, resolved):
+            owners.setdefault(case_id, set()).add(path)
+        clashes = {c for c, members in owners.items() if len(members) > 1}
+        if not clashes or depth > 8:
+            return ids
+        for n, (case_id, path) in enumerate(zip(ids, resolved)):
+            if case_id in clashes:
+                parents = [p.name for p in path.parents][:depth][::-1]
+                ids[n] = "_".join([*parents, case_id_of(str(path))]) if parents else f"{case_id}_{n}"
+        depth += 1
+
+
+def check_inference_inputs(
+    items: Sequence[Mapping],
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    montage: bool = False,
+    series_uid: str | None = None,
+    require_ct: bool = True,
+) -> list[dict]:
+    """Check every (image, prompt) item and its outputs before the model runs; return the items with ``case_id``.
+
+    Args:
+        items: ``{"image": path, "text": prompt}`` dicts (e.g. from :func:`custom.prompts.prompt_items`).
+        output_dir: root folder of the outputs.
+        overwrite: replace existing outputs; otherwise an existing output is refused here, before any model work.
+        montage: the run also writes montages (their paths are checked too).
+        series_uid: the series to read from DICOM folders holding several.
+        require_ct: refuse inputs that are not CT (DICOM modality, uint8 NIfTI, HU range after loading).
+    """
+    from custom.user_inputs import as_bool
+
+    overwrite, montage, require_ct = as_bool(overwrite, "overwrite"), as_bool(montage, "montage"), as_bool(require_ct, "require_ct")
+    if not items:
+        raise NoImageError("Nothing to run: the input list is empty. Give --image, or a --datalist with entries.")
+    paths = [Path(str(item["image"])) for item in items]
+    formats = {}
+    for path in dict.fromkeys(paths):
+        formats[path] = check_volume_file(path, series_uid, require_ct)
+    out = check_output_dir(output_dir, [p for p in paths if formats[p]["dicom"]])
+    writer = ReferringOutputWriter(out, overwrite=overwrite, montage=montage)
+    checked, owners = [], {}
+    for item, path, case_id in zip(items, paths, _unique_case_ids(paths)):
+        text = str(item["text"])
+        planned = writer.output_paths(case_id, expression_slug(text), formats[path]["dicom_seg"])
+        for source in (p.resolve() for p in paths if formats[p]["dicom"]):
+            if _inside(planned["mask"].parent, source):
+                raise ProtectedInputError(
+                    f"The outputs of '{path}' would go to '{planned['mask'].parent}', the input series folder "
+                    f"'{source}'; outputs are never written into an input. Pass another --output_dir."
+                )
+        for kind, target in planned.items():
+            if target in owners:
+                raise ClinicalInputError(
+                    f"'{path}' with the prompt {text!r} is listed twice (both would write '{target}'). "
+                    "Remove the repeated entry."
+                )
+            owners[target] = path
+            if not overwrite and target.exists():
+                raise OutputExistsError(target)
+        checked.append({**item, "case_id": case_id, "output_format": "dicom-seg" if formats[path]["dicom_seg"] else "nifti"})
+    return checked

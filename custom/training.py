@@ -1,0 +1,207 @@
+"""Training runs that keep what they have: their own run folder, a resumable full state, explicit publishing.
+
+- :func:`check_run_dir` (in ``initialize`` of ``train.json``): a run folder that already holds a run is only
+  reused with ``--resume true``; ``--resume true`` on a folder without a saved state is refused.
+- :class:`ResumableTraining` (a trainer handler): saves the network, optimiser, scheduler, trainer counters and the
+  best validation metric to ``<ckpt_dir>/training_state.pt`` every ``interval`` epochs, atomically (temporary file,
+  fsync, rename), and restores them when resuming. Every epoch starts from seeds derived from ``(seed, epoch)``, so
+  a resumed run repeats exactly the epochs an uninterrupted run would have had.
+- ``python -m custom.training publish --run_dir runs/training``: the one step that replaces the bundle's shipped
+  weights (``bundle/models/model.pt``) with a run's best model, logged, keeping the replaced file in the run folder.
+
+MONAI's ``CheckpointSaver``/``CheckpointLoader`` are not used for the full state: ``CheckpointSaver`` writes through
+a non-atomic ``DiskSaver`` (a kill during a save leaves a truncated file) and keeps no evaluator best metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from monai.data.utils import set_rnd
+from monai.utils import min_version, optional_import, set_determinism
+
+from custom.clinical.writers import atomic_write
+from custom.errors import InputError
+
+Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
+
+__all__ = ["ResumableTraining", "RunFolderError", "check_run_dir", "publish_weights", "STATE_FILE"]
+
+logger = logging.getLogger(__name__)
+
+#: File name of the full training state inside the checkpoint folder.
+STATE_FILE = "training_state.pt"
+#: File name of the best model (network weights only) inside the checkpoint folder.
+MODEL_FILE = "model.pt"
+
+
+class RunFolderError(InputError, ValueError):
+    """A training run folder that cannot be used as asked (it holds a run already, or there is nothing to resume)."""
+
+
+def check_run_dir(ckpt_dir: str | os.PathLike, resume: Any = False) -> bool:
+    """Refuse to start a new run over a saved one, and to resume without a saved state. Returns ``resume``."""
+    from custom.user_inputs import as_bool
+
+    resume = as_bool(resume, "resume")
+    folder = Path(ckpt_dir)
+    saved = [p for p in (folder / STATE_FILE, folder / MODEL_FILE) if p.is_file()]
+    if resume and not (folder / STATE_FILE).is_file():
+        raise RunFolderError(
+            f"Nothing to resume: '{folder / STATE_FILE}' does not exist. Pass the --run_dir of an interrupted run, or "
+            "leave out --resume to start a new one."
+        )
+    if not resume and saved:
+        raise RunFolderError(
+            f"'{folder}' holds a training run already ({saved[0].name}); it is left untouched. Continue it with "
+            "--resume true, or start a new run with --run_dir runs/<new name>."
+        )
+    return resume
+
+
+def _is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class _BestMetric:
+    """State-dict view of an evaluator's best metric and its epoch."""
+
+    def __init__(self, evaluator) -> None:
+        self.evaluator = evaluator
+
+    def state_dict(self) -> dict:
+        state = self.evaluator.state
+        return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+
+
+class ResumableTraining:
+    """Trainer handler: per-epoch seeds, full-state saves every ``interval`` epochs, and restore on ``resume``.
+
+    Args:
+        save_dir: folder of ``training_state.pt``.
+        objects: what to save and restore, by name (e.g. network, optimizer, lr_scheduler); each has
+            ``state_dict``/``load_state_dict``. The trainer itself is added when attached.
+        evaluator: the validation evaluator whose best metric is kept (optional).
+        dataset: the training dataset whose random transforms are re-seeded every epoch.
+        seed: base seed; epoch ``e`` starts from seed ``seed + e``.
+        interval: epochs between saves (the last epoch is always saved).
+        resume: restore the saved state when the trainer starts.
+
+    Attach it after the handlers that act at the end of an epoch (validation, learning-rate schedule), so that the
+    state it saves includes their effect.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        objects: Mapping[str, Any],
+        evaluator=None,
+        dataset=None,
+        seed: int = 0,
+        interval: int = 1,
+        resume: Any = False,
+    ) -> None:
+        from custom.user_inputs import as_bool
+
+        self.path = Path(save_dir) / STATE_FILE
+        self.objects = dict(objects)
+        if evaluator is not None:
+            self.objects["best_metric"] = _BestMetric(evaluator)
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.interval = max(1, int(interval))
+        self.resume = as_bool(resume, "resume")
+
+    def attach(self, engine) -> None:
+        self.objects["trainer"] = engine
+        engine.add_event_handler(Events.STARTED, self.restore)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.seed_epoch)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def _unwrapped(self, name: str):
+        target = self.objects[name]
+        return target.module if hasattr(target, "module") and isinstance(target, torch.nn.Module) else target
+
+    def restore(self, engine) -> None:
+        if not self.resume:
+            return
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        max_epochs = engine.state.max_epochs
+        for name in self.objects:
+            if name not in state:
+                raise RunFolderError(f"'{self.path}' has no '{name}' state; it was not written by this training.")
+            self._unwrapped(name).load_state_dict(state[name])
+        if engine.state.epoch >= max_epochs:
+            raise RunFolderError(
+                f"The saved run finished epoch {engine.state.epoch} of {max_epochs}; nothing is left to train. "
+                "Raise --epochs to train further."
+            )
+        engine.state.max_epochs = max_epochs
+        logger.info(f"Resumed training from {self.path} at epoch {engine.state.epoch}.")
+
+    def seed_epoch(self, engine) -> None:
+        seed = self.seed + int(engine.state.epoch)
+        set_determinism(seed=seed)
+        if self.dataset is not None:
+            set_rnd(self.dataset, seed)
+
+    def save(self, engine) -> None:
+        epoch = int(engine.state.epoch)
+        if (epoch % self.interval and epoch != engine.state.max_epochs) or not _is_main_process():
+            return
+        state = {name: self._unwrapped(name).state_dict() for name in self.objects}
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp), overwrite=True)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def publish_weights(run_dir: str | os.PathLike, bundle_dir: str | os.PathLike = "bundle") -> Path:
+    """Replace ``<bundle_dir>/models/model.pt`` by the best model of a run; keep the replaced file in the run folder."""
+    from custom.networks.weights import check_checkpoint
+
+    source = Path(run_dir) / "models" / MODEL_FILE
+    check_checkpoint(source)
+    target = Path(bundle_dir) / "models" / MODEL_FILE
+    if target.is_file():
+        kept = Path(run_dir) / "models" / "replaced_model.pt"
+        shutil.copy2(target, kept)
+        logger.warning(f"Replacing {target} (sha256 {_sha256(target)[:12]}); the previous file is kept as {kept}.")
+    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp), overwrite=True)
+    logger.warning(f"Published {source} as {target} (sha256 {_sha256(target)[:12]}).")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m custom.training", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    publish = commands.add_parser("publish", help="replace the bundle's shipped weights by a run's best model")
+    publish.add_argument("--run_dir", required=True, help="the training run folder (holds models/model.pt)")
+    publish.add_argument("--bundle_dir", default="bundle", help="the bundle folder (default: bundle)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        publish_weights(args.run_dir, args.bundle_dir)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

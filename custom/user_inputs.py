@@ -1,0 +1,326 @@
+"""What a user supplies to a bundle workflow is data: checked, typed, and never run as config code.
+
+MONAI's ``ConfigParser`` reads a value that starts with ``$`` as Python and one that starts with ``@`` as a reference
+to another config item, and a command-line override is such a value. Each config of this bundle therefore lists the
+ids that hold user data (``"user_data"``: image paths, prompt, series uid, folders) and starts its ``initialize``
+with :func:`guard_overrides`, which, before anything else reads them:
+
+- refuses a command-line option that the config files do not define (``--promt``), naming the closest known one;
+- pins every user-data id to its verbatim text (from the command line when the workflow was started by
+  ``python -m monai.bundle``, else the value given to ``ConfigWorkflow``), so that ``@prompt`` resolves to the text
+  itself and nothing in it is evaluated or resolved;
+- converts the other command-line options to the type of their default strictly (``--epochs abc`` and
+  ``--overwrite maybe`` are refused; booleans are ``true``/``false``/``yes``/``no``/``1``/``0``);
+- makes the process print an :class:`~custom.errors.InputError` as one clear last line instead of a traceback
+  (``--debug true`` keeps the traceback).
+
+Limits (MONAI's parser acts before any config code runs): a command-line value that starts with ``%`` is read by
+MONAI as a macro (a key of a config file), and a value ``$import <module>`` imports that module before the guard
+runs; neither evaluates an expression. The MONAI Label app never passes request data through overrides at all
+(:func:`pin`).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import sys
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle.reference_resolver import ReferenceResolver
+
+from custom.errors import InputError, find_input_error
+
+__all__ = [
+    "OptionError",
+    "UserDataWorkflow",
+    "as_bool",
+    "check_device",
+    "command_line_options",
+    "guard_overrides",
+    "install_error_hook",
+    "pin",
+    "running_parser",
+]
+
+#: Arguments of ``monai.bundle run`` itself (not config ids).
+MONAI_RUN_ARGS = frozenset(
+    {"config_file", "meta_file", "logging_file", "args_file", "init_id", "run_id", "final_id", "tracking",
+     "workflow_name", "workflow_type", "properties_path"}
+)  # fmt: skip
+
+TRUE_WORDS = frozenset({"true", "yes", "1", "on"})
+FALSE_WORDS = frozenset({"false", "no", "0", "off"})
+
+
+class OptionError(InputError, ValueError):
+    """A command-line option or override value that the bundle cannot use."""
+
+
+def as_bool(value: Any, name: str = "value") -> bool:
+    """``value`` as a boolean, strictly: a bool, 0/1, or one of true/false/yes/no/on/off/1/0 (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS | FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise OptionError(f"--{name} must be true or false, got {value!r}. Pass --{name} true or --{name} false.")
+
+
+# ----------------------------------------------------------------------------------------------- the command line
+def _started_by_monai_bundle(argv: Sequence[str]) -> bool:
+    return bool(argv) and Path(argv[0]).parts[-3:] == ("monai", "bundle", "__main__.py")
+
+
+def command_line_options(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """The ``--key value`` options of a ``python -m monai.bundle <command>`` process, values as typed (strings);
+    None when this process was not started that way. A ``--flag`` without a value is True (as ``fire`` reads it)."""
+    argv = list(sys.argv if argv is None else argv)
+    if not _started_by_monai_bundle(argv):
+        return None
+    options: dict[str, Any] = {}
+    args = argv[2:]  # argv[1] is the command (run, verify_metadata, ...)
+    i = 0
+    while i < len(args):
+        token = args[i]
+        i += 1
+        if not token.startswith("--") or token == "--":
+            continue  # a positional argument, e.g. the run id of "run training"
+        name, has_value, value = token[2:].partition("=")
+        if not has_value:
+            if i < len(args) and not args[i].startswith("--"):
+                value, i = args[i], i + 1
+            else:
+                value = True
+        options[name.replace("-", "_") if name.replace("-", "_") in MONAI_RUN_ARGS else name] = value
+    return options
+
+
+def _config_files(value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    text = str(value).strip()
+    if text.startswith("["):
+        try:
+            return [str(v) for v in ast.literal_eval(text)]
+        except (ValueError, SyntaxError):
+            pass
+    return [text]
+
+
+# ----------------------------------------------------------------------------------------------- the parser
+def running_parser() -> ConfigParser:
+    """The ``ConfigParser`` that is evaluating the config expression which calls this function.
+
+    MONAI gives a config expression no handle on its parser; the evaluation always runs inside
+    ``ConfigParser.get_parsed_content``, so the nearest caller frame whose ``self`` is a ``ConfigParser`` is it.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, ConfigParser):
+            return owner
+        frame = frame.f_back
+    raise RuntimeError("running_parser() must be called from an expression of a MONAI bundle config.")
+
+
+def pin(parser: ConfigParser, id: str, value: Any) -> None:
+    """Make ``@id`` resolve to ``value`` exactly as given: no expression, reference or macro in it is read.
+
+    Call after ``parser.parse()`` (e.g. after ``ConfigWorkflow.initialize()``) and before anything reads ``id``.
+    """
+    resolver = parser.ref_resolver
+    id = resolver.normalize_id(id)
+    keys = resolver.split_id(id)
+    node = parser.get()
+    for key in keys[:-1]:
+        node = node[key] if isinstance(node, dict) else node[int(key)]
+    if isinstance(node, dict):
+        node[keys[-1]] = value
+    else:
+        node[int(keys[-1])] = value
+    item = resolver.items.get(id)
+    if item is not None:
+        item.update_config(value)
+    resolver.resolved_content[id] = value
+
+
+def _known(config: Mapping, id: str) -> tuple[bool, list[str]]:
+    """Whether ``id`` names an item of ``config`` (a new argument of an existing component counts), and the ids at
+    its level for a suggestion."""
+    node: Any = config
+    keys = ReferenceResolver.split_id(id)
+    for depth, key in enumerate(keys):
+        if isinstance(node, dict):
+            if key not in node:
+                component = "_target_" in node and depth == len(keys) - 1
+                return component, sorted(k for k in node if not k.startswith("_"))
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return False, []
+    return True, []
+
+
+def _default_of(config: Mapping, id: str) -> Any:
+    node: Any = config
+    for key in ReferenceResolver.split_id(id):
+        node = node.get(key) if isinstance(node, dict) else node[int(key)]
+    return node
+
+
+def _typed(value: Any, default: Any, name: str) -> Any:
+    """``value`` (a command-line string or what ``fire`` made of it) converted to the type of ``default``."""
+    if isinstance(value, str) and value.startswith(("$", "@", "%")):
+        return value  # an explicit config expression on a pipeline option: MONAI's documented syntax
+    if isinstance(default, bool):
+        return as_bool(value, name)
+    if isinstance(default, (int, float)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or number != number or number in (float("inf"), float("-inf")):
+            kind = "a whole number" if isinstance(default, int) else "a number"
+            raise OptionError(f"--{name} must be {kind}, got {value!r}. Pass e.g. --{name} {default}.")
+        if isinstance(default, int):
+            if not number.is_integer():
+                raise OptionError(f"--{name} must be a whole number, got {value!r}. Pass e.g. --{name} {default}.")
+            return int(number)
+        return number
+    if isinstance(default, list) and not isinstance(value, list):
+        try:
+            parsed = json.loads(value) if isinstance(value, str) else value
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, list):
+            raise OptionError(f"--{name} must be a list, got {value!r}. Pass e.g. --{name} '{json.dumps(default)}'.")
+        return parsed
+    return value
+
+
+def guard_overrides(user_data: Iterable[str] = (), debug: Any = False, argv: Sequence[str] | None = None) -> None:
+    """Check and pin the user's inputs of the running bundle config (see the module docstring).
+
+    Args:
+        user_data: ids whose values are user data, always taken verbatim.
+        debug: keep Python's traceback for input errors (``--debug true``).
+        argv: the command line (default ``sys.argv``); only read when it is a ``python -m monai.bundle`` command.
+    """
+    debug = as_bool(debug, "debug")
+    options = command_line_options(argv)
+    if options is not None:
+        install_error_hook(debug)
+    parser = running_parser()
+    user_data = [ReferenceResolver.normalize_id(i) for i in user_data]
+    if options is None:
+        for id in user_data:
+            if id in parser:
+                pin(parser, id, parser[id])
+        return
+
+    files = _config_files(options.get("config_file", []))
+    merged = ConfigParser()
+    merged.read_config(files)  # merged as MONAI merges them (ids such as "train#sampler" go into place)
+    file_config = merged.get()
+    for name, raw in options.items():
+        if name in MONAI_RUN_ARGS:
+            continue
+        id = ReferenceResolver.normalize_id(name)
+        known, siblings = _known(file_config, id)
+        if not known:
+            keys = ReferenceResolver.split_id(id)
+            close = difflib.get_close_matches(keys[-1], siblings or list(file_config), n=1)
+            hint = f" Did you mean --{'#'.join([*keys[:-1], close[0]])}?" if close else ""
+            raise OptionError(
+                f"Unknown option --{name}: {', '.join(files)} has no such setting.{hint} "
+                "Check the spelling (bundle/docs/README.md lists the options)."
+            )
+        if id in ("user_data", "initialize"):
+            raise OptionError(f"--{name} cannot be changed from the command line; remove it.")
+        if id in user_data:
+            value = raw if isinstance(raw, str) else str(raw)
+        else:
+            value = _typed(raw, _default_of(file_config, id), name)
+        pin(parser, id, value)
+    for id in user_data:  # defaults and values given otherwise (args_file) are data too
+        if id in parser and id not in options:
+            pin(parser, id, parser[id])
+
+
+def check_device(device: Any) -> Any:
+    """Return ``device`` if this machine has it; a CUDA device on a machine without CUDA is refused clearly."""
+    import torch
+
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise OptionError(f"--device {device!r} is not a device name. Pass --device cpu or --device cuda:0.") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"--device {device} asks for a GPU, but this machine has no CUDA GPU. Pass --device cpu.")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise OptionError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s). Pass --device cuda:0."
+        )
+    return device
+
+
+class UserDataWorkflow(ConfigWorkflow):
+    """A ``ConfigWorkflow`` whose user data never enters MONAI's config parser as config text.
+
+    ``data`` (e.g. ``{"image": path, "prompt": text}``) is pinned after the config is parsed and before
+    ``initialize`` runs (:func:`pin`), so no character of it is read as an expression, reference or macro, not even
+    ``$import``. Other keyword arguments are ordinary overrides (trusted settings such as ``output_dir``).
+    """
+
+    def __init__(self, config_file, data: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(config_file=config_file, **kwargs)
+        self.data = dict(data or {})
+        unknown = [k for k in self.data if k not in self.parser]
+        if unknown:
+            raise OptionError(f"Unknown input(s) {unknown}: {config_file} has no such setting.")
+
+    def initialize(self) -> Any:
+        self.parser.parse(reset=True)
+        for id, value in self.data.items():
+            pin(self.parser, id, value)
+        self._is_initialized = True
+        return self._run_expr(id=self.init_id)
+
+
+# ----------------------------------------------------------------------------------------------- error output
+def install_error_hook(debug: bool = False) -> None:
+    """Print an :class:`InputError` (anywhere in an exception's chain) as ``error: <message>``, nothing after it.
+
+    Other exceptions, and every exception with ``debug``, keep Python's full traceback.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_lsms_input_errors", False):
+        previous = previous.previous
+
+    def hook(kind, error, tb):
+        found = None if debug else find_input_error(error)
+        if found is None:
+            previous(kind, error, tb)
+            return
+        sys.stdout.flush()
+        print(f"error: {found}", file=sys.stderr, flush=True)
+
+    hook._lsms_input_errors = True
+    hook.previous = previous
+    sys.excepthook = hook
+
+
+def format_input_error(error: BaseException) -> str:
+    """The line the error hook prints for ``error``: ``error: <message>``, or the traceback of another error."""
+    found = find_input_error(error)
+    if found is not None:
+        return f"error: {found}"
+    return "".join(traceback.format_exception(error))
