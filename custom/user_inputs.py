@@ -245,11 +245,12 @@ def guard_overrides(user_data: Iterable[str] = (), debug: Any = False, argv: Seq
             )
         if id in ("user_data", "initialize"):
             raise OptionError(f"--{name} cannot be changed from the command line; remove it.")
+        default = _default_of(file_config, id)
         if id in user_data:
-            value = raw if isinstance(raw, str) else str(raw)
-        else:
-            value = _typed(raw, _default_of(file_config, id), name)
-        pin(parser, id, value)
+            pin(parser, id, raw if isinstance(raw, str) else str(raw))
+        elif isinstance(default, (bool, int, float, list)):
+            pin(parser, id, _typed(raw, default, name))
+        # other options (defaults that are None, text or config expressions) keep MONAI's reading of the value
     for id in user_data:  # defaults and values given otherwise (args_file) are data too
         if id in parser and id not in options:
             pin(parser, id, parser[id])
@@ -311,7 +312,7 @@ def install_error_hook(debug: bool = False) -> None:
             previous(kind, error, tb)
             return
         sys.stdout.flush()
-        print(f"error: {found}", file=sys.stderr, flush=True)
+        print(format_input_error(found), file=sys.stderr, flush=True)
 
     hook._lsms_input_errors = True
     hook.previous = previous
@@ -319,8 +320,17 @@ def install_error_hook(debug: bool = False) -> None:
 
 
 def format_input_error(error: BaseException) -> str:
-    """The line the error hook prints for ``error``: ``error: <message>``, or the traceback of another error."""
+    """What the error hook prints for ``error``: the message, its last line ``error: <problem>. <fix>``.
+
+    A message of several lines (e.g. a list of skipped files) keeps its detail lines above that last line.
+    Any other error gives its traceback.
+    """
     found = find_input_error(error)
-    if found is not None:
-        return f"error: {found}"
-    return "".join(traceback.format_exception(error))
+    if found is None:
+        return "".join(traceback.format_exception(error))
+    lines = [line for line in str(found).splitlines() if line.strip()] or [type(found).__name__]
+    if len(lines) == 1:
+        return f"error: {lines[0]}"
+    summary, fix = lines[0].rstrip(":"), lines[-1].strip()
+    last = f"{summary}. {fix}" if not fix.startswith("-") else f"{summary} (listed above)."
+    return "\n".join(lines[1:] + [f"error: {last}"])

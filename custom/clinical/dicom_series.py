@@ -156,7 +156,7 @@ def select_series(headers: Sequence[_SliceHeader], series_uid: str | None, sourc
     if len(groups) > 1:
         raise MixedSeriesError(
             f"{source} holds {len(groups)} DICOM series:\n{describe_series(groups)}\n"
-            "Pass `series_uid` (the SeriesInstanceUID of the series to read) to choose one."
+            "Choose one with --series_uid <SeriesInstanceUID> (series_uid= in Python)."
         )
     return next(iter(groups.values()))
 
@@ -170,7 +170,8 @@ def check_modality(series: Sequence[_SliceHeader], require_ct: bool = True) -> N
         found = ", ".join(m or "<missing Modality tag>" for m in modalities)
         raise NotCTError(
             f"Series {series[0].series_uid} has modality {found}, but LSMS needs CT (values in Hounsfield units). "
-            "Choose a CT series with `series_uid`, or pass require_ct=False to read it anyway at your own risk."
+            "Choose a CT series with --series_uid, or pass --require_ct false (require_ct=False in Python) to read it "
+            "anyway at your own risk."
         )
 
 

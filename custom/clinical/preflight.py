@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import tempfile
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -70,6 +71,12 @@ def check_volume_file(path: str | os.PathLike, series_uid: str | None = None, re
             dtype = image.get_data_dtype()
         except Exception as err:
             raise NoImageError(f"Cannot read '{path}' as NIfTI ({type(err).__name__}: {err}). Pass a NIfTI CT volume.") from err
+        expected = int(image.dataobj.offset) + int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if not path.name.lower().endswith(".gz") and path.stat().st_size < expected:
+            raise NoImageError(
+                f"'{path}' is cut short: its header describes {expected} bytes but the file has {path.stat().st_size}. "
+                "Copy or export the file again."
+            )
         if len(shape) == 4 and shape[3] == 1:
             shape = shape[:3]
         if len(shape) != 3 or min(shape) < 1:
@@ -114,6 +121,15 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried for real: permission bits do not bind root)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lsms-write-test-"):
+            return True
+    except OSError:
+        return False
+
+
 def check_output_dir(output_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> Path:
     """The output folder, resolved; refused if it cannot be made or written, or lies in an input DICOM series."""
     out = Path(output_dir).expanduser()
@@ -121,7 +137,7 @@ def check_output_dir(output_dir: str | os.PathLike, inputs: Sequence[str | os.Pa
     if resolved.exists() and not resolved.is_dir():
         raise ProtectedInputError(f"The output folder '{out}' is a file. Pass a folder with --output_dir.")
     existing = next((p for p in (resolved, *resolved.parents) if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if existing is None or not existing.is_dir() or not _can_create_in(existing):
         raise ProtectedInputError(
             f"The output folder '{out}' cannot be written ('{existing}' is not writable). Pass a writable --output_dir."
         )

@@ -36,6 +36,9 @@ class DatalistError(InputError, ValueError):
         self.problems = list(problems)
         shown = self.problems[:20]
         more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
+        if len(self.problems) == 1:
+            super().__init__(f"Datalist {path}: {self.problems[0]}.")
+            return
         super().__init__(f"Datalist {path} has {len(self.problems)} problem(s):\n  - " + "\n  - ".join(shown) + more)
 
 
@@ -211,7 +214,7 @@ def load_datalist(path: str | Path, split: str = "training", validate: bool = Tr
     ``lesions`` and ``liver`` become absolute paths.
     """
     if split not in SPLITS:
-        raise ValueError(f"Unknown split '{split}'; use one of {', '.join(SPLITS)}.")
+        raise DatalistError(path, [f"there is no split '{split}'; pass --split with one of {', '.join(SPLITS)}"])
     path = Path(path)
     data = validate_datalist(path, splits=(split,), check_targets=check_targets) if validate else read_datalist(path)
     base = path.parent.absolute()

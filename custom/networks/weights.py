@@ -46,7 +46,7 @@ class ShippedWeights:
             missing = [k for k in missing if not k.startswith(TEXT_ENCODER_PREFIX)]
         mismatched = [k for k in state_dict if k in expected and state_dict[k].shape != expected[k].shape]
         if strict and (unexpected or missing or mismatched):
-            raise RuntimeError(
+            raise CheckpointError(
                 "The checkpoint does not match the network: "
                 f"unexpected keys {unexpected[:5]}, missing keys {missing[:5]}, shape mismatches {mismatched[:5]}. "
                 "Check that the network_def arguments (variant, windows, context slices, ablation switches) are "

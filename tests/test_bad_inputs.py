@@ -1,0 +1,319 @@
+"""Bad inputs through the real command line (``python -m monai.bundle run ...``), as a user would give them.
+
+Each case asserts the exit code, that the last line printed is the bundle's own message (problem and fix), that
+nothing was written or half-written into the output folder, and that every input is byte for byte unchanged. The
+cases where the right answer is a result (a prompt that looks like config code, two inputs with the same file name, a
+real CT without a Frame of Reference UID) assert that result instead.
+
+All cases run once, two processes at a time, in the module's ``results`` fixture; each test reads its case's result.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from custom.clinical import write_ct_series
+from custom.clinical.outputs import expression_slug
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "bundle" / "sample" / "sample_case.nii.gz"
+PROMPT = "the largest hypodense lesion"
+#: Fast settings for the cases that run the model (coarse in-plane spacing).
+FAST = ["--in_plane_spacing", "4.0"]
+INJECTION = "$__import__('pathlib').Path('{marker}').touch()"
+
+
+def digest_tree(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (hidden files included), by relative path."""
+    if root.is_file():
+        return {root.name: hashlib.sha256(root.read_bytes()).hexdigest()}
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+def small_ct() -> tuple[np.ndarray, np.ndarray]:
+    """A few axial slices of the shipped sample CT (HU, int16) and their affine."""
+    image = nib.load(SAMPLE)
+    data = np.asanyarray(image.dataobj)[:, :, 20:26].astype(np.int16)
+    affine = image.affine.copy()
+    affine[:3, 3] = image.affine[:3, :3] @ np.array([0, 0, 20]) + image.affine[:3, 3]
+    return data, affine
+
+
+def save(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("inputs")
+    data, affine = small_ct()
+    ras = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    ras_data, ras_affine = np.asanyarray(ras.dataobj).astype(np.int16), ras.affine
+    save(root / "ct.nii.gz", data, affine)
+    save(root / "a" / "ct.nii.gz", data, affine)
+    save(root / "b" / "ct.nii.gz", data[::-1].copy(), affine)
+    good = (root / "ct.nii.gz").read_bytes()
+    raw = bytearray(good)
+    raw[-8] ^= 0xFF  # the gzip trailer's CRC
+    (root / "bad_crc.nii.gz").write_bytes(bytes(raw))
+    (root / "truncated.nii.gz").write_bytes(good[: len(good) // 2])
+    nib.save(nib.Nifti1Image(data, affine), str(root / "plain.nii"))
+    (root / "cut.nii").write_bytes((root / "plain.nii").read_bytes()[:-5000])
+    (root / "text.nii.gz").write_text("not an image\n")
+    save(root / "flat.nii.gz", data[:, :, 0], affine)
+    save(root / "four_d.nii.gz", np.stack([data] * 3, axis=-1), affine)
+    save(root / "uint8.nii.gz", np.clip(data / 8 + 128, 0, 255).astype(np.uint8), affine)
+    save(root / "mr_like.nii.gz", np.clip(data + 1024, 0, 1000).astype(np.float32), affine)
+    with_nan = data.astype(np.float32)
+    with_nan[10:20, 10:20, 2] = np.nan
+    save(root / "nan.nii.gz", with_nan, affine)
+    with_inf = data.astype(np.float32)
+    with_inf[5, 5, 1] = np.inf
+    save(root / "inf.nii.gz", with_inf, affine)
+    (root / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    (root / "empty_folder").mkdir()
+    write_ct_series(ras_data, ras_affine, root / "series")
+    write_ct_series(ras_data, ras_affine, root / "mr_series", modality="MR", rescale_intercept=0.0)
+    write_ct_series(ras_data, ras_affine, root / "mixed", series_uid="1.2.3.4.1")
+    write_ct_series(ras_data, ras_affine, root / "mixed", series_uid="1.2.3.4.2", series_number=2)
+    gap = write_ct_series(ras_data, ras_affine, root / "gap")
+    gap[len(gap) // 2].unlink()
+    (root / "not_dicom").mkdir()
+    (root / "not_dicom" / "slice.dcm").write_text("not DICOM\n")
+    import data_store  # the PyPI package pydicom-data: real CT slices
+
+    real = root / "no_frame_of_reference"
+    real.mkdir()
+    shutil.copy(Path(data_store.__file__).parent / "data" / "693_UNCI.dcm", real)
+    (root / "weights.txt").write_text("not a checkpoint\n")
+    torch.save({"encoder.weight": torch.zeros(3)}, root / "other_weights.pt")
+    lists = {
+        "not_json.json": "{ this is not json",
+        "empty.json": "[]",
+        "no_prompt.json": json.dumps([{"image": "ct.nii.gz"}]),
+        "image_number.json": json.dumps([{"image": 12, "prompt": PROMPT}]),
+        "missing_image.json": json.dumps([{"image": "nowhere.nii.gz", "prompt": PROMPT}]),
+        "twice.json": json.dumps([{"image": "ct.nii.gz", "prompt": PROMPT}, {"image": "ct.nii.gz", "prompt": PROMPT}]),
+        "same_names.json": json.dumps([{"image": "a/ct.nii.gz", "prompt": PROMPT}, {"image": "b/ct.nii.gz", "prompt": PROMPT}]),
+        "prompt_code.json": json.dumps([{"image": "ct.nii.gz", "prompt": "$__import__('os').getcwd()"}]),
+        "not_a_list.json": json.dumps({"image": "ct.nii.gz", "prompt": PROMPT}),
+    }
+    for name, text in lists.items():
+        (root / name).write_text(text)
+    (root / "dataset_without_images").mkdir()
+    (root / "dataset_without_images" / "notes.txt").write_text("nothing\n")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    kind: str
+    args: list[str]
+    last_line: str = ""  # expected in the last line printed (refusals)
+    code: int = 1
+    config: str = "inference"
+    prepare: Callable[[Path, Path], None] | None = None  # (inputs, out) -> None, before the run
+    check: Callable[[Path, Path, Path], None] | None = None  # (inputs, out, marker) -> None, after a successful run
+    fast: bool = True
+    notes: dict = field(default_factory=dict)
+
+
+def existing_outputs(inputs: Path, out: Path) -> None:
+    (out / "ct").mkdir(parents=True)
+    (out / "ct" / f"{expression_slug(PROMPT)}.json").write_text('{"kept": true}\n')
+
+
+def record_of(out: Path) -> dict:
+    records = list(out.rglob("*.json"))
+    assert len(records) == 1, records
+    return json.loads(records[0].read_text())
+
+
+def verbatim(text: str):
+    def check(inputs: Path, out: Path, marker: Path) -> None:
+        assert not marker.exists(), "the prompt was executed"
+        assert record_of(out)["expression"] == text.format(marker=marker)
+        assert len(list(out.rglob("*_mask.nii.gz"))) == 1 and len(list(out.rglob("*_overlay.png"))) == 1
+
+    return check
+
+
+def same_names_kept_apart(inputs: Path, out: Path, marker: Path) -> None:
+    records = sorted(out.rglob("*.json"))
+    assert len(records) == 2 and records[0].parent != records[1].parent
+    assert {json.loads(r.read_text())["input"] for r in records} == {str(inputs / "a" / "ct.nii.gz"), str(inputs / "b" / "ct.nii.gz")}
+
+
+def nifti_for_dicom_without_frame_of_reference(inputs: Path, out: Path, marker: Path) -> None:
+    record = record_of(out)
+    assert any("Frame of Reference" in note for note in record["notes"])
+    masks = list(out.rglob("*_mask.nii.gz"))
+    assert len(masks) == 1 and not list(out.rglob("*.dcm"))
+    assert nib.load(masks[0]).shape[:2] == (512, 512)
+
+
+def run_dir_with_model(inputs: Path, out: Path) -> None:
+    (out / "run" / "models").mkdir(parents=True)
+    shutil.copy(ROOT / "bundle" / "models" / "model.pt", out / "run" / "models" / "model.pt")
+
+
+IMG = "{inputs}/ct.nii.gz"
+CASES = [
+    # prompts: data, never code
+    Case("prompt that is a Python expression", ["--image", IMG, "--prompt", INJECTION], code=0, check=verbatim(INJECTION)),
+    Case("prompt that is a config reference", ["--image", IMG, "--prompt", "@checkpoint"], code=0, check=verbatim("@checkpoint")),
+    Case("prompt that looks like a number", ["--image", IMG, "--prompt", "1"], code=0, check=verbatim("1")),
+    Case("empty prompt", ["--image", IMG, "--prompt", ""], "The prompt is empty"),
+    Case("blank prompt", ["--image", IMG, "--prompt", "   "], "The prompt is empty"),
+    Case("prompt over the token limit", ["--image", IMG, "--prompt", " ".join(["hypodense lesion"] * 40)], "tokens"),
+    # image files
+    Case("image path that does not exist", ["--image", "{inputs}/nowhere.nii.gz"], "does not exist"),
+    Case("nii.gz with a corrupted CRC", ["--image", "{inputs}/bad_crc.nii.gz"], "damaged gzip file"),
+    Case("truncated nii.gz", ["--image", "{inputs}/truncated.nii.gz"], "damaged gzip file"),
+    Case("truncated nii", ["--image", "{inputs}/cut.nii"], "cut short"),
+    Case("text file named .nii.gz", ["--image", "{inputs}/text.nii.gz"], "damaged gzip file"),
+    Case("2D image", ["--image", "{inputs}/flat.nii.gz"], "one 3D CT volume"),
+    Case("4D image", ["--image", "{inputs}/four_d.nii.gz"], "one 3D CT volume"),
+    Case("uint8 image", ["--image", "{inputs}/uint8.nii.gz"], "not a CT in HU"),
+    Case("MR-like values 0..1000", ["--image", "{inputs}/mr_like.nii.gz"], "not a CT in Hounsfield units"),
+    Case("NaN voxels", ["--image", "{inputs}/nan.nii.gz"], "NaN or infinite voxel"),
+    Case("infinite voxels", ["--image", "{inputs}/inf.nii.gz"], "NaN or infinite voxel"),
+    Case("not an image format", ["--image", "{inputs}/picture.png"], "neither a NIfTI file"),
+    Case("folder without images", ["--image", "{inputs}/empty_folder"], "No DICOM image found"),
+    # DICOM series
+    Case("MR DICOM series", ["--image", "{inputs}/mr_series"], "require_ct"),
+    Case("two series, none chosen", ["--image", "{inputs}/mixed"], "series_uid"),
+    Case("series uid that is not there", ["--image", "{inputs}/mixed", "--series_uid", "9.9.9"], "9.9.9"),
+    Case("series with a missing slice", ["--image", "{inputs}/gap"], "missing"),
+    Case("files named .dcm that are not DICOM", ["--image", "{inputs}/not_dicom"], "No DICOM image found"),
+    Case("real CT without a Frame of Reference UID", ["--image", "{inputs}/no_frame_of_reference"], code=0,
+         check=nifti_for_dicom_without_frame_of_reference),
+    # output folders
+    Case("output folder is a file", ["--image", IMG, "--output_dir", "{inputs}/weights.txt"], "is a file"),
+    Case("output folder cannot be created", ["--image", IMG, "--output_dir", "/proc/lsms_outputs"], "cannot be written"),
+    Case("output folder inside the input series", ["--image", "{inputs}/series", "--output_dir", "{inputs}/series/out"],
+         "inside the input series folder"),
+    Case("output folder is the series' parent", ["--image", "{inputs}/series", "--output_dir", "{inputs}"],
+         "never written into an input"),
+    Case("outputs exist already", ["--image", IMG], "exists already", prepare=existing_outputs),
+    Case("--overwrite false with existing outputs", ["--image", IMG, "--overwrite", "false"], "exists already",
+         prepare=existing_outputs),
+    Case("--overwrite no with existing outputs", ["--image", IMG, "--overwrite", "no"], "exists already",
+         prepare=existing_outputs),
+    Case("--overwrite maybe", ["--image", IMG, "--overwrite", "maybe"], "must be true or false"),
+    # prompt lists and folders
+    Case("datalist that does not exist", ["--datalist", "{inputs}/nowhere.json"], "does not exist"),
+    Case("datalist that is not JSON", ["--datalist", "{inputs}/not_json.json"], "not valid JSON"),
+    Case("empty datalist", ["--datalist", "{inputs}/empty.json"], "is empty"),
+    Case("datalist that is not a list", ["--datalist", "{inputs}/not_a_list.json"], "JSON list"),
+    Case("datalist entry without a prompt", ["--datalist", "{inputs}/no_prompt.json"], "JSON list"),
+    Case("datalist image that is a number", ["--datalist", "{inputs}/image_number.json"], "image path as text"),
+    Case("datalist image that does not exist", ["--datalist", "{inputs}/missing_image.json"], "does not exist"),
+    Case("datalist pair listed twice", ["--datalist", "{inputs}/twice.json"], "listed twice"),
+    Case("datalist prompt that is a Python expression", ["--datalist", "{inputs}/prompt_code.json"], code=0,
+         check=verbatim("$__import__('os').getcwd()")),
+    Case("two inputs with the same file name", ["--datalist", "{inputs}/same_names.json", "--overwrite", "true"], code=0,
+         check=same_names_kept_apart),
+    Case("dataset folder that does not exist", ["--dataset_dir", "{inputs}/nowhere"], "does not exist"),
+    Case("dataset folder without images", ["--dataset_dir", "{inputs}/dataset_without_images"], "holds no .nii"),
+    # options
+    Case("misspelt option", ["--image", IMG, "--promt", PROMPT], "Did you mean --prompt?"),
+    Case("misspelt nested option", ["--image", IMG, "--referral#thresold", "0.3"], "Did you mean --referral#threshold?"),
+    Case("number option given text", ["--image", IMG, "--in_plane_spacing", "abc"], "must be a number"),
+    Case("nested number option given text", ["--image", IMG, "--referral#threshold", "abc"], "must be a number"),
+    Case("whole-number option given a fraction", ["--image", IMG, "--max_tokens", "3.5"], "whole number"),
+    Case("CUDA device on a CPU-only machine", ["--image", IMG, "--device", "cuda"], "no CUDA GPU", fast=False),
+    Case("device name that does not exist", ["--image", IMG, "--device", "quantum"], "not a device name", fast=False),
+    # checkpoints
+    Case("checkpoint that is a text file", ["--image", IMG, "--checkpoint", "{inputs}/weights.txt"], "not a PyTorch weights file"),
+    Case("checkpoint that does not exist", ["--image", IMG, "--checkpoint", "{inputs}/nowhere.pt"], "does not exist"),
+    Case("checkpoint of another network", ["--image", IMG, "--checkpoint", "{inputs}/other_weights.pt"],
+         "does not match the network"),
+    # training and evaluation
+    Case("training --epochs abc", ["--epochs", "abc", "--run_dir", "{out}/run"], "--epochs must be a whole number",
+         config="train", fast=False),
+    Case("training --resume without a saved run", ["--resume", "true", "--run_dir", "{out}/run"], "Nothing to resume",
+         config="train", fast=False),
+    Case("training over an existing run", ["--run_dir", "{out}/run"], "holds a training run already", config="train",
+         prepare=run_dir_with_model, fast=False),
+    Case("evaluation of a split that does not exist", ["--dataset_dir", "{inputs}", "--split", "tests"], "no split 'tests'",
+         config="evaluate", fast=False),
+    Case("evaluation of a dataset without a datalist", ["--dataset_dir", "{inputs}/empty_folder"], "does not exist",
+         config="evaluate", fast=False),
+]
+
+
+def command(case: Case, inputs: Path, out: Path, marker: Path) -> list[str]:
+    values = {"inputs": inputs, "out": out, "marker": marker}
+    args = [a.format(**values) for a in case.args]
+    if case.config == "inference" and "--output_dir" not in args:
+        args += ["--output_dir", str(out)]
+    if case.fast and case.config == "inference":
+        args += FAST
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"bundle/configs/{case.config}.json", *args]
+
+
+@pytest.fixture(scope="module")
+def results(inputs, tmp_path_factory):
+    """Run every case once (two processes at a time); return {kind: (result, out, marker, inputs_before)}."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    shipped = digest_tree(ROOT / "bundle" / "models")
+
+    def run(case: Case):
+        work = tmp_path_factory.mktemp("case")
+        out, marker = work / "out", work / "marker"
+        if case.prepare is not None:
+            case.prepare(inputs, out)
+        before = digest_tree(inputs), digest_tree(out)
+        result = subprocess.run(command(case, inputs, out, marker), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, timeout=600)  # fmt: skip
+        return case.kind, (result, out, marker, before)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        found = dict(pool.map(run, CASES))
+    assert digest_tree(ROOT / "bundle" / "models") == shipped
+    return found
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.kind for c in CASES])
+def test_bad_input_gets_a_clear_answer(case, results, inputs):
+    result, out, marker, (inputs_before, out_before) = results[case.kind]
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert result.returncode == case.code, result.stdout[-3000:]
+    assert digest_tree(inputs) == inputs_before, "an input was changed"
+    assert not marker.exists(), "user text was executed"
+    if case.code == 0:
+        case.check(inputs, out, marker)
+    else:
+        assert lines[-1].startswith("error: ") and case.last_line in lines[-1], result.stdout[-3000:]
+        assert "Traceback" not in result.stdout, result.stdout[-3000:]
+        assert digest_tree(out) == out_before, "a refused run wrote or changed outputs"
+    leftovers = [p for p in out.rglob(".*") if p.name.startswith((".lsms-", ".tmp"))] if out.exists() else []
+    assert not leftovers, leftovers
+
+
+def test_the_matrix_covers_at_least_forty_kinds():
+    assert len({c.kind for c in CASES}) == len(CASES) >= 40
