@@ -5,19 +5,24 @@ nothing was written or half-written into the output folder, and that every input
 cases where the right answer is a result (a prompt that looks like config code, two inputs with the same file name, a
 real CT without a Frame of Reference UID) assert that result instead.
 
-All cases run once, two processes at a time, in the module's ``results`` fixture; each test reads its case's result.
+Every case is its own process running ``monai/bundle/__main__.py`` as ``__main__`` with the case's ``sys.argv``,
+exactly what ``python -m monai.bundle`` runs. To pay MONAI's import time (about 8 s) once, those processes are forked
+from one that has imported it; an uncaught exception goes through ``sys.excepthook`` and exits with status 1, as in
+a fresh interpreter. The cases in ``FRESH_INTERPRETER`` also run as separate ``python -m monai.bundle`` commands.
+All cases run once, two at a time, in the module's ``results`` fixture; each test reads its case's result.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
+import io
 import json
 import os
+import runpy
 import shutil
+import signal
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,7 +40,9 @@ SAMPLE = ROOT / "bundle" / "sample" / "sample_case.nii.gz"
 PROMPT = "the largest hypodense lesion"
 #: Fast settings for the cases that run the model (coarse in-plane spacing).
 FAST = ["--in_plane_spacing", "4.0"]
-INJECTION = "$__import__('pathlib').Path('{marker}').touch()"
+#: A prompt that would create the folder ``{marker}`` if it were run as Python (kept short: 32 tokens at most).
+INJECTION = "$__import__('os').mkdir('{marker}')"
+CASE_TIMEOUT_S = 600
 
 
 def digest_tree(root: Path) -> dict[str, str]:
@@ -266,41 +273,106 @@ CASES = [
 ]
 
 
-def command(case: Case, inputs: Path, out: Path, marker: Path) -> list[str]:
+#: Cases that also run as fresh ``python -m monai.bundle`` commands (no fork).
+FRESH_INTERPRETER = ("prompt that is a Python expression", "misspelt option", "NaN voxels")
+ENV = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def cli_args(case: Case, inputs: Path, out: Path, marker: Path) -> list[str]:
     values = {"inputs": inputs, "out": out, "marker": marker}
     args = [a.format(**values) for a in case.args]
     if case.config == "inference" and "--output_dir" not in args:
         args += ["--output_dir", str(out)]
-    if case.fast and case.config == "inference":
+    if case.fast and case.config == "inference" and FAST[0] not in args:
         args += FAST
-    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"bundle/configs/{case.config}.json", *args]
+    return ["run", "--config_file", f"bundle/configs/{case.config}.json", *args]
+
+
+def _child(args: list[str], log: Path) -> None:
+    """In a forked process: ``python -m monai.bundle <args>`` with output to ``log``; never returns."""
+    code = 1
+    try:
+        signal.alarm(CASE_TIMEOUT_S)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), line_buffering=True)
+        sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", closefd=False), line_buffering=True)
+        os.chdir(ROOT)
+        os.environ.update(ENV)
+        sys.argv = ["monai.bundle", *args]
+        try:
+            runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+            code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+
+
+def run_cases(jobs: list[tuple[str, list[str], Path]], parallel: int = 2) -> dict[str, Result]:
+    """Fork one process per job (``parallel`` at a time, from this single thread); {name: Result}."""
+    import monai.bundle  # noqa: F401  (imported once, before forking)
+    import custom.clinical  # noqa: F401
+    import custom.networks  # noqa: F401
+
+    pending, running, done = list(jobs), {}, {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, args, log = pending.pop(0)
+            pid = os.fork()
+            if pid == 0:
+                _child(args, log)
+            running[pid] = (name, log)
+        pid, status = os.wait()
+        name, log = running.pop(pid)
+        done[name] = Result(os.waitstatus_to_exitcode(status), log.read_text(errors="replace"))
+    return done
 
 
 @pytest.fixture(scope="module")
 def results(inputs, tmp_path_factory):
-    """Run every case once (two processes at a time); return {kind: (result, out, marker, inputs_before)}."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    """Run every case once; return {kind: (result, out, marker, (inputs before, outputs before))}."""
     shipped = digest_tree(ROOT / "bundle" / "models")
-
-    def run(case: Case):
+    jobs, state = [], {}
+    for case in CASES:
         work = tmp_path_factory.mktemp("case")
-        out, marker = work / "out", work / "marker"
+        out, marker = work / "out", Path(f"/tmp/x{os.getpid()}{len(state)}")
         if case.prepare is not None:
             case.prepare(inputs, out)
-        before = digest_tree(inputs), digest_tree(out)
-        result = subprocess.run(command(case, inputs, out, marker), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, timeout=600)  # fmt: skip
-        return case.kind, (result, out, marker, before)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        found = dict(pool.map(run, CASES))
+        state[case.kind] = (out, marker, (digest_tree(inputs), digest_tree(out)))
+        jobs.append((case.kind, cli_args(case, inputs, out, marker), work / "log.txt"))
+    found = run_cases(jobs)
     assert digest_tree(ROOT / "bundle" / "models") == shipped
-    return found
+    return {kind: (found[kind], *state[kind]) for kind in state}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.kind for c in CASES])
-def test_bad_input_gets_a_clear_answer(case, results, inputs):
-    result, out, marker, (inputs_before, out_before) = results[case.kind]
+@pytest.mark.parametrize("kind", FRESH_INTERPRETER)
+def test_fresh_interpreter_gives_the_same_answer(kind, inputs, tmp_path):
+    """The forked runs above answer as a fresh ``python -m monai.bundle`` does."""
+    case = next(c for c in CASES if c.kind == kind)
+    out, marker = tmp_path / "out", Path(f"/tmp/x{os.getpid()}f")
+    before = digest_tree(inputs)
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", *cli_args(case, inputs, out, marker)], cwd=ROOT,
+                            env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=CASE_TIMEOUT_S)  # fmt: skip
+    check_result(case, Result(result.returncode, result.stdout), inputs, out, marker, before, {})
+
+
+def check_result(case: Case, result: Result, inputs: Path, out: Path, marker: Path, inputs_before, out_before):
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert result.returncode == case.code, result.stdout[-3000:]
     assert digest_tree(inputs) == inputs_before, "an input was changed"
@@ -313,6 +385,12 @@ def test_bad_input_gets_a_clear_answer(case, results, inputs):
         assert digest_tree(out) == out_before, "a refused run wrote or changed outputs"
     leftovers = [p for p in out.rglob(".*") if p.name.startswith((".lsms-", ".tmp"))] if out.exists() else []
     assert not leftovers, leftovers
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.kind for c in CASES])
+def test_bad_input_gets_a_clear_answer(case, results, inputs):
+    result, out, marker, (inputs_before, out_before) = results[case.kind]
+    check_result(case, result, inputs, out, marker, inputs_before, out_before)
 
 
 def test_the_matrix_covers_at_least_forty_kinds():

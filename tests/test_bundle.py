@@ -18,7 +18,7 @@ from custom.data.synthetic import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundle" / "configs"
-SCHEMA = ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+SCHEMA = ROOT / "tests" / "schemas" / "meta_schema_20240725.json"  # the MONAI bundle metadata schema, shipped for offline checks
 META = str(CONFIGS / "metadata.json")
 LOGGING = str(CONFIGS / "logging.conf")
 
@@ -120,7 +120,7 @@ def test_inference_refuses_an_empty_prompt_with_a_clear_message(checkpoint, tmp_
     assert any(isinstance(e, PromptError) and "prompt is empty" in str(e) for e in chain)
 
 
-def test_metadata_is_valid_against_the_shared_schema():
+def test_metadata_is_valid_against_the_bundle_schema():
     verify_metadata(meta_file=META, filepath=str(SCHEMA))
 
 

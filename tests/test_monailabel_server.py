@@ -228,6 +228,12 @@ def study(work):
     shutil.copyfile(datalist.parent / case["image"], image)
     image_id = image.name[: -len(".nii.gz")]
     lesions = np.asarray(nib.load(datalist.parent / case["lesions"]).dataobj)
+    source = nib.load(image)
+    with_nan = np.asanyarray(source.dataobj).astype(np.float32)
+    with_nan[:, :, with_nan.shape[2] // 2] = np.nan
+    nib.save(nib.Nifti1Image(with_nan, source.affine), str(studies / "case_with_nan.nii.gz"))
+    outside = work / "outside_the_studies.nii.gz"
+    shutil.copyfile(image, outside)
     return {
         "studies": studies,
         "image": image,
@@ -235,6 +241,8 @@ def study(work):
         "sha256": _sha256(image),
         "expressions": [first, second],
         "lesions": lesions,
+        "nan_image_id": "case_with_nan",
+        "outside": outside,
     }
 
 
@@ -284,7 +292,7 @@ def test_info_lists_model_and_prompt_option(server):
     # displayable_configs -> the model's "config": what 3D Slicer's MONAI Label module shows as editable options
     assert isinstance(model["config"].get("prompt"), str)
     assert model["prompt"]["max_tokens"] == DEFAULT_MAX_TOKENS
-    assert info["datastore"]["total"] == 1
+    assert info["datastore"]["total"] == 2
 
 
 @pytest.mark.parametrize("n", [0, 1], ids=["prompt_a", "prompt_b"])
@@ -336,20 +344,84 @@ def test_unknown_image_is_404(server):
     assert "no_such_case" in response.json()["detail"]
 
 
-def test_concurrent_requests_all_succeed(server, study, reference, work):
-    texts = [e["text"] for e in study["expressions"]]
+def _raw_infer(url: str, model: str = MODEL, query: dict | None = None, params: str = "{}"):
+    return requests.post(f"{url}/infer/{model}", params=query or {}, files={"params": (None, params)},
+                         timeout=REQUEST_TIMEOUT_S)  # fmt: skip
 
-    def one(n):
+
+def _verbatim(text: str):
+    def check(response, marker: Path):
+        assert not marker.exists(), "the prompt was executed on the server"
+        decoder = MultipartDecoder(response.content, response.headers["content-type"])
+        result = next(json.loads(p.content) for p in decoder.parts if b'name="params"' in p.headers[b"Content-Disposition"])
+        assert result["prompt"] == text and result["record"]["expression"] == text
+
+    return check
+
+
+def _bad_requests(study, marker: Path):
+    """(name, send(url) -> response, expected status, detail words or a check of a 200 answer)."""
+    image = study["image_id"]
+    code = f"$__import__('pathlib').Path('{marker}').touch()"
+    return [
+        ("prompt that is Python", lambda url: _infer(url, image, {"prompt": code}), 200, _verbatim(code)),
+        ("prompt that is a reference", lambda url: _infer(url, image, {"prompt": "@checkpoint"}), 200,
+         _verbatim("@checkpoint")),
+        ("prompt that is a macro", lambda url: _infer(url, image, {"prompt": "%bundle_root"}), 200,
+         _verbatim("%bundle_root")),
+        ("prompt that is an import", lambda url: _infer(url, image, {"prompt": "$import antigravity"}), 200,
+         _verbatim("$import antigravity")),
+        ("params that are not JSON", lambda url: _raw_infer(url, query={"image": image}, params="{not json"), 422,
+         "JSON object"),
+        ("params that are a JSON list", lambda url: _raw_infer(url, query={"image": image}, params="[1, 2]"), 422,
+         "JSON object"),
+        ("unknown model", lambda url: _raw_infer(url, model="spleen", query={"image": image},
+                                                 params='{"prompt": "a lesion"}'), 404, "Unknown model"),
+        ("no image", lambda url: _raw_infer(url, params='{"prompt": "a lesion"}'), 422, "image id"),
+        ("unknown image id", lambda url: _infer(url, "no_such_case", {"prompt": "a lesion"}), 404, "no_such_case"),
+        ("server path outside the studies", lambda url: _infer(url, str(study["outside"]), {"prompt": "a lesion"}), 404,
+         "datastore"),
+        ("image path smuggled in params", lambda url: _infer(url, image, {"prompt": "a lesion",
+                                                                            "image": str(study["outside"])}), 404,
+         "datastore"),
+        ("study with NaN voxels", lambda url: _infer(url, study["nan_image_id"], {"prompt": "a lesion"}), 422, "NaN"),
+        ("empty prompt", lambda url: _infer(url, image, {"prompt": ""}), 422, "empty"),
+    ]  # fmt: skip
+
+
+def test_concurrent_requests_with_bad_ones_all_answered_and_nothing_runs(server, study, reference, work):
+    """8 concurrent inferences and every bad request at the same time: no failure, no 500, nothing executed."""
+    texts = [e["text"] for e in study["expressions"]]
+    marker = work / "executed"
+    bad = _bad_requests(study, marker)
+
+    def good(n):
         response = _infer(server.url, study["image_id"], {"prompt": texts[n % 2]})
         mask, result = _mask_and_json(response, work, f"c{n}")
-        return n, np.asarray(mask.dataobj), result
+        return ("good", n, np.asarray(mask.dataobj), result)
 
-    with ThreadPoolExecutor(max_workers=CONCURRENT_REQUESTS) as pool:
-        results = list(pool.map(one, range(CONCURRENT_REQUESTS)))
-    assert len(results) == CONCURRENT_REQUESTS
-    for n, data, result in results:
+    def send_bad(item):
+        name, send, status, expected = item
+        return ("bad", name, send(server.url), (status, expected))
+
+    with ThreadPoolExecutor(max_workers=CONCURRENT_REQUESTS + len(bad)) as pool:
+        futures = [pool.submit(good, n) for n in range(CONCURRENT_REQUESTS)] + [pool.submit(send_bad, b) for b in bad]
+        results = [f.result() for f in futures]
+    goods = [r for r in results if r[0] == "good"]
+    assert len(goods) == CONCURRENT_REQUESTS
+    for _, n, data, result in goods:
         assert result["prompt"] == texts[n % 2]
         np.testing.assert_array_equal(data, np.asarray(reference[n % 2]["mask"].dataobj))
+    for _, name, response, (status, expected) in (r for r in results if r[0] == "bad"):
+        assert response.status_code == status, (name, response.status_code, response.text[:500])
+        if callable(expected):
+            expected(response, marker)
+        else:
+            assert expected in response.json()["detail"], (name, response.text[:500])
+    assert not marker.exists()
+    assert _sha256(study["image"]) == study["sha256"]
+    assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200, "the server must stay up"
+    assert "Internal Server Error" not in server.log_tail(200000)
 
 
 def test_server_stops_cleanly(server):
