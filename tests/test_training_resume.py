@@ -71,7 +71,8 @@ def test_killed_training_resumes_with_the_same_losses_and_leaves_the_shipped_wei
     killed = losses(log_path.read_text(errors="replace"))
     assert (2, 1) in killed and (EPOCHS, 1) not in killed, "the run was not killed during epoch 2"
     state = torch.load(tmp_path / "killed" / "models" / STATE_FILE, map_location="cpu", weights_only=False)
-    assert state["trainer"]["epoch"] == 1  # the last completed epoch before the kill, saved whole
+    trainer = state["trainer"]  # the last epoch completed before the kill, saved whole
+    assert trainer["iteration"] == trainer["epoch_length"] and set(state) >= {"network", "optimizer", "lr_scheduler"}
 
     again = subprocess.run(training_command(dataset, tmp_path / "killed"), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, timeout=300)  # fmt: skip
