@@ -15,13 +15,13 @@ Start it from anywhere (see README.md beside this file)::
 import json
 import logging
 import os
-import traceback
-from typing import Dict
+from typing import Dict, Optional
 from urllib.parse import parse_qs
 
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from lib.infer import LSMSReferringInfer
@@ -46,7 +46,7 @@ class MyApp(MONAILabelApp):
             raise ValueError(f"Unknown model(s) {unknown}; this app serves only '{MODEL_NAME}' (--conf models lsms).")
         if not os.path.isdir(self.bundle_path):
             raise FileNotFoundError(f"Bundle folder not found: {self.bundle_path} (set it with --conf bundle_path).")
-        guard_infer_route()
+        guard_infer_requests()
 
         super().__init__(
             app_dir=app_dir,
@@ -84,47 +84,85 @@ class MyApp(MONAILabelApp):
         return super().infer(request, store)
 
 
-def _refuse_malformed_params(route_app):
-    """Wrap the ASGI app of ``POST /infer/{model}``: answer 422 for ``params`` that are not a JSON object.
+#: Largest request body read by :class:`InferRequestCheck` (a prompt and options; images come from the datastore).
+MAX_INFER_BODY = 1 << 20
 
-    MONAI Label parses ``params`` with ``json.loads`` inside the route, so a malformed value would be a 500; a
-    request without an image id is answered 422 here too (MONAI Label would say 500).
+
+def _infer_request_problem(query: Dict[str, list], form) -> Optional[str]:
+    """What is wrong with an infer request's image id and ``params``, or None."""
+    if not (query.get("image") or query.get("session_id")):
+        return "Pass the image id of a study: POST /infer/<model>?image=<id> (see GET /datastore/)."
+    params = form.get("params")
+    if params is None or params == "":
+        return None
+    if not isinstance(params, str):
+        return "'params' must be a form field holding a JSON object, not a file."
+    try:
+        value = json.loads(params)
+    except json.JSONDecodeError as err:
+        value, detail = None, f" ({err})"
+    else:
+        detail = ""
+    if not isinstance(value, dict):
+        return f"'params' must be a JSON object such as {{\"prompt\": \"the largest lesion\"}}{detail}."
+    return None
+
+
+class InferRequestCheck:
+    """ASGI wrapper around the server: answers 422 for ``POST /infer/...`` requests MONAI Label would fail on with
+    a 500 (``params`` that are not a JSON object, no image id), before MONAI Label reads them.
+
+    The body (at most :data:`MAX_INFER_BODY` bytes) is read once, checked, and replayed to the server unchanged.
     """
 
-    async def app(scope, receive, send):
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        if scope.get("type") == "http" and not (query.get("image") or query.get("session_id")):
-            detail = "Pass the image id of a study: POST /infer/<model>?image=<id> (see GET /datastore/)."
-            await JSONResponse({"detail": detail}, status_code=422)(scope, receive, send)
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http" or scope.get("method") != "POST" or not scope.get("path", "").startswith("/infer/"):
+            await self.app(scope, receive, send)
             return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_INFER_BODY:
+                detail = "The request is too large: send the prompt in 'params' and the image as a datastore id."
+                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         try:
-            await route_app(scope, receive, send)
-        except (TypeError, ValueError) as err:
-            if not _raised_reading_params(err):
-                raise
-            detail = f"'params' must be a JSON object such as {{\"prompt\": \"the largest lesion\"}} ({err})."
-            await JSONResponse({"detail": detail}, status_code=422)(scope, receive, send)
-
-    return app
-
-
-def _raised_reading_params(err: BaseException) -> bool:
-    """Whether ``err`` came from MONAI Label's route reading ``params`` (``json.loads``, ``request.update``)."""
-    frames = traceback.extract_tb(err.__traceback__)
-    names = [frame.name for frame in frames]
-    if "run_inference" not in names:
-        return False
-    after = frames[len(names) - 1 - names[::-1].index("run_inference") + 1 :]
-    return all(f"{os.sep}json{os.sep}" in frame.filename for frame in after)
+            form = await Request(scope, replay).form()
+        except Exception as err:  # a body that is not a form
+            problem = f"The request body is not a form ({type(err).__name__}); send 'params' as a form field."
+        else:
+            problem = _infer_request_problem(query, form)
+        if problem is not None:
+            await JSONResponse({"detail": problem}, status_code=422)(scope, receive, send)
+            return
+        replayed = False
+        await self.app(scope, replay, send)
 
 
-def guard_infer_route() -> None:
-    """Install :func:`_refuse_malformed_params` on the running server's infer route (once)."""
+def guard_infer_requests() -> None:
+    """Put :class:`InferRequestCheck` in front of the running server (once)."""
     try:
         from monailabel.app import app as server
     except ImportError:  # pragma: no cover - the app is used without MONAI Label's server
         return
-    for route in server.router.routes:
-        if getattr(route, "path", None) == "/infer/{model}" and not getattr(route.app, "_lsms_guarded", False):
-            route.app = _refuse_malformed_params(route.app)
-            route.app._lsms_guarded = True
+    if server.middleware_stack is None:
+        server.middleware_stack = server.build_middleware_stack()
+    if not isinstance(server.middleware_stack, InferRequestCheck):
+        server.middleware_stack = InferRequestCheck(server.middleware_stack)
