@@ -134,6 +134,8 @@ def pin(parser: ConfigParser, id: str, value: Any) -> None:
     """Make ``@id`` resolve to ``value`` exactly as given: no expression, reference or macro in it is read.
 
     Call after ``parser.parse()`` (e.g. after ``ConfigWorkflow.initialize()``) and before anything reads ``id``.
+    ``id`` is a top-level id, or a nested one holding a number, boolean or list: a nested string is read again
+    (as a reference) when its parent is resolved as a whole.
     """
     resolver = parser.ref_resolver
     id = resolver.normalize_id(id)
@@ -249,7 +251,9 @@ def guard_overrides(user_data: Iterable[str] = (), debug: Any = False, argv: Seq
         if id in user_data:
             pin(parser, id, raw if isinstance(raw, str) else str(raw))
         elif isinstance(default, (bool, int, float, list)):
-            pin(parser, id, _typed(raw, default, name))
+            value = _typed(raw, default, name)
+            if not (isinstance(value, str) and value.startswith(("$", "@", "%"))):
+                pin(parser, id, value)
         # other options (defaults that are None, text or config expressions) keep MONAI's reading of the value
     for id in user_data:  # defaults and values given otherwise (args_file) are data too
         if id in parser and id not in options:

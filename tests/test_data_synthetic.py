@@ -200,3 +200,16 @@ def test_default_dataset_is_generated_once_even_by_concurrent_callers(tmp_path, 
     validate_datalist(results[0])
     assert default_dataset.ensure_default_dataset(tmp_path, num_cases=3) == results[0]
     assert len(calls) == 1
+
+
+def test_a_killed_generation_leaves_no_temporary_folder_after_the_next_run(tmp_path):
+    target = default_dataset.default_dataset_dir(tmp_path, num_cases=3)
+    stale = [tmp_path / f".{target.name}.tmp-4242-deadbeef", tmp_path / f".{target.name}.old-cafe0123"]
+    for folder in stale:
+        (folder / "images").mkdir(parents=True)
+        (folder / "images" / "case_000.nii.gz").write_bytes(b"half written")
+    other = tmp_path / ".another_dataset.tmp-1-abc"
+    other.mkdir()
+    datalist = default_dataset.ensure_default_dataset(tmp_path, num_cases=3)
+    assert datalist.is_file() and not any(folder.exists() for folder in stale)
+    assert other.is_dir()  # only this dataset's leftovers are removed
