@@ -65,6 +65,13 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 }
 
 
+def handler_index(target: str) -> int:
+    """Position of the train handler whose ``_target_`` is ``target`` in train.json."""
+    parser = ConfigParser()
+    parser.read_config(TRAIN_CONFIG)
+    return next(i for i, handler in enumerate(parser["train"]["handlers"]) if handler["_target_"] == target)
+
+
 def final_checkpoint_saver() -> dict:
     """Train handler that replaces the ValidationHandler: saves the last epoch's weights as ``model.pt``."""
     return {
@@ -117,7 +124,9 @@ def run_variant(
     cost_file = directory / "training_cost.json"
     if not (directory / "model.pt").exists():
         train_args = {**paths, "epochs": epochs, "foreground_prior": foreground_prior,
-                      "train#handlers#1": final_checkpoint_saver(), **train_overrides}
+                      f"train#handlers#{handler_index('ValidationHandler')}": final_checkpoint_saver(), **train_overrides}
+        if (directory / "training_state.pt").exists():  # an interrupted training of this variant
+            train_args["resume"] = True
         if limits.get("max_train_cases"):
             train_args["max_train_cases"] = limits["max_train_cases"]
         wall, peak_rss = run_bundle("training", TRAIN_CONFIG, train_args, directory / "train_args.json",

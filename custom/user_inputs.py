@@ -208,30 +208,12 @@ def _typed(value: Any, default: Any, name: str) -> Any:
     return value
 
 
-def guard_overrides(user_data: Iterable[str] = (), debug: Any = False, argv: Sequence[str] | None = None) -> None:
-    """Check and pin the user's inputs of the running bundle config (see the module docstring).
-
-    Args:
-        user_data: ids whose values are user data, always taken verbatim.
-        debug: keep Python's traceback for input errors (``--debug true``).
-        argv: the command line (default ``sys.argv``); only read when it is a ``python -m monai.bundle`` command.
-    """
-    debug = as_bool(debug, "debug")
-    options = command_line_options(argv)
-    if options is not None:
-        install_error_hook(debug)
-    parser = running_parser()
-    user_data = [ReferenceResolver.normalize_id(i) for i in user_data]
-    if options is None:
-        for id in user_data:
-            if id in parser:
-                pin(parser, id, parser[id])
-        return
-
-    files = _config_files(options.get("config_file", []))
+def _command_line_values(options: Mapping[str, Any], files: Sequence[str], user_data: Sequence[str]) -> dict:
+    """{id: value to pin} for the command-line options, after refusing unknown ids and values of the wrong type."""
     merged = ConfigParser()
-    merged.read_config(files)  # merged as MONAI merges them (ids such as "train#sampler" go into place)
+    merged.read_config(list(files))  # merged as MONAI merges them (ids such as "train#sampler" go into place)
     file_config = merged.get()
+    values = {}
     for name, raw in options.items():
         if name in MONAI_RUN_ARGS:
             continue
@@ -249,15 +231,37 @@ def guard_overrides(user_data: Iterable[str] = (), debug: Any = False, argv: Seq
             raise OptionError(f"--{name} cannot be changed from the command line; remove it.")
         default = _default_of(file_config, id)
         if id in user_data:
-            pin(parser, id, raw if isinstance(raw, str) else str(raw))
+            values[id] = raw if isinstance(raw, str) else str(raw)
         elif isinstance(default, (bool, int, float, list)):
             value = _typed(raw, default, name)
             if not (isinstance(value, str) and value.startswith(("$", "@", "%"))):
-                pin(parser, id, value)
+                values[id] = value
         # other options (defaults that are None, text or config expressions) keep MONAI's reading of the value
-    for id in user_data:  # defaults and values given otherwise (args_file) are data too
-        if id in parser and id not in options:
-            pin(parser, id, parser[id])
+    return values
+
+
+def guard_overrides(user_data: Iterable[str] = (), debug: Any = False, argv: Sequence[str] | None = None) -> None:
+    """Check and pin the user's inputs of the running bundle config (see the module docstring).
+
+    Args:
+        user_data: ids whose values are user data, always taken verbatim.
+        debug: keep Python's traceback for input errors (``--debug true``).
+        argv: the command line (default ``sys.argv``); only read when it is a ``python -m monai.bundle`` command.
+    """
+    debug = as_bool(debug, "debug")
+    options = command_line_options(argv)
+    if options is not None:
+        install_error_hook(debug)
+    parser = running_parser()
+    user_data = [ReferenceResolver.normalize_id(i) for i in user_data]
+    files = _config_files(options.get("config_file", [])) if options is not None else []
+    # without config files on the command line (Python API, --args_file) MONAI has read the values: pin those
+    values = _command_line_values(options, files, user_data) if files else {}
+    for id in user_data:
+        if id in parser and id not in values:
+            values[id] = parser[id]
+    for id, value in values.items():
+        pin(parser, id, value)
 
 
 def check_device(device: Any) -> Any:

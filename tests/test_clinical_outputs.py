@@ -101,3 +101,28 @@ def test_expression_slug_is_a_safe_unique_file_name():
     slug = expression_slug("The largest lesion / in the RIGHT lobe?")
     assert slug.startswith("the_largest_lesion_in_the_right_lobe-") and "/" not in slug
     assert expression_slug("all cysts") != expression_slug("All cysts!")
+
+
+@pytest.mark.parametrize("failing", ["write_overlay_png", "write_montage"])
+def test_a_failure_while_writing_leaves_no_output_and_a_rerun_works(tmp_path, monkeypatch, failing):
+    """The outputs of one (case, expression) are one unit: a writer failing halfway leaves none of them."""
+    import custom.clinical.outputs as outputs
+
+    nib.save(nib.Nifti1Image(case_volume(), AFFINE_LPS), tmp_path / "case_008.nii.gz")
+    image = load_ct_ras(tmp_path / "case_008.nii.gz")
+    writer = ReferringOutputWriter(tmp_path / "out", montage=True)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    real = getattr(outputs, failing)
+    monkeypatch.setattr(outputs, failing, broken)
+    with pytest.raises(OSError, match="disk full"):
+        writer(image, probabilities_like(image, 0.9), "all lesions")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+    monkeypatch.setattr(outputs, failing, real)
+    result = writer(image, probabilities_like(image, 0.9), "all lesions")
+    assert all(path.is_file() for path in result["paths"].values())
+    assert sorted(p.name for p in result["paths"]["mask"].parent.iterdir()) == sorted(
+        p.name for p in result["paths"].values()
+    )

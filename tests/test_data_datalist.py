@@ -22,7 +22,7 @@ def test_load_gives_absolute_existing_paths_and_all_fields(small_dataset):
             for key in ("image", "lesions", "liver"):
                 assert Path(case[key]).is_absolute() and Path(case[key]).is_file()
             assert case["expressions"] and "lesion_attributes" in case
-    with pytest.raises(ValueError, match="Unknown split"):
+    with pytest.raises(ValueError, match="there is no split .train."):
         load_datalist(small_dataset, "train")
 
 
