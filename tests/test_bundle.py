@@ -233,3 +233,23 @@ def test_two_process_ddp_evaluation_gathers_every_expression(dataset, checkpoint
     summary = json.loads((tmp_path / "test_summary.json").read_text())
     assert summary["overall"]["expressions"] == 5
     assert len((tmp_path / "test_expressions.csv").read_text().strip().splitlines()) == 1 + 5
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="needs the shipped weights bundle/models/model.pt")
+def test_monai_ckpt_export_loads_the_shipped_weights_and_traces_the_image_path(tmp_path):
+    """MONAI's ``ckpt_export`` traces with an image only (the text path needs ``custom.export``): it must load the
+    shipped file, which leaves out the frozen pretrained text encoder, and give the eager text-free output."""
+    from monai.bundle import ConfigParser, ckpt_export
+
+    from custom.networks import ShippedWeights
+
+    exported = tmp_path / "image_only.ts"
+    ckpt_export(net_id="network_def", filepath=str(exported), ckpt_file=str(SHIPPED), meta_file=META,
+                config_file=str(CONFIGS / "inference.json"), use_trace=True, input_shape=[1, 2, 96, 96])
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    eager = parser.get_parsed_content("network_def").eval()
+    ShippedWeights(eager).load_state_dict(torch.load(SHIPPED, weights_only=True))
+    image = torch.rand(1, 2, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(exported))(image), eager(image))

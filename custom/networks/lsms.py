@@ -22,6 +22,17 @@ BASE = dict(embed_dims=(64, 128, 320, 512), depths=(3, 3, 12, 3), mlp_ratios=(8,
             decoder_channels=256, decoder_heads=8, decoder_depth=2)
 
 
+def _frozen_text_encoder_comes_pretrained(module: LSMS, incompatible_keys) -> None:
+    """``load_state_dict`` hook: while the text encoder is fully frozen its weights are the pretrained ones it was
+    built from, so a checkpoint may leave them out (``ShippedWeights`` does); a strict load does not count them as
+    missing. Any other missing, unexpected or mismatched key still fails a strict load."""
+    encoder = module.text_encoder
+    if encoder is None or any(p.requires_grad for p in encoder.parameters()):
+        return
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not (k.startswith("text_encoder.") or ".text_encoder." in k)]
+
+
 class LSMS(nn.Module):
     """Referring lesion segmentation of a CT slice conditioned on an expression.
 
@@ -93,6 +104,7 @@ class LSMS(nn.Module):
         self.head = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(decoder_channels, out_channels, 1))
         self.pixel_projection = nn.Conv2d(decoder_channels, embedding_dim, 1)
         self.sentence_projection = nn.Linear(text_dim, embedding_dim) if use_language else None
+        self.register_load_state_dict_post_hook(_frozen_text_encoder_comes_pretrained)
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int

@@ -20,8 +20,9 @@ class ShippedWeights:
     """State-dict view of an LSMS network for ``CheckpointSaver`` / ``CheckpointLoader``.
 
     While the text encoder is fully frozen its weights are those of its pretrained package, so they are left out
-    of the file (``bundle/models/model.pt`` stays small). Loading is exact for every key the file holds: an
-    unexpected key, a shape mismatch or a missing key other than the frozen text encoder's raises an error.
+    of the file (``bundle/models/model.pt`` stays small); the network's own ``load_state_dict`` accepts such a file
+    (so MONAI's ``ckpt_export`` and any plain ``load_state_dict`` do too). Loading is exact for every key the file
+    holds: an unexpected key, a shape mismatch or another missing key raises :class:`CheckpointError`.
     A ``DistributedDataParallel`` wrapper is looked through.
     """
 
@@ -39,20 +40,14 @@ class ShippedWeights:
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
-        expected = self.network.state_dict()
-        unexpected = sorted(set(state_dict) - set(expected))
-        missing = sorted(set(expected) - set(state_dict))
-        if self._text_encoder_frozen():
-            missing = [k for k in missing if not k.startswith(TEXT_ENCODER_PREFIX)]
-        mismatched = [k for k in state_dict if k in expected and state_dict[k].shape != expected[k].shape]
-        if strict and (unexpected or missing or mismatched):
+        try:
+            self.network.load_state_dict(state_dict, strict=strict)
+        except RuntimeError as err:
             raise CheckpointError(
-                "The checkpoint does not match the network: "
-                f"unexpected keys {unexpected[:5]}, missing keys {missing[:5]}, shape mismatches {mismatched[:5]}. "
-                "Check that the network_def arguments (variant, windows, context slices, ablation switches) are "
-                "the ones the checkpoint was trained with."
-            )
-        self.network.load_state_dict(state_dict, strict=False)
+                f"The checkpoint does not match the network: {str(err).splitlines()[0]} ... Check that the "
+                "network_def arguments (variant, windows, context slices, ablation switches) are the ones the "
+                "checkpoint was trained with."
+            ) from err
 
 
 class CheckpointError(InputError, ValueError):
