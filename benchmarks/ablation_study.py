@@ -86,7 +86,17 @@ def final_checkpoint_saver() -> dict:
 def run_bundle(run_id: str, config: str, overrides: dict, args_file: Path, log_file: Path) -> tuple[float, int]:
     """Run ``python -m monai.bundle run run_id`` with ``overrides``; returns (wall seconds, peak RSS in bytes)."""
     args_file.write_text(json.dumps(overrides, indent=2))
-    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config, "--args_file", str(args_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        config,
+        "--args_file",
+        str(args_file),
+    ]
     start = time.perf_counter()
     with open(log_file, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -123,21 +133,28 @@ def run_variant(
     paths = {"ckpt_dir": str(directory), "output_dir": str(directory)}
     cost_file = directory / "training_cost.json"
     if not (directory / "model.pt").exists():
-        train_args = {**paths, "epochs": epochs, "foreground_prior": foreground_prior,
-                      f"train#handlers#{handler_index('ValidationHandler')}": final_checkpoint_saver(), **train_overrides}
+        train_args = {
+            **paths,
+            "epochs": epochs,
+            "foreground_prior": foreground_prior,
+            f"train#handlers#{handler_index('ValidationHandler')}": final_checkpoint_saver(),
+            **train_overrides,
+        }
         if (directory / "training_state.pt").exists():  # an interrupted training of this variant
             train_args["resume"] = True
         if limits.get("max_train_cases"):
             train_args["max_train_cases"] = limits["max_train_cases"]
-        wall, peak_rss = run_bundle("training", TRAIN_CONFIG, train_args, directory / "train_args.json",
-                                    directory / "train.log")
+        wall, peak_rss = run_bundle(
+            "training", TRAIN_CONFIG, train_args, directory / "train_args.json", directory / "train.log"
+        )
         cost_file.write_text(json.dumps({"wall_s": wall, "peak_rss_bytes": peak_rss, "epochs": epochs}))
     if not (directory / "test_summary.json").exists():
         evaluate_args = {**paths, "split": "test", "results_prefix": "test", **evaluate_overrides}
         if limits.get("max_expressions"):
             evaluate_args["max_expressions"] = limits["max_expressions"]
-        run_bundle("evaluating", EVALUATE_CONFIG, evaluate_args, directory / "evaluate_args.json",
-                   directory / "evaluate.log")
+        run_bundle(
+            "evaluating", EVALUATE_CONFIG, evaluate_args, directory / "evaluate_args.json", directory / "evaluate.log"
+        )
     return json.loads(cost_file.read_text()) if cost_file.exists() else {}
 
 
@@ -157,8 +174,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("outputs/study"))
-    parser.add_argument("--foreground-prior", type=float, default=0.01,
-                        help="initial output probability of every variant (custom.networks.init_output_bias); 0: off")
+    parser.add_argument(
+        "--foreground-prior",
+        type=float,
+        default=0.01,
+        help="initial output probability of every variant (custom.networks.init_output_bias); 0: off",
+    )
     parser.add_argument("--size", type=int, default=192, help="slice size for the FLOPs column")
     parser.add_argument("--max-train-cases", type=int, help="train on the first N cases only (a quick check)")
     parser.add_argument("--max-expressions", type=int, help="evaluate the first N expressions only (a quick check)")
@@ -173,8 +194,10 @@ def main() -> None:
         costs.append((name, cost, trainable, gflops))
         print(f"{name}: done", flush=True)
     print(f"\n{args.epochs} epochs = {steps} steps, at most {slices} training slices per variant\n")
-    print(f"| variant | trainable params (M) | GFLOPs/slice @{args.size}x{args.size} | training wall (min) | "
-          "slices/s (at most) | peak RSS (GB) |")
+    print(
+        f"| variant | trainable params (M) | GFLOPs/slice @{args.size}x{args.size} | training wall (min) | "
+        "slices/s (at most) | peak RSS (GB) |"
+    )
     print("|---|---|---|---|---|---|")
     for name, cost, trainable, gflops in costs:
         if cost:

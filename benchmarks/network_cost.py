@@ -1,6 +1,7 @@
 """Parameters and FLOPs per slice of LSMS variants next to MONAI 2D UNet and SwinUNETR.
 
-Usage: ``python -m benchmarks.network_cost [--sizes 256 480]`` from the repository root. FLOPs come from ``torch.utils.flop_counter``
+Usage: ``python -m benchmarks.network_cost [--sizes 256 480]`` from the repository root.
+FLOPs come from ``torch.utils.flop_counter``
 (one multiply-add counts as 2 FLOPs) for one slice of one channel; LSMS is counted with an expression of 16
 tokens, text encoder included, and its trainable parameters exclude the frozen text encoder.
 """
@@ -50,9 +51,11 @@ def main() -> None:
         text = tokens if name.startswith("lsms") else {}
         flops = [count_flops(net, torch.rand(1, 1, size, size), **text) for size in args.sizes]
         rows.append((name, trainable, total, flops))
-    header = f"| model | trainable params (M) | total params (M) | " + " | ".join(
-        f"GFLOPs/slice @{s}x{s}" for s in args.sizes
-    ) + " |"
+    header = (
+        "| model | trainable params (M) | total params (M) | "
+        + " | ".join(f"GFLOPs/slice @{s}x{s}" for s in args.sizes)
+        + " |"
+    )
     print(header)
     print("|" + "---|" * (3 + len(args.sizes)))
     for name, trainable, total, flops in rows:

@@ -1,1 +1,4 @@
-"""Python components of the LSMS referring lesion segmentation bundle (network, transforms, losses, metrics, data tools)."""
+"""Python components of the LSMS referring lesion segmentation bundle.
+
+Network, transforms, losses, metrics, data tools, clinical input and output.
+"""

@@ -51,8 +51,13 @@ def export_torchscript(
     inputs = [image, tokens["input_ids"], tokens["attention_mask"]]
     traced = convert_to_torchscript(network, inputs=inputs, use_trace=True, verify=True, rtol=1e-4, atol=1e-4)
     Path(filepath).parent.mkdir(parents=True, exist_ok=True)
-    save_net_with_metadata(traced, str(Path(filepath).with_suffix("")), ".ts", meta_values=parser.get("_meta_"),
-                           more_extra_files={"inference.json": json.dumps(parser.get()).encode()})
+    save_net_with_metadata(
+        traced,
+        str(Path(filepath).with_suffix("")),
+        ".ts",
+        meta_values=parser.get("_meta_"),
+        more_extra_files={"inference.json": json.dumps(parser.get()).encode()},
+    )
     return traced
 
 

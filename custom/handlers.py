@@ -46,7 +46,8 @@ class ReferringResultsWriter:
     Each decollated item must hold ``pred`` (1, ...) binary mask and ``label`` (1, ...) referred-target mask in
     the geometry of ``instance_key`` (the lesion instance map, a MetaTensor whose affine names the axial axis),
     and the strings ``case_id``, ``text``, ``kind``; the "not present" ``decision`` features (maximum probability,
-    predicted volume) are recorded when present, for calibrating the rule on the validation split. Writes ``<output_dir>/<prefix>_expressions.csv`` and
+    predicted volume) are recorded when present, for calibrating the rule on the validation split.
+    Writes ``<output_dir>/<prefix>_expressions.csv`` and
     ``<prefix>_summary.json`` (DESIGN section 6 metrics, overall and per kind), gathering across DDP ranks and
     writing on rank 0 only. The summary is also kept in ``engine.state.metrics["referring_summary"]``.
     """

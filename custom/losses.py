@@ -52,7 +52,10 @@ class LSMSLoss(nn.Module):
     """
 
     def __init__(
-        self, contrastive_weight: float = 0.1, temperature: float = 0.07, lambda_dice: float = 1.0,
+        self,
+        contrastive_weight: float = 0.1,
+        temperature: float = 0.07,
+        lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
     ) -> None:
         super().__init__()

@@ -41,11 +41,7 @@ def dice_3d(pred: np.ndarray, target: np.ndarray) -> float:
 def slice_overlaps(pred: np.ndarray, target: np.ndarray, axis: int) -> list[tuple[int, int]]:
     """(intersection, union) per 2D slice sample along ``axis``: the slices where the target is present."""
     pred, target = np.moveaxis(pred.astype(bool), axis, 0), np.moveaxis(target.astype(bool), axis, 0)
-    return [
-        (int(np.logical_and(p, t).sum()), int(np.logical_or(p, t).sum()))
-        for p, t in zip(pred, target)
-        if t.any()
-    ]
+    return [(int(np.logical_and(p, t).sum()), int(np.logical_or(p, t).sum())) for p, t in zip(pred, target) if t.any()]
 
 
 def match_lesions(
@@ -148,7 +144,9 @@ def _summary_of(scores: Sequence[ExpressionScores]) -> dict:
     negatives = [s for s in scores if s.negative]
     slices = [pair for s in positives for pair in s.slices]
     ious = np.array([i / u for i, u in slices if u], dtype=float)
-    lesions = {k: sum(s.lesions[k] for s in scores) for k in ("targets", "targets_hit", "components", "components_matched")}
+    lesions = {
+        k: sum(s.lesions[k] for s in scores) for k in ("targets", "targets_hit", "components", "components_matched")
+    }
     precision = lesions["components_matched"] / lesions["components"] if lesions["components"] else float("nan")
     recall = lesions["targets_hit"] / lesions["targets"] if lesions["targets"] else float("nan")
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else float("nan")

@@ -41,7 +41,8 @@ def images_in(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise PromptError(f"The dataset folder {folder} does not exist; pass a folder of NIfTI files or DICOM series.")
     found = sorted(
-        p for p in folder.iterdir()
+        p
+        for p in folder.iterdir()
         if (p.is_file() and p.name.endswith((".nii", ".nii.gz"))) or (p.is_dir() and any(p.glob("*.dcm")))
     )
     if not found:
@@ -70,7 +71,9 @@ def prompt_items(
     if tokenizer is None:
         tokenizer = load_tokenizer(text_model_path)
     if dataset_dir and not datalist:
-        return [{"image": str(path), "text": check_prompt(prompt, max_tokens, tokenizer)} for path in images_in(dataset_dir)]
+        return [
+            {"image": str(path), "text": check_prompt(prompt, max_tokens, tokenizer)} for path in images_in(dataset_dir)
+        ]
     if datalist:
         path = Path(datalist)
         if not path.is_file():
@@ -79,7 +82,9 @@ def prompt_items(
             entries = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise PromptError(f"The prompt list {path} is not valid JSON: {err}.") from err
-        if not isinstance(entries, list) or not all(isinstance(e, dict) and {"image", "prompt"} <= set(e) for e in entries):
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and {"image", "prompt"} <= set(e) for e in entries
+        ):
             raise PromptError(f"The prompt list {path} must be a JSON list of {{'image': ..., 'prompt': ...}} objects.")
         if not entries:
             raise PromptError(f"The prompt list {path} is empty; add {{'image': ..., 'prompt': ...}} entries.")

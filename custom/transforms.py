@@ -49,12 +49,18 @@ class HUWindowd(MapTransform):
         windows: ``[[centre, width], ...]`` in HU, e.g. ``[[60, 160], [40, 400]]`` (liver, abdomen).
     """
 
-    def __init__(self, keys: KeysCollection, windows: Sequence[Sequence[float]] = ((40.0, 400.0),),
-                 allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        windows: Sequence[Sequence[float]] = ((40.0, 400.0),),
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         windows = [tuple(float(v) for v in window) for window in windows]
         if not windows or any(len(w) != 2 or w[1] <= 0 for w in windows):
-            raise ValueError(f"windows must be a non-empty list of [centre, width] pairs with width > 0, got {windows}.")
+            raise ValueError(
+                f"windows must be a non-empty list of [centre, width] pairs with width > 0, got {windows}."
+            )
         self.windows = windows
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
@@ -74,8 +80,14 @@ class ReferredMaskd(MapTransform):
     ``allow_absent_targets`` (e.g. after resampling that may erase a tiny lesion).
     """
 
-    def __init__(self, instance_key: str = "lesions", targets_key: str = "targets", output_key: str = "label",
-                 allow_absent_targets: bool = False, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        instance_key: str = "lesions",
+        targets_key: str = "targets",
+        output_key: str = "label",
+        allow_absent_targets: bool = False,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__([instance_key], allow_missing_keys)
         self.instance_key = instance_key
         self.targets_key = targets_key
@@ -180,8 +192,11 @@ class ReferringSlicesd(Randomizable, MapTransform, MultiSampleTrait):
         if isinstance(volume, MetaTensor):
             affine = volume.affine.clone()
             affine[:3, 3] = affine[:3, 3] + affine[:3, 2] * z  # origin of slice z
-            out = MetaTensor(out.as_tensor() if isinstance(out, MetaTensor) else out, affine=affine,
-                             meta={k: v for k, v in volume.meta.items() if k != "affine"})
+            out = MetaTensor(
+                out.as_tensor() if isinstance(out, MetaTensor) else out,
+                affine=affine,
+                meta={k: v for k, v in volume.meta.items() if k != "affine"},
+            )
         return out
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> list[dict[Hashable, torch.Tensor]]:
@@ -193,9 +208,10 @@ class ReferringSlicesd(Randomizable, MapTransform, MultiSampleTrait):
         self.randomize(positive, self._liver_slices(d, depth))
         sliced = set(self.key_iterator(d))
         copied = {
-            key: value for key, value in d.items()
-            if key not in sliced and not (hasattr(value, "shape") and len(value.shape) >= 4
-                                          and tuple(value.shape[1:]) == spatial)
+            key: value
+            for key, value in d.items()
+            if key not in sliced
+            and not (hasattr(value, "shape") and len(value.shape) >= 4 and tuple(value.shape[1:]) == spatial)
         }
         samples = []
         for z in self._chosen:
@@ -215,9 +231,15 @@ class Tokenized(MapTransform):
     ``model_path`` (a local folder or hub name; default: the bundled MiniLM BERT, no network).
     """
 
-    def __init__(self, text_key: str = "text", model_path: str | None = None, max_length: int = DEFAULT_MAX_TOKENS,
-                 input_ids_key: str = "input_ids", attention_mask_key: str = "attention_mask",
-                 allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        text_key: str = "text",
+        model_path: str | None = None,
+        max_length: int = DEFAULT_MAX_TOKENS,
+        input_ids_key: str = "input_ids",
+        attention_mask_key: str = "attention_mask",
+        allow_missing_keys: bool = False,
+    ):
         super().__init__([text_key], allow_missing_keys)
         self.text_key = text_key
         self.model_path = model_path
@@ -238,8 +260,9 @@ class Tokenized(MapTransform):
             text = d[key]
             if not isinstance(text, str):
                 raise TypeError(f"'{key}' must be a string expression, got {type(text).__name__}: {text!r}.")
-            encoded = self.tokenizer(text, padding="max_length", truncation=True, max_length=self.max_length,
-                                     return_tensors="pt")
+            encoded = self.tokenizer(
+                text, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
             d[self.input_ids_key] = encoded["input_ids"][0].long()
             d[self.attention_mask_key] = encoded["attention_mask"][0].long()
         return d
@@ -252,8 +275,12 @@ class RandSelectExpressiond(Randomizable, MapTransform):
     ``expressions_key``, and removes ``drop_keys`` (lists of unequal length that would not collate).
     """
 
-    def __init__(self, expressions_key: str = "expressions", drop_keys: Sequence[str] = ("expressions", "lesion_attributes"),
-                 allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        expressions_key: str = "expressions",
+        drop_keys: Sequence[str] = ("expressions", "lesion_attributes"),
+        allow_missing_keys: bool = False,
+    ):
         super().__init__([expressions_key], allow_missing_keys)
         self.expressions_key = expressions_key
         self.drop_keys = tuple(drop_keys)
@@ -269,8 +296,12 @@ class RandSelectExpressiond(Randomizable, MapTransform):
             raise ValueError(f"Case '{d.get('case_id', '?')}' has no expressions to choose from.")
         self.randomize(len(expressions))
         chosen = expressions[self._index]
-        d.update(text=chosen["text"], targets=[int(t) for t in chosen["targets"]], kind=chosen["kind"],
-                 expression_id=chosen.get("id", f"{d.get('case_id', '')}-{self._index:02d}"))
+        d.update(
+            text=chosen["text"],
+            targets=[int(t) for t in chosen["targets"]],
+            kind=chosen["kind"],
+            expression_id=chosen.get("id", f"{d.get('case_id', '')}-{self._index:02d}"),
+        )
         for key in self.drop_keys:
             d.pop(key, None)
         return d

@@ -104,7 +104,7 @@ def _infer_request_problem(query: Dict[str, list], form) -> Optional[str]:
     else:
         detail = ""
     if not isinstance(value, dict):
-        return f"'params' must be a JSON object such as {{\"prompt\": \"the largest lesion\"}}{detail}."
+        return f'\'params\' must be a JSON object such as {{"prompt": "the largest lesion"}}{detail}.'
     return None
 
 
@@ -119,7 +119,11 @@ class InferRequestCheck:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope.get("type") != "http" or scope.get("method") != "POST" or not scope.get("path", "").startswith("/infer/"):
+        if (
+            scope.get("type") != "http"
+            or scope.get("method") != "POST"
+            or not scope.get("path", "").startswith("/infer/")
+        ):
             await self.app(scope, receive, send)
             return
         body, more = b"", True

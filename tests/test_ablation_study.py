@@ -39,21 +39,42 @@ def test_text_free_variants_withhold_text_and_target_every_lesion(monkeypatch):
     lesions[0, 0, 0, 0], lesions[0, 3, 3, 1] = 1, 2
     target = train.get_parsed_content("train#random_transforms#1")({"lesions": lesions, "targets": [2]})
     assert torch.equal(target["label"], (lesions > 0).float())  # both lesions although the text names one
-    batch = {"image": torch.zeros(1, 2, 8, 8), "label": torch.zeros(1, 1, 8, 8),
-             "input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
-    for prepare_batch in (train.get_parsed_content("train#prepare_batch"),
-                          parsed(EVALUATE_CONFIG, evaluate_overrides).get_parsed_content("prepare_batch")):
+    batch = {
+        "image": torch.zeros(1, 2, 8, 8),
+        "label": torch.zeros(1, 1, 8, 8),
+        "input_ids": torch.ones(1, 4, dtype=torch.long),
+        "attention_mask": torch.ones(1, 4, dtype=torch.long),
+    }
+    for prepare_batch in (
+        train.get_parsed_content("train#prepare_batch"),
+        parsed(EVALUATE_CONFIG, evaluate_overrides).get_parsed_content("prepare_batch"),
+    ):
         assert "input_ids" not in prepare_batch(batch)[3]
     unet = parsed(TRAIN_CONFIG, VARIANTS["unet_all_lesions"][0]).get_parsed_content("network_def")
     assert type(unet).__name__ == "UNet"
 
 
 def test_study_runs_a_variant_end_to_end(tmp_path):
-    command = [sys.executable, "-m", "benchmarks.ablation_study", "--epochs", "1", "--max-train-cases", "8",
-               "--max-expressions", "2", "--out", str(tmp_path), "--variants", "unet_all_lesions"]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.ablation_study",
+        "--epochs",
+        "1",
+        "--max-train-cases",
+        "8",
+        "--max-expressions",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--variants",
+        "unet_all_lesions",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     summary = json.loads((tmp_path / "unet_all_lesions" / "test_summary.json").read_text())
     assert summary["overall"]["expressions"] == 2
     assert (tmp_path / "unet_all_lesions" / "model.pt").is_file()
-    assert "| unet_all_lesions | 1.63 |" in result.stdout  # trainable parameters of the UNet baseline and "| 3D Dice |" in result.stdout
+    assert (
+        "| unet_all_lesions | 1.63 |" in result.stdout
+    )  # trainable parameters of the UNet baseline and "| 3D Dice |" in result.stdout

@@ -52,7 +52,9 @@ def digest_tree(root: Path) -> dict[str, str]:
     if not root.exists():
         return {}
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -123,7 +125,9 @@ def inputs(tmp_path_factory) -> Path:
         "image_number.json": json.dumps([{"image": 12, "prompt": PROMPT}]),
         "missing_image.json": json.dumps([{"image": "nowhere.nii.gz", "prompt": PROMPT}]),
         "twice.json": json.dumps([{"image": "ct.nii.gz", "prompt": PROMPT}, {"image": "ct.nii.gz", "prompt": PROMPT}]),
-        "same_names.json": json.dumps([{"image": "a/ct.nii.gz", "prompt": PROMPT}, {"image": "b/ct.nii.gz", "prompt": PROMPT}]),
+        "same_names.json": json.dumps(
+            [{"image": "a/ct.nii.gz", "prompt": PROMPT}, {"image": "b/ct.nii.gz", "prompt": PROMPT}]
+        ),
         "prompt_code.json": json.dumps([{"image": "ct.nii.gz", "prompt": "$__import__('os').getcwd()"}]),
         "not_a_list.json": json.dumps({"image": "ct.nii.gz", "prompt": PROMPT}),
     }
@@ -171,7 +175,10 @@ def verbatim(text: str):
 def same_names_kept_apart(inputs: Path, out: Path, marker: Path) -> None:
     records = sorted(out.rglob("*.json"))
     assert len(records) == 2 and records[0].parent != records[1].parent
-    assert {json.loads(r.read_text())["input"] for r in records} == {str(inputs / "a" / "ct.nii.gz"), str(inputs / "b" / "ct.nii.gz")}
+    assert {json.loads(r.read_text())["input"] for r in records} == {
+        str(inputs / "a" / "ct.nii.gz"),
+        str(inputs / "b" / "ct.nii.gz"),
+    }
 
 
 def nifti_for_dicom_without_frame_of_reference(inputs: Path, out: Path, marker: Path) -> None:
@@ -190,8 +197,15 @@ def run_dir_with_model(inputs: Path, out: Path) -> None:
 IMG = "{inputs}/ct.nii.gz"
 CASES = [
     # prompts: data, never code
-    Case("prompt that is a Python expression", ["--image", IMG, "--prompt", INJECTION], code=0, check=verbatim(INJECTION)),
-    Case("prompt that is a config reference", ["--image", IMG, "--prompt", "@checkpoint"], code=0, check=verbatim("@checkpoint")),
+    Case(
+        "prompt that is a Python expression", ["--image", IMG, "--prompt", INJECTION], code=0, check=verbatim(INJECTION)
+    ),
+    Case(
+        "prompt that is a config reference",
+        ["--image", IMG, "--prompt", "@checkpoint"],
+        code=0,
+        check=verbatim("@checkpoint"),
+    ),
     Case("prompt that looks like a number", ["--image", IMG, "--prompt", "1"], code=0, check=verbatim("1")),
     Case("empty prompt", ["--image", IMG, "--prompt", ""], "The prompt is empty"),
     Case("blank prompt", ["--image", IMG, "--prompt", "   "], "The prompt is empty"),
@@ -216,20 +230,40 @@ CASES = [
     Case("series uid that is not there", ["--image", "{inputs}/mixed", "--series_uid", "9.9.9"], "9.9.9"),
     Case("series with a missing slice", ["--image", "{inputs}/gap"], "missing"),
     Case("files named .dcm that are not DICOM", ["--image", "{inputs}/not_dicom"], "No DICOM image found"),
-    Case("real CT without a Frame of Reference UID", ["--image", "{inputs}/no_frame_of_reference"], code=0,
-         check=nifti_for_dicom_without_frame_of_reference),
+    Case(
+        "real CT without a Frame of Reference UID",
+        ["--image", "{inputs}/no_frame_of_reference"],
+        code=0,
+        check=nifti_for_dicom_without_frame_of_reference,
+    ),
     # output folders
     Case("output folder is a file", ["--image", IMG, "--output_dir", "{inputs}/weights.txt"], "is a file"),
-    Case("output folder cannot be created", ["--image", IMG, "--output_dir", "/proc/lsms_outputs"], "cannot be written"),
-    Case("output folder inside the input series", ["--image", "{inputs}/series", "--output_dir", "{inputs}/series/out"],
-         "inside the input series folder"),
-    Case("output folder is the series' parent", ["--image", "{inputs}/series", "--output_dir", "{inputs}"],
-         "never written into an input"),
+    Case(
+        "output folder cannot be created", ["--image", IMG, "--output_dir", "/proc/lsms_outputs"], "cannot be written"
+    ),
+    Case(
+        "output folder inside the input series",
+        ["--image", "{inputs}/series", "--output_dir", "{inputs}/series/out"],
+        "inside the input series folder",
+    ),
+    Case(
+        "output folder is the series' parent",
+        ["--image", "{inputs}/series", "--output_dir", "{inputs}"],
+        "never written into an input",
+    ),
     Case("outputs exist already", ["--image", IMG], "exists already", prepare=existing_outputs),
-    Case("--overwrite false with existing outputs", ["--image", IMG, "--overwrite", "false"], "exists already",
-         prepare=existing_outputs),
-    Case("--overwrite no with existing outputs", ["--image", IMG, "--overwrite", "no"], "exists already",
-         prepare=existing_outputs),
+    Case(
+        "--overwrite false with existing outputs",
+        ["--image", IMG, "--overwrite", "false"],
+        "exists already",
+        prepare=existing_outputs,
+    ),
+    Case(
+        "--overwrite no with existing outputs",
+        ["--image", IMG, "--overwrite", "no"],
+        "exists already",
+        prepare=existing_outputs,
+    ),
     Case("--overwrite maybe", ["--image", IMG, "--overwrite", "maybe"], "must be true or false"),
     # prompt lists and folders
     Case("datalist that does not exist", ["--datalist", "{inputs}/nowhere.json"], "does not exist"),
@@ -240,36 +274,79 @@ CASES = [
     Case("datalist image that is a number", ["--datalist", "{inputs}/image_number.json"], "image path as text"),
     Case("datalist image that does not exist", ["--datalist", "{inputs}/missing_image.json"], "does not exist"),
     Case("datalist pair listed twice", ["--datalist", "{inputs}/twice.json"], "listed twice"),
-    Case("datalist prompt that is a Python expression", ["--datalist", "{inputs}/prompt_code.json"], code=0,
-         check=verbatim("$__import__('os').getcwd()")),
-    Case("two inputs with the same file name", ["--datalist", "{inputs}/same_names.json", "--overwrite", "true"], code=0,
-         check=same_names_kept_apart),
+    Case(
+        "datalist prompt that is a Python expression",
+        ["--datalist", "{inputs}/prompt_code.json"],
+        code=0,
+        check=verbatim("$__import__('os').getcwd()"),
+    ),
+    Case(
+        "two inputs with the same file name",
+        ["--datalist", "{inputs}/same_names.json", "--overwrite", "true"],
+        code=0,
+        check=same_names_kept_apart,
+    ),
     Case("dataset folder that does not exist", ["--dataset_dir", "{inputs}/nowhere"], "does not exist"),
     Case("dataset folder without images", ["--dataset_dir", "{inputs}/dataset_without_images"], "holds no .nii"),
     # options
     Case("misspelt option", ["--image", IMG, "--promt", PROMPT], "Did you mean --prompt?"),
-    Case("misspelt nested option", ["--image", IMG, "--referral#thresold", "0.3"], "Did you mean --referral#threshold?"),
+    Case(
+        "misspelt nested option", ["--image", IMG, "--referral#thresold", "0.3"], "Did you mean --referral#threshold?"
+    ),
     Case("number option given text", ["--image", IMG, "--in_plane_spacing", "abc"], "must be a number"),
     Case("nested number option given text", ["--image", IMG, "--referral#threshold", "abc"], "must be a number"),
     Case("whole-number option given a fraction", ["--image", IMG, "--max_tokens", "3.5"], "whole number"),
     Case("CUDA device on a CPU-only machine", ["--image", IMG, "--device", "cuda"], "no CUDA GPU", fast=False),
     Case("device name that does not exist", ["--image", IMG, "--device", "quantum"], "not a device name", fast=False),
     # checkpoints
-    Case("checkpoint that is a text file", ["--image", IMG, "--checkpoint", "{inputs}/weights.txt"], "not a PyTorch weights file"),
+    Case(
+        "checkpoint that is a text file",
+        ["--image", IMG, "--checkpoint", "{inputs}/weights.txt"],
+        "not a PyTorch weights file",
+    ),
     Case("checkpoint that does not exist", ["--image", IMG, "--checkpoint", "{inputs}/nowhere.pt"], "does not exist"),
-    Case("checkpoint of another network", ["--image", IMG, "--checkpoint", "{inputs}/other_weights.pt"],
-         "does not match the network"),
+    Case(
+        "checkpoint of another network",
+        ["--image", IMG, "--checkpoint", "{inputs}/other_weights.pt"],
+        "does not match the network",
+    ),
     # training and evaluation
-    Case("training --epochs abc", ["--epochs", "abc", "--run_dir", "{out}/run"], "--epochs must be a whole number",
-         config="train", fast=False),
-    Case("training --resume without a saved run", ["--resume", "true", "--run_dir", "{out}/run"], "Nothing to resume",
-         config="train", fast=False),
-    Case("training over an existing run", ["--run_dir", "{out}/run"], "holds a training run already", config="train",
-         prepare=run_dir_with_model, fast=False),
-    Case("evaluation of a split that does not exist", ["--dataset_dir", "{inputs}", "--split", "tests"], "no split 'tests'",
-         config="evaluate", fast=False),
-    Case("evaluation of a dataset without a datalist", ["--dataset_dir", "{inputs}/empty_folder"], "does not exist",
-         config="evaluate", fast=False),
+    Case(
+        "training --epochs abc",
+        ["--epochs", "abc", "--run_dir", "{out}/run"],
+        "--epochs must be a whole number",
+        config="train",
+        fast=False,
+    ),
+    Case(
+        "training --resume without a saved run",
+        ["--resume", "true", "--run_dir", "{out}/run"],
+        "Nothing to resume",
+        config="train",
+        fast=False,
+    ),
+    Case(
+        "training over an existing run",
+        ["--run_dir", "{out}/run"],
+        "holds a training run already",
+        config="train",
+        prepare=run_dir_with_model,
+        fast=False,
+    ),
+    Case(
+        "evaluation of a split that does not exist",
+        ["--dataset_dir", "{inputs}", "--split", "tests"],
+        "no split 'tests'",
+        config="evaluate",
+        fast=False,
+    ),
+    Case(
+        "evaluation of a dataset without a datalist",
+        ["--dataset_dir", "{inputs}/empty_folder"],
+        "does not exist",
+        config="evaluate",
+        fast=False,
+    ),
 ]
 
 
@@ -326,6 +403,7 @@ class Result:
 def run_cases(jobs: list[tuple[str, list[str], Path]], parallel: int = 2) -> dict[str, Result]:
     """Fork one process per job (``parallel`` at a time, from this single thread); {name: Result}."""
     import monai.bundle  # noqa: F401  (imported once, before forking)
+
     import custom.clinical  # noqa: F401
     import custom.networks  # noqa: F401
 

@@ -18,19 +18,31 @@ from custom.data.synthetic import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundle" / "configs"
-SCHEMA = ROOT / "tests" / "schemas" / "meta_schema_20240725.json"  # the MONAI bundle metadata schema, shipped for offline checks
+SCHEMA = (
+    ROOT / "tests" / "schemas" / "meta_schema_20240725.json"
+)  # the MONAI bundle metadata schema, shipped for offline checks
 META = str(CONFIGS / "metadata.json")
 LOGGING = str(CONFIGS / "logging.conf")
 
 #: Small and fast: coarse in-plane spacing, small slices, one epoch.
 TINY = {"in_plane_spacing": 4.0, "num_workers": 0}
-TINY_TRAIN = {**TINY, "slice_size": [96, 96], "epochs": 1, "val_interval": 1, "batch_cases": 2,
-              "slices_per_expression": 2, "max_val_expressions": 2}
+TINY_TRAIN = {
+    **TINY,
+    "slice_size": [96, 96],
+    "epochs": 1,
+    "val_interval": 1,
+    "batch_cases": 2,
+    "slices_per_expression": 2,
+    "max_val_expressions": 2,
+}
 
 
 def workflow(config: str, workflow_type: str, **overrides) -> ConfigWorkflow:
     return ConfigWorkflow(
-        config_file=str(CONFIGS / config), meta_file=META, logging_file=LOGGING, workflow_type=workflow_type,
+        config_file=str(CONFIGS / config),
+        meta_file=META,
+        logging_file=LOGGING,
+        workflow_type=workflow_type,
         **overrides,
     )
 
@@ -50,8 +62,14 @@ def dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train")
-    flow = workflow("train.json", "train", dataset_dir=str(dataset), output_dir=str(out / "logs"),
-                    ckpt_dir=str(out / "models"), **TINY_TRAIN)
+    flow = workflow(
+        "train.json",
+        "train",
+        dataset_dir=str(dataset),
+        output_dir=str(out / "logs"),
+        ckpt_dir=str(out / "models"),
+        **TINY_TRAIN,
+    )
     run_workflow(flow)
     return out / "models" / "model.pt"
 
@@ -64,8 +82,15 @@ def test_training_workflow_writes_a_small_checkpoint_without_the_frozen_text_enc
 
 
 def test_evaluation_workflow_writes_per_expression_results_and_summary(dataset, checkpoint, tmp_path):
-    flow = workflow("evaluate.json", "infer", dataset_dir=str(dataset), output_dir=str(tmp_path),
-                    checkpoint=str(checkpoint), max_expressions=3, **TINY)
+    flow = workflow(
+        "evaluate.json",
+        "infer",
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path),
+        checkpoint=str(checkpoint),
+        max_expressions=3,
+        **TINY,
+    )
     run_workflow(flow)
     rows = (tmp_path / "test_expressions.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3
@@ -94,8 +119,15 @@ def test_inference_mask_has_the_input_geometry(dataset, checkpoint, tmp_path, or
     if orientation == "LPS":
         image = lps_copy(image, tmp_path / "case_lps.nii.gz")
     prompt = case["expressions"][0]["text"]
-    flow = workflow("inference.json", "infer", image=str(image), prompt=prompt, output_dir=str(tmp_path / "out"),
-                    checkpoint=str(checkpoint), **TINY)
+    flow = workflow(
+        "inference.json",
+        "infer",
+        image=str(image),
+        prompt=prompt,
+        output_dir=str(tmp_path / "out"),
+        checkpoint=str(checkpoint),
+        **TINY,
+    )
     run_workflow(flow)
     masks = list((tmp_path / "out").rglob("*_mask.nii.gz"))
     records = list((tmp_path / "out").rglob("*.json"))
@@ -111,7 +143,9 @@ def test_inference_mask_has_the_input_geometry(dataset, checkpoint, tmp_path, or
 def test_inference_refuses_an_empty_prompt_with_a_clear_message(checkpoint, tmp_path):
     from custom.prompts import PromptError
 
-    flow = workflow("inference.json", "infer", prompt="  ", output_dir=str(tmp_path), checkpoint=str(checkpoint), **TINY)
+    flow = workflow(
+        "inference.json", "infer", prompt="  ", output_dir=str(tmp_path), checkpoint=str(checkpoint), **TINY
+    )
     with pytest.raises(Exception) as raised:  # checked in initialize, before the network is built
         flow.initialize()
     chain = [raised.value]
@@ -129,9 +163,10 @@ def test_network_input_and_output_match_the_metadata():
 
 
 def test_torchscript_export_equals_eager_with_text_inputs(checkpoint, tmp_path):
+    from monai.bundle import ConfigParser
+
     from custom.export import export_torchscript
     from custom.networks import ShippedWeights
-    from monai.bundle import ConfigParser
 
     exported = tmp_path / "model.ts"
     export_torchscript(str(CONFIGS / "inference.json"), str(checkpoint), str(exported), META)
@@ -160,18 +195,46 @@ def overrides(values: dict) -> list[str]:
 @pytest.mark.parametrize("run_id", ["training", None], ids=["run training", "run"])
 def test_command_line_training_with_legacy_id_and_run(dataset, tmp_path, run_id):
     args = ["run"] + ([run_id] if run_id else []) + ["--config_file", "bundle/configs/train.json"]
-    cli(*args, *overrides({**TINY_TRAIN, "dataset_dir": str(dataset), "output_dir": str(tmp_path / "logs"),
-                          "ckpt_dir": str(tmp_path / "models")}))
+    cli(
+        *args,
+        *overrides(
+            {
+                **TINY_TRAIN,
+                "dataset_dir": str(dataset),
+                "output_dir": str(tmp_path / "logs"),
+                "ckpt_dir": str(tmp_path / "models"),
+            }
+        ),
+    )
     assert (tmp_path / "models" / "model.pt").is_file()
 
 
 def test_two_process_ddp_training_ends_with_one_checkpoint(dataset, tmp_path):
     config = "['bundle/configs/train.json','bundle/configs/multi_gpu_train.json']"
-    runner = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-              "-m", "monai.bundle")
-    cli("run", "--config_file", config,
-        *overrides({**TINY_TRAIN, "batch_cases": 1, "dataset_dir": str(dataset), "output_dir": str(tmp_path / "logs"),
-                    "ckpt_dir": str(tmp_path / "models")}), runner=runner)
+    runner = (
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29533",
+        "-m",
+        "monai.bundle",
+    )
+    cli(
+        "run",
+        "--config_file",
+        config,
+        *overrides(
+            {
+                **TINY_TRAIN,
+                "batch_cases": 1,
+                "dataset_dir": str(dataset),
+                "output_dir": str(tmp_path / "logs"),
+                "ckpt_dir": str(tmp_path / "models"),
+            }
+        ),
+        runner=runner,
+    )
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "training_state.pt"]
 
 
@@ -199,8 +262,11 @@ def test_dicom_series_gives_the_same_mask_as_its_nifti_twin(tmp_path):
     files = write_ct_series(np.asanyarray(ras.dataobj).astype(np.int16), ras.affine, tmp_path / "dicom")
     prompt = json.loads((ROOT / "bundle" / "sample" / "sample.json").read_text())["prompts"][0]["text"]
     for name, image in (("nifti", sample), ("dicom", tmp_path / "dicom")):
-        run_workflow(workflow("inference.json", "infer", image=str(image), prompt=prompt,
-                              output_dir=str(tmp_path / "out" / name)))
+        run_workflow(
+            workflow(
+                "inference.json", "infer", image=str(image), prompt=prompt, output_dir=str(tmp_path / "out" / name)
+            )
+        )
     nifti_mask = nib.as_closest_canonical(nib.load(next((tmp_path / "out" / "nifti").rglob("*_mask.nii.gz"))))
     nifti_ras = np.asanyarray(nifti_mask.dataobj) > 0
     frames, uids = read_seg_frames(next((tmp_path / "out" / "dicom").rglob("*_seg.dcm")))
@@ -212,7 +278,8 @@ def test_dicom_series_gives_the_same_mask_as_its_nifti_twin(tmp_path):
     np.testing.assert_array_equal(dicom_ras, nifti_ras)
     records = [json.loads(next((tmp_path / "out" / n).rglob("*.json")).read_text()) for n in ("nifti", "dicom")]
     assert records[0]["found"] == records[1]["found"]
-    assert [round(l["volume_ml"], 3) for l in records[0]["lesions"]] == [round(l["volume_ml"], 3) for l in records[1]["lesions"]]
+    volumes = [[round(lesion["volume_ml"], 3) for lesion in record["lesions"]] for record in records]
+    assert volumes[0] == volumes[1]
 
 
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="needs the shipped weights bundle/models/model.pt")
@@ -225,11 +292,30 @@ def test_readme_first_command_runs_the_default_inference(tmp_path):
 
 def test_two_process_ddp_evaluation_gathers_every_expression(dataset, checkpoint, tmp_path):
     config = "['bundle/configs/evaluate.json','bundle/configs/multi_gpu_evaluate.json']"
-    runner = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
-              "-m", "monai.bundle")
-    cli("run", "--config_file", config,
-        *overrides({**TINY, "dataset_dir": str(dataset), "output_dir": str(tmp_path), "checkpoint": str(checkpoint),
-                    "max_expressions": 5}), runner=runner)
+    runner = (
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29534",
+        "-m",
+        "monai.bundle",
+    )
+    cli(
+        "run",
+        "--config_file",
+        config,
+        *overrides(
+            {
+                **TINY,
+                "dataset_dir": str(dataset),
+                "output_dir": str(tmp_path),
+                "checkpoint": str(checkpoint),
+                "max_expressions": 5,
+            }
+        ),
+        runner=runner,
+    )
     summary = json.loads((tmp_path / "test_summary.json").read_text())
     assert summary["overall"]["expressions"] == 5
     assert len((tmp_path / "test_expressions.csv").read_text().strip().splitlines()) == 1 + 5
@@ -244,8 +330,15 @@ def test_monai_ckpt_export_loads_the_shipped_weights_and_traces_the_image_path(t
     from custom.networks import ShippedWeights
 
     exported = tmp_path / "image_only.ts"
-    ckpt_export(net_id="network_def", filepath=str(exported), ckpt_file=str(SHIPPED), meta_file=META,
-                config_file=str(CONFIGS / "inference.json"), use_trace=True, input_shape=[1, 2, 96, 96])
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(exported),
+        ckpt_file=str(SHIPPED),
+        meta_file=META,
+        config_file=str(CONFIGS / "inference.json"),
+        use_trace=True,
+        input_shape=[1, 2, 96, 96],
+    )
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
     eager = parser.get_parsed_content("network_def").eval()

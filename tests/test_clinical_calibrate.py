@@ -17,10 +17,14 @@ def write_csv(path, rows):
 
 
 def rows(positive_probabilities, negative_probabilities):
-    out = [{"case_id": "a", "text": "p", "targets": "1", "max_probability": p, "volume_ml": 2.0}
-           for p in positive_probabilities]
-    out += [{"case_id": "a", "text": "n", "targets": "", "max_probability": p, "volume_ml": 2.0 if p >= 0.5 else 0.0}
-            for p in negative_probabilities]
+    out = [
+        {"case_id": "a", "text": "p", "targets": "1", "max_probability": p, "volume_ml": 2.0}
+        for p in positive_probabilities
+    ]
+    out += [
+        {"case_id": "a", "text": "n", "targets": "", "max_probability": p, "volume_ml": 2.0 if p >= 0.5 else 0.0}
+        for p in negative_probabilities
+    ]
     return out
 
 

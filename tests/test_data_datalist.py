@@ -91,7 +91,9 @@ def test_shape_and_affine_mismatch_are_named(absolute_datalist, tmp_path):
     first["liver"] = str(tmp_path / "short.nii.gz")
     second["lesions"] = str(tmp_path / "moved.nii.gz")
     message = problems_of(write(tmp_path, absolute_datalist))
-    assert f"case '{first['case_id']}'" in message and "liver shape" in message and "differs from image shape" in message
+    assert (
+        f"case '{first['case_id']}'" in message and "liver shape" in message and "differs from image shape" in message
+    )
     assert f"case '{second['case_id']}'" in message and "lesions affine differs" in message
 
 

@@ -25,8 +25,11 @@ KEYS = ["image", "lesions", "liver"]
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def all_cases(datalist: Path) -> list[dict]:
@@ -55,7 +58,9 @@ def test_same_seed_same_bytes_and_other_seed_other_data(tmp_path):
 def ras_and_lps(tmp_path_factory):
     """The same case (6 lesions) saved in RAS and in LPS."""
     root = tmp_path_factory.mktemp("orientation")
-    return {code: (generate_case(root / code, index=0, seed=2, orientation=code), root / code) for code in ("RAS", "LPS")}
+    return {
+        code: (generate_case(root / code, index=0, seed=2, orientation=code), root / code) for code in ("RAS", "LPS")
+    }
 
 
 def test_lps_and_ras_give_the_same_expressions_targets_and_attributes(ras_and_lps):
@@ -65,8 +70,9 @@ def test_lps_and_ras_give_the_same_expressions_targets_and_attributes(ras_and_lp
     assert len(ras["lesion_attributes"]) == 6
     assert ras["expressions"] == lps["expressions"]
     for a, b in zip(ras["lesion_attributes"], lps["lesion_attributes"]):
-        assert {k: v for k, v in a.items() if not isinstance(v, (float, list))} == \
-               {k: v for k, v in b.items() if not isinstance(v, (float, list))}
+        assert {k: v for k, v in a.items() if not isinstance(v, (float, list))} == {
+            k: v for k, v in b.items() if not isinstance(v, (float, list))
+        }
         np.testing.assert_allclose(a["centroid_ras_mm"], b["centroid_ras_mm"], atol=0.11)
         assert abs(a["longest_axial_diameter_mm"] - b["longest_axial_diameter_mm"]) <= 0.11
     for key in ("x_range", "y_range", "z_range", "dome"):
@@ -159,8 +165,13 @@ def test_bad_options_are_named(tmp_path):
 
 def test_command_line_and_summary(tmp_path, capsys):
     out = tmp_path / "cli"
-    result = subprocess.run([sys.executable, "-m", "custom.data.synthetic", "--out", str(out), "--cases", "3",
-                             "--seed", "4"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "custom.data.synthetic", "--out", str(out), "--cases", "3", "--seed", "4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "Generated 3 cases in" in result.stdout
     datalist = out / "datalist.json"
@@ -175,8 +186,11 @@ def test_command_line_and_summary(tmp_path, capsys):
     for word in ("training", "validation", "test", "total", "negative", "neg. share", "slices"):
         assert word in printed
     total_line = next(line for line in printed.splitlines() if line.strip().startswith("total"))
-    assert total_line.split()[1:4] == ["3", str(sum(len(c["lesion_attributes"]) for c in cases)),
-                                       str(sum(len(c["expressions"]) for c in cases))]
+    assert total_line.split()[1:4] == [
+        "3",
+        str(sum(len(c["lesion_attributes"]) for c in cases)),
+        str(sum(len(c["expressions"]) for c in cases)),
+    ]
 
 
 def test_default_dataset_is_generated_once_even_by_concurrent_callers(tmp_path, monkeypatch):
@@ -189,8 +203,10 @@ def test_default_dataset_is_generated_once_even_by_concurrent_callers(tmp_path, 
 
     monkeypatch.setattr(default_dataset, "generate_dataset", counting)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(default_dataset.ensure_default_dataset(tmp_path, num_cases=3)))
-               for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: results.append(default_dataset.ensure_default_dataset(tmp_path, num_cases=3)))
+        for _ in range(2)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

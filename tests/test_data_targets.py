@@ -34,8 +34,10 @@ SELECT_WORDS = {
     "closest_to_dome": ("dome",),
 }
 KIND_WORDS = {"cyst": ("cyst",), "metastasis": ("metasta",), "tumour": ("tumour", "solid")}
-DENSITY_WORDS = {"hypodense": ("hypodense", "low-density", "hypoattenuating"),
-                 "hyperdense": ("hyperdense", "high-density", "hyperattenuating", "bright")}
+DENSITY_WORDS = {
+    "hypodense": ("hypodense", "low-density", "hypoattenuating"),
+    "hyperdense": ("hyperdense", "high-density", "hyperattenuating", "bright"),
+}
 
 
 def boundary(section: np.ndarray) -> np.ndarray:
@@ -56,8 +58,9 @@ def axial_diameter(mask: np.ndarray, affine: np.ndarray) -> float:
         ijk[:, plane] = pixels
         ijk[:, axis] = k
         centres = apply_affine(affine, ijk)[:, :2]
-        corners = np.concatenate([centres + 0.5 * (a * affine[:2, plane[0]] + b * affine[:2, plane[1]])
-                                  for a in (-1, 1) for b in (-1, 1)])
+        corners = np.concatenate(
+            [centres + 0.5 * (a * affine[:2, plane[0]] + b * affine[:2, plane[1]]) for a in (-1, 1) for b in (-1, 1)]
+        )
         best = max(best, float(pdist(corners).max()))
     return best
 
@@ -92,9 +95,14 @@ def measure_case(case: dict, base: Path) -> dict[int, dict]:
         centroid = apply_affine(affine, np.argwhere(mask)).mean(0)
         lobe, segment = region(centroid, low, high)
         facts[int(lesion_id)] = {
-            "centroid": centroid, "volume": mask.sum() * abs(np.linalg.det(affine[:3, :3])),
-            "diameter": axial_diameter(mask, affine), "mean_hu": hu[mask].mean(), "contrast": hu[mask].mean() - liver_hu,
-            "dome": float(np.linalg.norm(centroid - dome)), "lobe": lobe, "segment": segment,
+            "centroid": centroid,
+            "volume": mask.sum() * abs(np.linalg.det(affine[:3, :3])),
+            "diameter": axial_diameter(mask, affine),
+            "mean_hu": hu[mask].mean(),
+            "contrast": hu[mask].mean() - liver_hu,
+            "dome": float(np.linalg.norm(centroid - dome)),
+            "lobe": lobe,
+            "segment": segment,
         }
     return facts
 
@@ -116,10 +124,14 @@ def passes(fact: dict, kind: str, query: dict) -> bool:
 
 
 RANK_KEYS = {
-    "largest": lambda f: f["volume"], "smallest": lambda f: -f["volume"],
-    "uppermost": lambda f: f["centroid"][2], "lowest": lambda f: -f["centroid"][2],
-    "most_anterior": lambda f: f["centroid"][1], "most_posterior": lambda f: -f["centroid"][1],
-    "rightmost": lambda f: f["centroid"][0], "leftmost": lambda f: -f["centroid"][0],
+    "largest": lambda f: f["volume"],
+    "smallest": lambda f: -f["volume"],
+    "uppermost": lambda f: f["centroid"][2],
+    "lowest": lambda f: -f["centroid"][2],
+    "most_anterior": lambda f: f["centroid"][1],
+    "most_posterior": lambda f: -f["centroid"][1],
+    "rightmost": lambda f: f["centroid"][0],
+    "leftmost": lambda f: -f["centroid"][0],
     "closest_to_dome": lambda f: -f["dome"],
 }
 

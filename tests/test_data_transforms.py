@@ -53,8 +53,16 @@ def slice_data(label_slices, liver_slices=range(2, 9), depth=10):
     label[..., list(label_slices)] = 1
     liver = torch.zeros(1, 4, 3, depth)
     liver[..., list(liver_slices)] = 1
-    return {"image": slice_volume(depth), "label": label, "liver": liver, "lesions": label.clone(),
-            "text": "the cyst", "kind": "density", "case_id": "c1", "input_ids": torch.ones(DEFAULT_MAX_TOKENS)}
+    return {
+        "image": slice_volume(depth),
+        "label": label,
+        "liver": liver,
+        "lesions": label.clone(),
+        "text": "the cyst",
+        "kind": "density",
+        "case_id": "c1",
+        "input_ids": torch.ones(DEFAULT_MAX_TOKENS),
+    }
 
 
 def test_slices_hold_targets_plus_a_share_of_liver_slices_without_them():
@@ -122,7 +130,7 @@ def test_tokenizer_pads_to_max_length_and_loads_once(tokenizer_transform):
     assert ids.dtype == torch.long and mask.dtype == torch.long
     tokens = tokenizer_transform.tokenizer.convert_ids_to_tokens(ids[: int(mask.sum())].tolist())
     assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and "right" in tokens and "lobe" in tokens
-    assert int(mask.sum()) < DEFAULT_MAX_TOKENS and int(ids[int(mask.sum()):].abs().sum()) == 0  # padding
+    assert int(mask.sum()) < DEFAULT_MAX_TOKENS and int(ids[int(mask.sum()) :].abs().sum()) == 0  # padding
     loaded = tokenizer_transform.tokenizer
     tokenizer_transform({"text": "all cysts"})
     assert tokenizer_transform.tokenizer is loaded
@@ -133,8 +141,13 @@ def test_tokenizer_pads_to_max_length_and_loads_once(tokenizer_transform):
 
 
 def test_random_expression_choice_is_reproducible():
-    case = {"case_id": "c", "expressions": [{"text": f"e{i}", "targets": [i] if i else [], "kind": "size", "id": f"c-{i}"}
-                                            for i in range(5)], "lesion_attributes": [{"id": 1}]}
+    case = {
+        "case_id": "c",
+        "expressions": [
+            {"text": f"e{i}", "targets": [i] if i else [], "kind": "size", "id": f"c-{i}"} for i in range(5)
+        ],
+        "lesion_attributes": [{"id": 1}],
+    }
     transform = RandSelectExpressiond()
     transform.set_random_state(3)
     first = transform(case)
@@ -148,13 +161,19 @@ def test_pipeline_from_datalist_to_batches(small_dataset, tokenizer_transform):
     items = expand_expressions(load_datalist(small_dataset, "training"))
     items = [next(i for i in items if i["targets"]), next(i for i in items if not i["targets"])]
     keys = ["image", "lesions", "liver"]
-    pipeline = Compose([
-        LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), Orientationd(keys, axcodes="RAS"),
-        HUWindowd("image", windows=[[60, 160], [40, 400]]), ReferredMaskd(), tokenizer_transform,
-        DeleteItemsd(keys="targets"),
-        ReferringSlicesd(keys=["image", "label"], negative_ratio=0.5, context_slices=1, max_samples=4),
-        Resized(keys=["image", "label"], spatial_size=(64, 64), mode=["bilinear", "nearest"]),
-    ])
+    pipeline = Compose(
+        [
+            LoadImaged(keys, image_only=True),
+            EnsureChannelFirstd(keys),
+            Orientationd(keys, axcodes="RAS"),
+            HUWindowd("image", windows=[[60, 160], [40, 400]]),
+            ReferredMaskd(),
+            tokenizer_transform,
+            DeleteItemsd(keys="targets"),
+            ReferringSlicesd(keys=["image", "label"], negative_ratio=0.5, context_slices=1, max_samples=4),
+            Resized(keys=["image", "label"], spatial_size=(64, 64), mode=["bilinear", "nearest"]),
+        ]
+    )
     set_determinism(0)
     loader = DataLoader(Dataset(items, pipeline), batch_size=2, collate_fn=list_data_collate)
     batch = next(iter(loader))

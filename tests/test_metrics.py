@@ -113,8 +113,12 @@ def test_prepare_batch_can_withhold_the_text():
 
     from custom.engines import ReferringPrepareBatch
 
-    batch = {"image": torch.zeros(1, 1, 4, 4), "label": torch.zeros(1, 1, 4, 4),
-             "input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    batch = {
+        "image": torch.zeros(1, 1, 4, 4),
+        "label": torch.zeros(1, 1, 4, 4),
+        "input_ids": torch.ones(1, 3, dtype=torch.long),
+        "attention_mask": torch.ones(1, 3, dtype=torch.long),
+    }
     _, _, _, with_text = ReferringPrepareBatch(network_kwargs={"return_embeddings": True})(batch)
     assert set(with_text) == {"input_ids", "attention_mask", "return_embeddings"}
     _, _, _, without_text = ReferringPrepareBatch(text_keys={})(batch)

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip(
-    "monailabel", reason="MONAI Label is optional: see monailabel_app/README.md (pip install -r requirements-monailabel.txt)"
+    "monailabel",
+    reason="MONAI Label is optional: see monailabel_app/README.md (pip install -r requirements-monailabel.txt)",
 )
 requests = pytest.importorskip("requests")
 from requests_toolbelt.multipart.decoder import MultipartDecoder  # noqa: E402  (a MONAI Label dependency)
@@ -86,7 +87,8 @@ def _pick_case(datalist: Path):
             if len(ids) == 2:
                 score = min(volumes.get(i, 0.0) for i in ids)
                 if best is None or score > best[0]:
-                    chosen = [sorted(by_target[i], key=lambda e: not ({"region", "density"} & set(e.get("query", {}))))[0]
+                    named = lambda e: bool({"region", "density"} & set(e.get("query", {})))  # noqa: E731
+                    chosen = [sorted(by_target[i], key=lambda e: not named(e))[0]
                               for i in ids]  # fmt: skip
                     best = (score, case, chosen[0], chosen[1])
     if best is None:
@@ -353,7 +355,9 @@ def _verbatim(text: str):
     def check(response, marker: Path):
         assert not marker.exists(), "the prompt was executed on the server"
         decoder = MultipartDecoder(response.content, response.headers["content-type"])
-        result = next(json.loads(p.content) for p in decoder.parts if b'name="params"' in p.headers[b"Content-Disposition"])
+        result = next(
+            json.loads(p.content) for p in decoder.parts if b'name="params"' in p.headers[b"Content-Disposition"]
+        )
         assert result["prompt"] == text and result["record"]["expression"] == text
 
     return check

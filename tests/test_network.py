@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from custom.losses import LSMSLoss, PixelSentenceContrastiveLoss
-from custom.networks import BertTextEncoder, LSMS, lsms_tiny
+from custom.networks import LSMS, BertTextEncoder, lsms_tiny
 
 EXPRESSIONS = ["the largest hypodense lesion in the right lobe", "the small cyst in the left lobe"]
 
@@ -75,7 +75,9 @@ def test_every_trainable_parameter_gets_a_gradient_and_frozen_text_encoder_none(
     target[0, :, 20:36, 24:40] = 1
     output = net(torch.rand(2, 1, 64, 64), **tokens, return_embeddings=True)
     LSMSLoss(contrastive_weight=0.5)(output, target).backward()
-    missing = [n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert not missing, f"no gradient for {missing}"
     assert all(p.grad is None for p in net.text_encoder.parameters())
     assert not any(p.requires_grad for p in net.text_encoder.parameters())

@@ -52,8 +52,13 @@ def test_prompt_items_name_the_problem(tmp_path):
 
 
 def test_network_cost_benchmark_prints_the_table():
-    result = subprocess.run([sys.executable, "-m", "benchmarks.network_cost", "--sizes", "64"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.network_cost", "--sizes", "64"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| lsms_tiny")]
     assert len(rows) == 1 and float(rows[0].split("|")[2]) > 3.0  # trainable parameters in millions

@@ -56,12 +56,16 @@ def main(argv=None) -> None:
     positives, negatives = read_features(args.validation)
     calibration = calibrate(positives, negatives, objective=args.objective, min_specificity=args.min_specificity)
     print("operating point:", json.dumps(calibration.rule.to_dict()))
-    print(f"validation: sensitivity {calibration.sensitivity:.3f}, specificity {calibration.specificity:.3f} "
-          f"({calibration.n_positives} positive, {calibration.n_negatives} negative expressions)")
+    print(
+        f"validation: sensitivity {calibration.sensitivity:.3f}, specificity {calibration.specificity:.3f} "
+        f"({calibration.n_positives} positive, {calibration.n_negatives} negative expressions)"
+    )
     if args.test:
         report = evaluate_rule(calibration.rule, *read_features(args.test))
-        print(f"test: sensitivity {report['sensitivity']:.3f} ({report['true_positives']}/{report['n_positives']}), "
-              f"specificity {report['specificity']:.3f} ({report['true_negatives']}/{report['n_negatives']})")
+        print(
+            f"test: sensitivity {report['sensitivity']:.3f} ({report['true_positives']}/{report['n_positives']}), "
+            f"specificity {report['specificity']:.3f} ({report['true_negatives']}/{report['n_negatives']})"
+        )
     for config in args.write:
         write_rule(calibration.rule, config)
         print(f"written to {config}")

@@ -70,7 +70,9 @@ def check_volume_file(path: str | os.PathLike, series_uid: str | None = None, re
             shape = tuple(int(s) for s in image.shape)
             dtype = image.get_data_dtype()
         except Exception as err:
-            raise NoImageError(f"Cannot read '{path}' as NIfTI ({type(err).__name__}: {err}). Pass a NIfTI CT volume.") from err
+            raise NoImageError(
+                f"Cannot read '{path}' as NIfTI ({type(err).__name__}: {err}). Pass a NIfTI CT volume."
+            ) from err
         expected = int(image.dataobj.offset) + int(np.prod(shape)) * np.dtype(dtype).itemsize
         if not path.name.lower().endswith(".gz") and path.stat().st_size < expected:
             raise NoImageError(
@@ -82,7 +84,11 @@ def check_volume_file(path: str | os.PathLike, series_uid: str | None = None, re
         if len(shape) != 3 or min(shape) < 1:
             raise NoImageError(
                 f"'{path}' has shape {shape}: the model needs one 3D CT volume (x, y, slices). "
-                + ("Pass the whole series, not one 2D image." if len(shape) < 3 else "Split the 4D file and pass one volume.")
+                + (
+                    "Pass the whole series, not one 2D image."
+                    if len(shape) < 3
+                    else "Split the 4D file and pass one volume."
+                )
             )
         if require_ct and np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.bool_)):
             raise NotCTError(
@@ -189,7 +195,11 @@ def check_inference_inputs(
     """
     from custom.user_inputs import as_bool
 
-    overwrite, montage, require_ct = as_bool(overwrite, "overwrite"), as_bool(montage, "montage"), as_bool(require_ct, "require_ct")
+    overwrite, montage, require_ct = (
+        as_bool(overwrite, "overwrite"),
+        as_bool(montage, "montage"),
+        as_bool(require_ct, "require_ct"),
+    )
     if not items:
         raise NoImageError("Nothing to run: the input list is empty. Give --image, or a --datalist with entries.")
     paths = [Path(str(item["image"])) for item in items]
@@ -217,5 +227,7 @@ def check_inference_inputs(
             owners[target] = path
             if not overwrite and target.exists():
                 raise OutputExistsError(target)
-        checked.append({**item, "case_id": case_id, "output_format": "dicom-seg" if formats[path]["dicom_seg"] else "nifti"})
+        checked.append(
+            {**item, "case_id": case_id, "output_format": "dicom-seg" if formats[path]["dicom_seg"] else "nifti"}
+        )
     return checked

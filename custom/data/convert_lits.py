@@ -68,8 +68,10 @@ def find_cases(src: str | Path) -> list[tuple[str, Path, Path]]:
         for label in _nifti_files(src / "labelsTr"):
             images = [p for p in _nifti_files(src / "imagesTr") if _stem(p) == _stem(label)]
             if not images:
-                raise ConversionError(f"Label {label} has no image of the same name in {src / 'imagesTr'}; "
-                                      "add the image or remove the label.")
+                raise ConversionError(
+                    f"Label {label} has no image of the same name in {src / 'imagesTr'}; "
+                    "add the image or remove the label."
+                )
             cases.append((_stem(label), images[0], label))
     else:
         volumes = {re.sub(r"^volume-", "", _stem(p)): p for p in sorted(src.rglob("volume-*.nii*"))}
@@ -77,8 +79,10 @@ def find_cases(src: str | Path) -> list[tuple[str, Path, Path]]:
         for label in sorted(src.rglob("segmentation-*.nii*")):
             number = re.sub(r"^segmentation-", "", _stem(label))
             if number not in volumes:
-                raise ConversionError(f"Label {label} has no matching volume-{number}.nii[.gz] under {src}; "
-                                      "add the image or remove the label.")
+                raise ConversionError(
+                    f"Label {label} has no matching volume-{number}.nii[.gz] under {src}; "
+                    "add the image or remove the label."
+                )
             cases.append((f"lits_{number}", volumes[number], label))
     if not cases:
         raise ConversionError(
@@ -114,24 +118,36 @@ def _load_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
     data = np.asanyarray(image.dataobj)
     values = np.unique(data)
     if not np.all(np.isin(values, (0, 1, 2))):
-        raise ConversionError(f"Label {path} holds values {values[:10].tolist()}; expected 0 background, 1 liver, "
-                              "2 tumour (LiTS / MSD Task03). Remap the labels first.")
+        raise ConversionError(
+            f"Label {path} holds values {values[:10].tolist()}; expected 0 background, 1 liver, "
+            "2 tumour (LiTS / MSD Task03). Remap the labels first."
+        )
     return data.astype(np.uint8), image.affine
 
 
 def convert_case(
-    case_id: str, image_path: Path, label_path: Path, out_dir: Path, final_dir: Path,
-    min_volume_ml: float, rng: np.random.Generator, copy_images: bool = False,
+    case_id: str,
+    image_path: Path,
+    label_path: Path,
+    out_dir: Path,
+    final_dir: Path,
+    min_volume_ml: float,
+    rng: np.random.Generator,
+    copy_images: bool = False,
 ) -> dict:
     """Write one case's lesion and liver maps under ``out_dir`` and return its datalist record."""
     label, affine = _load_label(label_path)
     image = nib.load(str(image_path))
     if tuple(image.shape[:3]) != label.shape:
-        raise ConversionError(f"Case {case_id}: image {image_path} shape {image.shape} differs from label "
-                              f"{label_path} shape {label.shape}; the label must be on the image grid.")
+        raise ConversionError(
+            f"Case {case_id}: image {image_path} shape {image.shape} differs from label "
+            f"{label_path} shape {label.shape}; the label must be on the image grid."
+        )
     if not np.allclose(image.affine, affine, atol=1e-3):
-        raise ConversionError(f"Case {case_id}: image and label affines differ ({image_path}, {label_path}); "
-                              "resave the label with the image's affine.")
+        raise ConversionError(
+            f"Case {case_id}: image and label affines differ ({image_path}, {label_path}); "
+            "resave the label with the image's affine."
+        )
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
     instances = tumour_instances(label, voxel_ml, min_volume_ml)
     liver = (label > 0).astype(np.uint8)
@@ -186,14 +202,20 @@ def convert_lits(
         records = {}
         for index, (case_id, image, label) in enumerate(cases):
             rng = np.random.default_rng([seed, index])
-            records[case_id] = convert_case(case_id, image, label, Path(tmp), final_dir, min_volume_ml, rng, copy_images)
+            records[case_id] = convert_case(
+                case_id, image, label, Path(tmp), final_dir, min_volume_ml, rng, copy_images
+            )
         datalist = {
             "name": f"Referring liver lesions converted from {Path(src).name}",
             "description": "LiTS / MSD Task03 tumour components as lesion instances with generated referring "
-                           "expressions (custom.data.convert_lits).",
+            "expressions (custom.data.convert_lits).",
             "modality": "CT",
-            "generator": {"module": "custom.data.convert_lits", "source": str(Path(src).absolute()), "seed": seed,
-                          "min_volume_ml": min_volume_ml},
+            "generator": {
+                "module": "custom.data.convert_lits",
+                "source": str(Path(src).absolute()),
+                "seed": seed,
+                "min_volume_ml": min_volume_ml,
+            },
             "expression_kinds": list(EXPRESSION_KINDS),
             **{name: [records[case_id] for case_id in ids] for name, ids in splits.items()},
         }
@@ -205,8 +227,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Convert a LiTS / MSD Task03 folder to a referring datalist.")
     parser.add_argument("--src", required=True, help="LiTS or MSD Task03 folder")
     parser.add_argument("--out", required=True, help="output folder (created; must not hold other files)")
-    parser.add_argument("--min-volume-ml", type=float, default=DEFAULT_MIN_VOLUME_ML,
-                        help="drop tumour components smaller than this (ml)")
+    parser.add_argument(
+        "--min-volume-ml",
+        type=float,
+        default=DEFAULT_MIN_VOLUME_ML,
+        help="drop tumour components smaller than this (ml)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits and expression sampling")
     parser.add_argument("--copy-images", action="store_true", help="copy images into the output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

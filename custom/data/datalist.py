@@ -46,14 +46,21 @@ def read_datalist(path: str | Path) -> dict:
     """Parse the JSON of a datalist, with a clear error when it is missing or not JSON."""
     path = Path(path)
     if not path.is_file():
-        raise DatalistError(path, [f"the file does not exist; generate one with 'python -m custom.data.synthetic "
-                                   f"--out DIR' or convert a dataset with 'python -m custom.data.convert_lits'"])
+        raise DatalistError(
+            path,
+            [
+                "the file does not exist; generate one with 'python -m custom.data.synthetic "
+                "--out DIR' or convert a dataset with 'python -m custom.data.convert_lits'"
+            ],
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DatalistError(path, [f"not valid JSON ({err}); fix the syntax at line {err.lineno}"]) from err
     if not isinstance(data, dict):
-        raise DatalistError(path, ["the top level must be a JSON object with 'training', 'validation' and 'test' lists"])
+        raise DatalistError(
+            path, ["the top level must be a JSON object with 'training', 'validation' and 'test' lists"]
+        )
     return data
 
 
@@ -85,16 +92,21 @@ def _check_expression(where: str, number: int, expression, problems: list[str]) 
     if not isinstance(expression.get("text"), str) or not expression["text"].strip():
         problems.append(f"{label}: 'text' is missing or empty; give the referring sentence")
     targets = expression.get("targets")
-    if not isinstance(targets, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in targets):
-        problems.append(f"{label}: 'targets' must be a list of positive lesion ids (use [] for 'no such lesion'), "
-                        f"got {targets!r}")
+    if not isinstance(targets, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in targets
+    ):
+        problems.append(
+            f"{label}: 'targets' must be a list of positive lesion ids (use [] for 'no such lesion'), got {targets!r}"
+        )
         targets = []
     kind = expression.get("kind")
     if kind not in EXPRESSION_KINDS:
         problems.append(f"{label}: 'kind' is {kind!r}; use one of {', '.join(EXPRESSION_KINDS)}")
     elif (kind == "negative") != (not targets):
-        problems.append(f"{label}: kind {kind!r} does not match targets {targets}; 'negative' is for expressions "
-                        "with no target, and only for them")
+        problems.append(
+            f"{label}: kind {kind!r} does not match targets {targets}; 'negative' is for expressions "
+            "with no target, and only for them"
+        )
     return list(targets)
 
 
@@ -115,8 +127,10 @@ def _check_files(where: str, case: dict, base: Path, check_targets: bool, target
             continue
         path = _resolve(base, case[key])
         if not path.is_file():
-            problems.append(f"{where}: {key} file '{case[key]}' not found (looked for {path}); fix the path "
-                            "(relative paths start at the datalist's folder) or regenerate the dataset")
+            problems.append(
+                f"{where}: {key} file '{case[key]}' not found (looked for {path}); fix the path "
+                "(relative paths start at the datalist's folder) or regenerate the dataset"
+            )
             continue
         paths[key] = path
     if "image" not in paths:
@@ -132,17 +146,23 @@ def _check_files(where: str, case: dict, base: Path, check_targets: bool, target
             continue
         other_shape, other_affine = headers[key]
         if tuple(other_shape) != tuple(shape):
-            problems.append(f"{where}: {key} shape {tuple(other_shape)} differs from image shape {tuple(shape)}; "
-                            f"resample the {key} onto the image grid")
+            problems.append(
+                f"{where}: {key} shape {tuple(other_shape)} differs from image shape {tuple(shape)}; "
+                f"resample the {key} onto the image grid"
+            )
         elif not np.allclose(other_affine, affine, atol=AFFINE_TOLERANCE_MM):
-            problems.append(f"{where}: {key} affine differs from the image affine (orientation, spacing or origin); "
-                            f"save the {key} with the image's affine")
+            problems.append(
+                f"{where}: {key} affine differs from the image affine (orientation, spacing or origin); "
+                f"save the {key} with the image's affine"
+            )
     if check_targets and targets and "lesions" in paths:
         present = set(np.unique(np.asarray(nib.load(str(paths["lesions"])).dataobj)).astype(int).tolist())
         missing = sorted(targets - present)
         if missing:
-            problems.append(f"{where}: target id(s) {missing} do not occur in the lesion instance map "
-                            f"'{case['lesions']}' (ids present: {sorted(present - {0})}); fix the targets or the map")
+            problems.append(
+                f"{where}: target id(s) {missing} do not occur in the lesion instance map "
+                f"'{case['lesions']}' (ids present: {sorted(present - {0})}); fix the targets or the map"
+            )
 
 
 def _check_case(where: str, case, base: Path, check_files: bool, check_targets: bool, problems: list[str]) -> None:
@@ -192,14 +212,18 @@ def validate_datalist(
             case_id = case_id_of(case, split, index) if isinstance(case, dict) else f"{split}[{index}]"
             where = f"case '{case_id}' ({split}[{index}])"
             if case_id in seen_ids:
-                problems.append(f"{where}: duplicate case id, also in {seen_ids[case_id]}; give every case a unique "
-                                "'case_id' (splits are by case)")
+                problems.append(
+                    f"{where}: duplicate case id, also in {seen_ids[case_id]}; give every case a unique "
+                    "'case_id' (splits are by case)"
+                )
             seen_ids.setdefault(case_id, f"{split}[{index}]")
             if isinstance(case, dict) and isinstance(case.get("image"), str):
                 image = str(_resolve(base, case["image"]).resolve())
                 if image in seen_images and seen_images[image] != case_id:
-                    problems.append(f"{where}: image '{case['image']}' is also used by case '{seen_images[image]}'; "
-                                    "a patient must appear in one case only")
+                    problems.append(
+                        f"{where}: image '{case['image']}' is also used by case '{seen_images[image]}'; "
+                        "a patient must appear in one case only"
+                    )
                 seen_images.setdefault(image, case_id)
             _check_case(where, case, base, check_files and split in splits, check_targets, problems)
     if problems:
@@ -207,7 +231,9 @@ def validate_datalist(
     return data
 
 
-def load_datalist(path: str | Path, split: str = "training", validate: bool = True, check_targets: bool = True) -> list[dict]:
+def load_datalist(
+    path: str | Path, split: str = "training", validate: bool = True, check_targets: bool = True
+) -> list[dict]:
     """Cases of one split with absolute file paths and a ``case_id``, validated first.
 
     Each item keeps every field of the case (``expressions``, ``lesion_attributes`` ...); ``image``,

@@ -54,8 +54,9 @@ def _exclusive_lock(path: Path, timeout_s: float = LOCK_TIMEOUT_S):
             break
         except FileExistsError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"Lock {path} is still held after {timeout_s} s; delete it if no process is "
-                                   "generating the dataset.") from None
+                raise TimeoutError(
+                    f"Lock {path} is still held after {timeout_s} s; delete it if no process is generating the dataset."
+                ) from None
             time.sleep(1.0)
     try:  # pragma: no cover
         yield
@@ -78,8 +79,9 @@ def remove_stale_temporaries(dataset_dir: Path) -> list[Path]:
     return stale
 
 
-def ensure_default_dataset(cache_dir: str | Path, num_cases: int = DEFAULT_NUM_CASES, seed: int = DEFAULT_SEED,
-                           workers: int = 1) -> Path:
+def ensure_default_dataset(
+    cache_dir: str | Path, num_cases: int = DEFAULT_NUM_CASES, seed: int = DEFAULT_SEED, workers: int = 1
+) -> Path:
     """Path of the default synthetic datalist under ``cache_dir``; generates it on first use.
 
     Safe to call from several processes at once: one generates, the others wait and reuse it.

@@ -136,7 +136,9 @@ class LesionTable:
         key = (name, value)
         if key not in self._answers:
             if name in ("lobe", "segment"):
-                answers = [_region_membership(str(value), lesion["centroid_ras_mm"], self.frame) for lesion in self.lesions]
+                answers = [
+                    _region_membership(str(value), lesion["centroid_ras_mm"], self.frame) for lesion in self.lesions
+                ]
             elif name == "kind":
                 answers = [_kind_membership(value, lesion) for lesion in self.lesions]
             elif name == "density":
@@ -217,40 +219,74 @@ def expression_kind(query: Query, targets: list[int]) -> str:
 
 # ---------------------------------------------------------------------------------------------- grammar
 NOUNS: dict[tuple[str, str] | None, tuple[tuple[str, str], ...]] = {
-    None: (("lesion", "lesions"), ("liver lesion", "liver lesions"), ("hepatic lesion", "hepatic lesions"),
-           ("focal liver lesion", "focal liver lesions")),
-    ("kind", "cyst"): (("cyst", "cysts"), ("cystic lesion", "cystic lesions"), ("simple cyst", "simple cysts"),
-                       ("hepatic cyst", "hepatic cysts")),
-    ("kind", "metastasis"): (("metastasis", "metastases"), ("liver metastasis", "liver metastases"),
-                             ("metastatic lesion", "metastatic lesions")),
+    None: (
+        ("lesion", "lesions"),
+        ("liver lesion", "liver lesions"),
+        ("hepatic lesion", "hepatic lesions"),
+        ("focal liver lesion", "focal liver lesions"),
+    ),
+    ("kind", "cyst"): (
+        ("cyst", "cysts"),
+        ("cystic lesion", "cystic lesions"),
+        ("simple cyst", "simple cysts"),
+        ("hepatic cyst", "hepatic cysts"),
+    ),
+    ("kind", "metastasis"): (
+        ("metastasis", "metastases"),
+        ("liver metastasis", "liver metastases"),
+        ("metastatic lesion", "metastatic lesions"),
+    ),
     ("kind", "tumour"): (("tumour", "tumours"), ("liver tumour", "liver tumours"), ("solid lesion", "solid lesions")),
-    ("density", "hypodense"): (("hypodense lesion", "hypodense lesions"), ("low-density lesion", "low-density lesions"),
-                               ("hypoattenuating lesion", "hypoattenuating lesions")),
-    ("density", "hyperdense"): (("hyperdense lesion", "hyperdense lesions"),
-                                ("high-density lesion", "high-density lesions"),
-                                ("hyperattenuating lesion", "hyperattenuating lesions"),
-                                ("bright lesion", "bright lesions")),
+    ("density", "hypodense"): (
+        ("hypodense lesion", "hypodense lesions"),
+        ("low-density lesion", "low-density lesions"),
+        ("hypoattenuating lesion", "hypoattenuating lesions"),
+    ),
+    ("density", "hyperdense"): (
+        ("hyperdense lesion", "hyperdense lesions"),
+        ("high-density lesion", "high-density lesions"),
+        ("hyperattenuating lesion", "hyperattenuating lesions"),
+        ("bright lesion", "bright lesions"),
+    ),
 }
-LOBE_PHRASES = ("in the {side} lobe", "in the {side} liver lobe", "in the {side} hepatic lobe",
-                "in the {side} lobe of the liver")
-SEGMENT_PHRASES = ("in segment {number}", "in segment {roman}", "in liver segment {number}",
-                   "in Couinaud segment {roman}")
+LOBE_PHRASES = (
+    "in the {side} lobe",
+    "in the {side} liver lobe",
+    "in the {side} hepatic lobe",
+    "in the {side} lobe of the liver",
+)
+SEGMENT_PHRASES = (
+    "in segment {number}",
+    "in segment {roman}",
+    "in liver segment {number}",
+    "in Couinaud segment {roman}",
+)
 ROMAN = {2: "II", 3: "III", 4: "IV", 5: "V", 6: "VI", 7: "VII", 8: "VIII"}
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 SELECT_PHRASES = {
     "only": ("the {n}{pp}", "the single {n}{pp}", "the only {n}{pp}"),
     "largest": ("the largest {n}{pp}", "the biggest {n}{pp}", "the {n}{pp} with the largest volume"),
     "smallest": ("the smallest {n}{pp}", "the tiniest {n}{pp}", "the {n}{pp} with the smallest volume"),
-    "uppermost": ("the uppermost {n}{pp}", "the most superior {n}{pp}", "the highest {n}{pp}",
-                  "the most cranial {n}{pp}"),
+    "uppermost": (
+        "the uppermost {n}{pp}",
+        "the most superior {n}{pp}",
+        "the highest {n}{pp}",
+        "the most cranial {n}{pp}",
+    ),
     "lowest": ("the lowest {n}{pp}", "the most inferior {n}{pp}", "the most caudal {n}{pp}"),
     "most_anterior": ("the most anterior {n}{pp}", "the frontmost {n}{pp}", "the most ventral {n}{pp}"),
     "most_posterior": ("the most posterior {n}{pp}", "the most dorsal {n}{pp}", "the rearmost {n}{pp}"),
-    "rightmost": ("the rightmost {n}{pp}", "the {n}{pp} furthest to the patient's right",
-                  "the most right-sided {n}{pp}"),
+    "rightmost": (
+        "the rightmost {n}{pp}",
+        "the {n}{pp} furthest to the patient's right",
+        "the most right-sided {n}{pp}",
+    ),
     "leftmost": ("the leftmost {n}{pp}", "the {n}{pp} furthest to the patient's left", "the most left-sided {n}{pp}"),
-    "closest_to_dome": ("the {n}{pp} closest to the liver dome", "the {n}{pp} nearest the dome of the liver",
-                        "the {n}{pp} closest to the dome"),
+    "closest_to_dome": (
+        "the {n}{pp} closest to the liver dome",
+        "the {n}{pp} nearest the dome of the liver",
+        "the {n}{pp} closest to the dome",
+    ),
 }
 DIAMETER_PHRASES = ("the {k} cm {n}{pp}", "the {n}{pp} measuring about {k} cm", "the roughly {k} cm {n}{pp}")
 NEGATIVE_PHRASES = ("a {n}{pp}", "the {n}{pp}", "any {n}{pp}")
@@ -278,8 +314,11 @@ def _choose(options, rng: np.random.Generator) -> str:
 
 
 def _count_phrase(count: int, plural: str, singular: str, pp: str, rng) -> tuple[str, int | None]:
-    options = [(f"all {plural}{pp}", None), (f"every {singular}{pp}", None),
-               (f"the {NUMBER_WORDS[count]} {plural}{pp}", count)]
+    options = [
+        (f"all {plural}{pp}", None),
+        (f"every {singular}{pp}", None),
+        (f"the {NUMBER_WORDS[count]} {plural}{pp}", count),
+    ]
     options.append((f"both {plural}{pp}", 2) if count == 2 else (f"all {NUMBER_WORDS[count]} {plural}{pp}", count))
     return options[int(rng.integers(len(options)))]
 
@@ -317,8 +356,12 @@ def candidate_queries(kind_words=("cyst", "metastasis"), max_diameter_cm: int = 
     places = [{}] + [{"lobe": side} for side in ("right", "left")] + [{"segment": s} for s in range(2, 9)]
     looks = [{}] + [{"kind": k} for k in kind_words] + [{"density": d} for d in ("hypodense", "hyperdense")]
     queries = [Query(select=select, **place, **look) for place in places for look in looks for select in SELECTORS]
-    queries += [Query(diameter_cm=k, **place, **look) for place in places for look in looks
-                for k in range(1, max_diameter_cm + 1)]
+    queries += [
+        Query(diameter_cm=k, **place, **look)
+        for place in places
+        for look in looks
+        for k in range(1, max_diameter_cm + 1)
+    ]
     return queries
 
 
@@ -443,8 +486,12 @@ def generate_expressions(
                     texts.append(other)
                     break
         for text, stated in texts:
-            record = {"text": text, "targets": list(targets), "kind": expression_kind(query, targets),
-                      "query": query.to_dict()}
+            record = {
+                "text": text,
+                "targets": list(targets),
+                "kind": expression_kind(query, targets),
+                "query": query.to_dict(),
+            }
             if stated is not None:
                 record["query"]["stated_count"] = stated
             expressions.append(record)

@@ -68,8 +68,10 @@ class LiverFrame:
     @classmethod
     def from_dict(cls, data: dict) -> LiverFrame:
         return cls(
-            x_range=tuple(data["x_range"]), y_range=tuple(data["y_range"]),
-            z_range=tuple(data["z_range"]), dome=tuple(data["dome"]),
+            x_range=tuple(data["x_range"]),
+            y_range=tuple(data["y_range"]),
+            z_range=tuple(data["z_range"]),
+            dome=tuple(data["dome"]),
         )
 
     def to_dict(self) -> dict:
@@ -262,6 +264,8 @@ def measure_lesions(
             item["segment"] = segment_of(offsets)
             item["dome_distance_mm"] = round(frame.dome_distance(centroid), 1)
         attributes.append(item)
-    case = {"liver_frame": frame.to_dict() if frame is not None else None,
-            "liver_hu": round(liver_hu, 1) if liver_hu is not None else None}
+    case = {
+        "liver_frame": frame.to_dict() if frame is not None else None,
+        "liver_hu": round(liver_hu, 1) if liver_hu is not None else None,
+    }
     return attributes, case

@@ -49,8 +49,10 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False):
     """
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"Output folder {out_dir} already exists and is not empty; choose another folder "
-                              "or pass overwrite=True (--overwrite on the command line).")
+        raise FileExistsError(
+            f"Output folder {out_dir} already exists and is not empty; choose another folder "
+            "or pass overwrite=True (--overwrite on the command line)."
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

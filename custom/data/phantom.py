@@ -162,18 +162,45 @@ class Contrast:
 def sample_contrast(rng: np.random.Generator, phase: str) -> Contrast:
     if phase == "arterial":
         liver = rng.uniform(70, 85)
-        return Contrast(liver, rng.uniform(250, 350), rng.uniform(120, 160), rng.uniform(35, 50), rng.uniform(60, 90),
-                        rng.uniform(110, 130), rng.uniform(180, 220), rng.uniform(90, 110), rng.uniform(45, 55),
-                        rng.uniform(70, 90))
+        return Contrast(
+            liver,
+            rng.uniform(250, 350),
+            rng.uniform(120, 160),
+            rng.uniform(35, 50),
+            rng.uniform(60, 90),
+            rng.uniform(110, 130),
+            rng.uniform(180, 220),
+            rng.uniform(90, 110),
+            rng.uniform(45, 55),
+            rng.uniform(70, 90),
+        )
     if phase == "portal_venous":
         liver = rng.uniform(100, 125)
-        return Contrast(liver, rng.uniform(150, 200), liver + rng.uniform(35, 55), liver + rng.uniform(25, 45),
-                        rng.uniform(120, 150), liver + rng.uniform(5, 15), rng.uniform(160, 190), rng.uniform(150, 180),
-                        rng.uniform(50, 60), rng.uniform(60, 80))
+        return Contrast(
+            liver,
+            rng.uniform(150, 200),
+            liver + rng.uniform(35, 55),
+            liver + rng.uniform(25, 45),
+            rng.uniform(120, 150),
+            liver + rng.uniform(5, 15),
+            rng.uniform(160, 190),
+            rng.uniform(150, 180),
+            rng.uniform(50, 60),
+            rng.uniform(60, 80),
+        )
     liver = rng.uniform(85, 100)
-    return Contrast(liver, rng.uniform(110, 140), liver + rng.uniform(10, 20), liver + rng.uniform(10, 20),
-                    rng.uniform(110, 130), liver + rng.uniform(0, 10), rng.uniform(130, 150), rng.uniform(140, 160),
-                    rng.uniform(50, 60), rng.uniform(55, 70))
+    return Contrast(
+        liver,
+        rng.uniform(110, 140),
+        liver + rng.uniform(10, 20),
+        liver + rng.uniform(10, 20),
+        rng.uniform(110, 130),
+        liver + rng.uniform(0, 10),
+        rng.uniform(130, 150),
+        rng.uniform(140, 160),
+        rng.uniform(50, 60),
+        rng.uniform(55, 70),
+    )
 
 
 class PhantomBuilder:
@@ -301,7 +328,9 @@ class PhantomBuilder:
         shape = self.grid.shape
         ax, ay, ar = self.aorta
         self.paint(box, np.broadcast_to((x - ax) ** 2 + (y - ay) ** 2 <= ar**2, shape), self.contrast.aorta)
-        self.ivc_mask = np.broadcast_to(((x - self.ivc[0]) / 1.3) ** 2 + (y - self.ivc[1]) ** 2 <= self.ivc[2] ** 2, shape)
+        self.ivc_mask = np.broadcast_to(
+            ((x - self.ivc[0]) / 1.3) ** 2 + (y - self.ivc[1]) ** 2 <= self.ivc[2] ** 2, shape
+        )
 
     def draw_kidneys_and_psoas(self) -> None:
         box = self.full_box()
@@ -313,8 +342,11 @@ class PhantomBuilder:
             self.paint(box, psoas, self.contrast.muscle)
         self.kidney_mask = np.zeros(self.grid.shape, bool)
         for side, z_fraction in ((1, -0.62), (-1, -0.5)):
-            centre = (side * (self.vertebra_r + self.rng.uniform(45, 55)), self.vertebra_y + self.rng.uniform(0, 12),
-                      z_fraction * self.liver_height + self.rng.uniform(-8, 8))
+            centre = (
+                side * (self.vertebra_r + self.rng.uniform(45, 55)),
+                self.vertebra_y + self.rng.uniform(0, 12),
+                z_fraction * self.liver_height + self.rng.uniform(-8, 8),
+            )
             radii = (self.rng.uniform(22, 27), self.rng.uniform(25, 30), self.rng.uniform(45, 55))
             rotation = rotation_z(side * self.rng.uniform(0.4, 0.7))
             kbox, q, local = ellipsoid_radius(self.grid, centre, radii, rotation)
@@ -326,8 +358,11 @@ class PhantomBuilder:
             self.paint(kbox, sinus, -40.0)
 
     def draw_spleen(self) -> None:
-        centre = (-(self.cavity_a - self.rng.uniform(30, 40)), self.cavity_centre_y - 0.45 * self.cavity_b,
-                  self.rng.uniform(0.05, 0.2) * self.liver_height)
+        centre = (
+            -(self.cavity_a - self.rng.uniform(30, 40)),
+            self.cavity_centre_y - 0.45 * self.cavity_b,
+            self.rng.uniform(0.05, 0.2) * self.liver_height,
+        )
         radii = (self.rng.uniform(22, 32), self.rng.uniform(45, 60), self.rng.uniform(40, 55))
         box, q, _ = ellipsoid_radius(self.grid, centre, radii, rotation_z(self.rng.uniform(0.5, 0.8)))
         spleen = (q <= 1.0) & self.cavity(box, 2.0)
@@ -337,8 +372,11 @@ class PhantomBuilder:
         self.upper_organs[box] |= spleen
 
     def draw_stomach(self) -> None:
-        centre = (-0.35 * self.cavity_a, self.cavity_centre_y + 0.05 * self.cavity_b,
-                  self.rng.uniform(0.2, 0.35) * self.liver_height)
+        centre = (
+            -0.35 * self.cavity_a,
+            self.cavity_centre_y + 0.05 * self.cavity_b,
+            self.rng.uniform(0.2, 0.35) * self.liver_height,
+        )
         radii = (self.rng.uniform(35, 50), self.rng.uniform(28, 40), self.rng.uniform(40, 55))
         box, q, local = ellipsoid_radius(self.grid, centre, radii, rotation_z(self.rng.uniform(-0.5, 0.0)))
         stomach = (q <= 1.0) & self.cavity(box, 3.0)
@@ -353,9 +391,13 @@ class PhantomBuilder:
 
     def draw_bowel(self) -> None:
         for _ in range(int(self.rng.integers(6, 15))):
-            start = np.array([self.rng.uniform(-0.75, 0.75) * self.cavity_a,
-                              self.cavity_centre_y + self.rng.uniform(-0.3, 0.8) * self.cavity_b,
-                              self.rng.uniform(-0.6, 0.05) * self.liver_height])
+            start = np.array(
+                [
+                    self.rng.uniform(-0.75, 0.75) * self.cavity_a,
+                    self.cavity_centre_y + self.rng.uniform(-0.3, 0.8) * self.cavity_b,
+                    self.rng.uniform(-0.6, 0.05) * self.liver_height,
+                ]
+            )
             end = start + self.rng.normal(0, 25, 3)
             radius = self.rng.uniform(8, 16)
             box, tube = capsule_mask(self.grid, start, end, radius, radius)
@@ -382,11 +424,21 @@ class PhantomBuilder:
         """Smooth union of a right and a left lobe ellipsoid, perturbed by a smooth field, inside the cavity."""
         h = self.liver_height
         right_c = (0.40 * self.cavity_a + self.rng.uniform(-5, 5), self.cavity_centre_y - 0.1 * self.cavity_b, 0.0)
-        right_r = (0.58 * self.cavity_a * self.rng.uniform(0.92, 1.08), 0.85 * self.cavity_b * self.rng.uniform(0.9, 1.05), 0.5 * h)
+        right_r = (
+            0.58 * self.cavity_a * self.rng.uniform(0.92, 1.08),
+            0.85 * self.cavity_b * self.rng.uniform(0.9, 1.05),
+            0.5 * h,
+        )
         left_c = (-0.2 * self.cavity_a + self.rng.uniform(-8, 8), self.cavity_centre_y + 0.35 * self.cavity_b, 0.22 * h)
-        left_r = (0.5 * self.cavity_a * self.rng.uniform(0.8, 1.15), 0.45 * self.cavity_b, 0.3 * h * self.rng.uniform(0.85, 1.1))
-        box = self.grid.box((-self.cavity_a, -self.cavity_b + self.cavity_centre_y - 5, -0.6 * h),
-                            (self.cavity_a, self.cavity_b + self.cavity_centre_y + 5, 0.6 * h))
+        left_r = (
+            0.5 * self.cavity_a * self.rng.uniform(0.8, 1.15),
+            0.45 * self.cavity_b,
+            0.3 * h * self.rng.uniform(0.85, 1.1),
+        )
+        box = self.grid.box(
+            (-self.cavity_a, -self.cavity_b + self.cavity_centre_y - 5, -0.6 * h),
+            (self.cavity_a, self.cavity_b + self.cavity_centre_y + 5, 0.6 * h),
+        )
         q_right, _ = ellipsoid_on_box(self.grid, box, right_c, right_r, rotation_z(self.rng.uniform(-0.15, 0.15)))
         q_left, _ = ellipsoid_on_box(self.grid, box, left_c, left_r, rotation_z(self.rng.uniform(-0.2, 0.1)))
         k = 6.0
@@ -451,8 +503,10 @@ class PhantomBuilder:
             (bifurcation, (x1 - 0.12 * width, y0 + 0.45 * depth, portal)),
             (bifurcation, (falciform - 0.05 * width, y0 + 0.75 * depth, portal + 0.05 * height)),
         ]
-        for vessels, hu, radii in ((hepatic, self.contrast.hepatic_vein, (5.5, 2.0)),
-                                   (portal_branches, self.contrast.portal_vein, (6.5, 2.5))):
+        for vessels, hu, radii in (
+            (hepatic, self.contrast.hepatic_vein, (5.5, 2.0)),
+            (portal_branches, self.contrast.portal_vein, (6.5, 2.5)),
+        ):
             for start, end in vessels:
                 box, tube = capsule_mask(self.grid, start, end, *radii)
                 self.paint(box, tube & (self.liver[box] | self.cavity(box, 5.0) & ~self.upper_organs[box]), hu)
@@ -517,11 +571,19 @@ class PhantomBuilder:
             return False
         if kind == "metastasis":
             azimuth = np.arctan2(local[1], local[0])
-            q = q / (1.0 + self.rng.uniform(0.05, 0.14) * np.sin(int(self.rng.integers(3, 6)) * azimuth + self.rng.uniform(0, 6.3)))
+            q = q / (
+                1.0
+                + self.rng.uniform(0.05, 0.14)
+                * np.sin(int(self.rng.integers(3, 6)) * azimuth + self.rng.uniform(0, 6.3))
+            )
         shape = q <= 1.0
         free = self.liver[box] & (self.lesions[box] == 0)
         mask = shape & free
-        if mask.sum() < 3 or mask.sum() < 0.6 * shape.sum() or (shape & (self.lesions[box] > 0)).sum() > 0.05 * shape.sum():
+        if (
+            mask.sum() < 3
+            or mask.sum() < 0.6 * shape.sum()
+            or (shape & (self.lesions[box] > 0)).sum() > 0.05 * shape.sum()
+        ):
             return False
         lesion_id = len(self.kinds) + 1
         self.lesions[box][mask] = lesion_id

@@ -62,13 +62,38 @@ def format_summary(summary: dict[str, dict]) -> str:
     rows = []
     totals = Counter()
     for split, s in summary.items():
-        rows.append([split, s["cases"], s["lesions"], s["expressions"], *s["by_kind"].values(),
-                     f"{100 * s['negative_share']:.1f}%", s["slices"]])
-        totals.update({"cases": s["cases"], "lesions": s["lesions"], "expressions": s["expressions"],
-                       "slices": s["slices"], **s["by_kind"]})
+        rows.append(
+            [
+                split,
+                s["cases"],
+                s["lesions"],
+                s["expressions"],
+                *s["by_kind"].values(),
+                f"{100 * s['negative_share']:.1f}%",
+                s["slices"],
+            ]
+        )
+        totals.update(
+            {
+                "cases": s["cases"],
+                "lesions": s["lesions"],
+                "expressions": s["expressions"],
+                "slices": s["slices"],
+                **s["by_kind"],
+            }
+        )
     share = totals["negative"] / totals["expressions"] if totals["expressions"] else 0.0
-    rows.append(["total", totals["cases"], totals["lesions"], totals["expressions"],
-                 *(totals[k] for k in EXPRESSION_KINDS), f"{100 * share:.1f}%", totals["slices"]])
+    rows.append(
+        [
+            "total",
+            totals["cases"],
+            totals["lesions"],
+            totals["expressions"],
+            *(totals[k] for k in EXPRESSION_KINDS),
+            f"{100 * share:.1f}%",
+            totals["slices"],
+        ]
+    )
     header = ["split", *columns]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(v).rjust(w) for v, w in zip(row, widths)) for row in [header, *rows]]

@@ -90,8 +90,11 @@ def generate_case(
         record[key] = relative
     attributes, case_info = measure_lesions(arrays["lesions"], affine, arrays["image"], arrays["liver"], phantom.kinds)
     expressions = generate_expressions(
-        attributes, case_info["liver_frame"], np.random.default_rng([seed, index, _RNG_EXPRESSIONS]),
-        num_expressions=num_expressions, negative_share=negative_share,
+        attributes,
+        case_info["liver_frame"],
+        np.random.default_rng([seed, index, _RNG_EXPRESSIONS]),
+        num_expressions=num_expressions,
+        negative_share=negative_share,
     )
     for number, expression in enumerate(expressions):
         expression["id"] = f"{case_id}-{number:02d}"
@@ -170,7 +173,7 @@ def generate_dataset(
         datalist = {
             "name": "LSMS synthetic referring liver lesions",
             "description": "Synthetic abdominal CT phantoms with liver lesions and referring expressions "
-                           "generated from measured geometry (custom.data.synthetic).",
+            "generated from measured geometry (custom.data.synthetic).",
             "modality": "CT",
             "version": DATASET_VERSION,
             "generator": {"module": "custom.data.synthetic", "seed": seed, "num_cases": num_cases},

@@ -55,7 +55,12 @@ class CrossScaleAttention(nn.Module):
         self.position = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(
-                channels, num_heads, int(channels * mlp_ratio), dropout=0.0, activation="gelu", batch_first=True,
+                channels,
+                num_heads,
+                int(channels * mlp_ratio),
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
                 norm_first=True,
             )
             for _ in range(depth)
@@ -83,9 +88,7 @@ class FullScaleDecoder(nn.Module):
     merged with P1. ``[F1..F4] -> (B, D, H / 4, W / 4)``.
     """
 
-    def __init__(
-        self, in_channels: Sequence[int], channels: int = 128, num_heads: int = 4, depth: int = 1
-    ) -> None:
+    def __init__(self, in_channels: Sequence[int], channels: int = 128, num_heads: int = 4, depth: int = 1) -> None:
         super().__init__()
         self.align_fine = PositionAlignment(in_channels[:1], channels)
         self.align_coarse = PositionAlignment(in_channels[1:], channels)

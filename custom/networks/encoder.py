@@ -68,7 +68,9 @@ class LanguageGuidedEncoder(nn.Module):
         self.norms = nn.ModuleList()
         start = 0
         for i, (dim, depth) in enumerate(zip(embed_dims, depths)):
-            self.embeddings.append(OverlapPatchEmbed(in_channels if i == 0 else embed_dims[i - 1], dim, 4 if i == 0 else 2))
+            self.embeddings.append(
+                OverlapPatchEmbed(in_channels if i == 0 else embed_dims[i - 1], dim, 4 if i == 0 else 2)
+            )
             self.stages.append(
                 nn.ModuleList(
                     SVLABlock(

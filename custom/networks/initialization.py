@@ -24,7 +24,8 @@ def init_output_bias(network: nn.Module, foreground_prior: float = 0.01, out_cha
         raise ValueError(f"foreground_prior must be in (0, 1), got {foreground_prior}.")
     module = network.module if hasattr(network, "module") else network
     convolutions = [
-        m for m in module.modules()
+        m
+        for m in module.modules()
         if isinstance(m, nn.modules.conv._ConvNd) and m.bias is not None and m.out_channels == out_channels
     ]
     if not convolutions:

@@ -15,11 +15,25 @@ from custom.networks.text_encoder import BertTextEncoder
 __all__ = ["LSMS", "lsms_tiny", "lsms_base", "TINY", "BASE"]
 
 #: Constructor arguments of the CPU default (3-6 M trainable parameters without the text encoder).
-TINY = dict(embed_dims=(32, 64, 128, 192), depths=(2, 2, 3, 2), mlp_ratios=(4, 4, 4, 4), num_heads=(1, 2, 4, 4),
-            decoder_channels=96, decoder_heads=4, decoder_depth=1)
+TINY = dict(
+    embed_dims=(32, 64, 128, 192),
+    depths=(2, 2, 3, 2),
+    mlp_ratios=(4, 4, 4, 4),
+    num_heads=(1, 2, 4, 4),
+    decoder_channels=96,
+    decoder_heads=4,
+    decoder_depth=1,
+)
 #: Constructor arguments at the paper's scale (SegNeXt-B sized encoder).
-BASE = dict(embed_dims=(64, 128, 320, 512), depths=(3, 3, 12, 3), mlp_ratios=(8, 8, 4, 4), num_heads=(1, 2, 5, 8),
-            decoder_channels=256, decoder_heads=8, decoder_depth=2)
+BASE = dict(
+    embed_dims=(64, 128, 320, 512),
+    depths=(3, 3, 12, 3),
+    mlp_ratios=(8, 8, 4, 4),
+    num_heads=(1, 2, 5, 8),
+    decoder_channels=256,
+    decoder_heads=8,
+    decoder_depth=2,
+)
 
 
 def _frozen_text_encoder_comes_pretrained(module: LSMS, incompatible_keys) -> None:
@@ -93,8 +107,16 @@ class LSMS(nn.Module):
         )
         text_dim = self.text_encoder.hidden_size if self.text_encoder is not None else 1
         self.encoder = LanguageGuidedEncoder(
-            in_channels, text_dim, embed_dims, depths, mlp_ratios, num_heads, strip_kernel_sizes, drop_path_rate,
-            use_multi_kernel, use_language,
+            in_channels,
+            text_dim,
+            embed_dims,
+            depths,
+            mlp_ratios,
+            num_heads,
+            strip_kernel_sizes,
+            drop_path_rate,
+            use_multi_kernel,
+            use_language,
         )
         self.decoder = (
             FullScaleDecoder(embed_dims, decoder_channels, decoder_heads, decoder_depth)

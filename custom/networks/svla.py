@@ -46,9 +46,7 @@ class PixelWordAttention(nn.Module):
         if channels % num_heads:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads}).")
         self.norm = nn.LayerNorm(channels)
-        self.attention = nn.MultiheadAttention(
-            channels, num_heads, kdim=text_dim, vdim=text_dim, batch_first=True
-        )
+        self.attention = nn.MultiheadAttention(channels, num_heads, kdim=text_dim, vdim=text_dim, batch_first=True)
 
     def forward(self, x: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

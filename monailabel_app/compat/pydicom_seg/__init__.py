@@ -15,8 +15,16 @@ import pydicom_seg_rb as _impl
 from pydicom_seg_rb import *  # noqa: F401,F403
 from pydicom_seg_rb import __all__, __version__  # noqa: F401
 
-for _name in ("dicom_utils", "reader", "reader_utils", "segmentation_dataset", "template", "typing", "writer",
-              "writer_utils"):
+for _name in (
+    "dicom_utils",
+    "reader",
+    "reader_utils",
+    "segmentation_dataset",
+    "template",
+    "typing",
+    "writer",
+    "writer_utils",
+):
     _module = importlib.import_module(f"{_impl.__name__}.{_name}")
     sys.modules[f"{__name__}.{_name}"] = _module
     globals()[_name] = _module
