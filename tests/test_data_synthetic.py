@@ -229,3 +229,19 @@ def test_a_killed_generation_leaves_no_temporary_folder_after_the_next_run(tmp_p
     datalist = default_dataset.ensure_default_dataset(tmp_path, num_cases=3)
     assert datalist.is_file() and not any(folder.exists() for folder in stale)
     assert other.is_dir()  # only this dataset's leftovers are removed
+
+
+def test_progress_bars_show_on_a_terminal_only_and_when_asked():
+    import io
+
+    from custom.data.io import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    shown, piped, off = Terminal(), io.StringIO(), Terminal()
+    for stream, enabled in ((shown, True), (piped, True), (off, False)):
+        assert list(progress_bar(range(3), enabled=enabled, file=stream, desc="Generating cases")) == [0, 1, 2]
+    assert "Generating cases" in shown.getvalue() and "3/3" in shown.getvalue()
+    assert piped.getvalue() == "" and off.getvalue() == ""

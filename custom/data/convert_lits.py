@@ -34,7 +34,7 @@ from scipy import ndimage
 
 from .expressions import EXPRESSION_KINDS, generate_expressions
 from .geometry import axial_axis, measure_lesions
-from .io import atomic_directory, orientation_of, write_json_atomic, write_nifti
+from .io import atomic_directory, orientation_of, progress_bar, write_json_atomic, write_nifti
 from .synthetic import DEFAULT_SPLIT_FRACTIONS, split_cases
 
 __all__ = ["ConversionError", "find_cases", "convert_case", "convert_lits"]
@@ -193,14 +193,19 @@ def convert_lits(
     copy_images: bool = False,
     split_fractions=DEFAULT_SPLIT_FRACTIONS,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> Path:
-    """Convert a LiTS / MSD Task03 folder; returns the path of ``out/datalist.json`` (written atomically)."""
+    """Convert a LiTS / MSD Task03 folder; returns the path of ``out/datalist.json`` (written atomically).
+
+    ``progress`` shows a progress bar (only on a terminal).
+    """
     cases = find_cases(src)
     splits = split_cases([case_id for case_id, _, _ in cases], seed, split_fractions)
     final_dir = Path(out).absolute()
     with atomic_directory(final_dir, overwrite=overwrite) as tmp:
         records = {}
-        for index, (case_id, image, label) in enumerate(cases):
+        bar = progress_bar(cases, desc="Converting cases", unit="case", enabled=progress)
+        for index, (case_id, image, label) in enumerate(bar):
             rng = np.random.default_rng([seed, index])
             records[case_id] = convert_case(
                 case_id, image, label, Path(tmp), final_dir, min_volume_ml, rng, copy_images
@@ -236,9 +241,18 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits and expression sampling")
     parser.add_argument("--copy-images", action="store_true", help="copy images into the output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    path = convert_lits(args.src, args.out, args.min_volume_ml, args.seed, args.copy_images, overwrite=args.overwrite)
+    path = convert_lits(
+        args.src,
+        args.out,
+        args.min_volume_ml,
+        args.seed,
+        args.copy_images,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     print(f"Converted {args.src} in {time.perf_counter() - start:.1f} s: {path}")
 
 

@@ -13,7 +13,14 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
-__all__ = ["reorient", "write_nifti", "atomic_directory", "write_json_atomic", "orientation_of"]
+__all__ = ["reorient", "write_nifti", "atomic_directory", "write_json_atomic", "orientation_of", "progress_bar"]
+
+
+def progress_bar(iterable=None, enabled: bool = True, **kwargs):
+    """A ``tqdm`` progress bar on stderr; off when ``enabled`` is False or stderr is not a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=None if enabled else True, **kwargs)
 
 
 def orientation_of(affine: np.ndarray) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 
 from .expressions import EXPRESSION_KINDS, generate_expressions
 from .geometry import axial_axis, measure_lesions
-from .io import atomic_directory, reorient, write_json_atomic, write_nifti
+from .io import atomic_directory, progress_bar, reorient, write_json_atomic, write_nifti
 from .phantom import PhantomOptions, render_phantom
 
 __all__ = ["DEFAULT_NUM_CASES", "DEFAULT_ORIENTATIONS", "DATASET_VERSION", "generate_case", "generate_dataset"]
@@ -145,6 +145,7 @@ def generate_dataset(
     workers: int = 1,
     split_fractions=DEFAULT_SPLIT_FRACTIONS,
     overwrite: bool = False,
+    progress: bool = True,
     **options,
 ) -> Path:
     """Generate the synthetic referring dataset into ``out_dir``; returns the path of ``out_dir/datalist.json``.
@@ -156,6 +157,7 @@ def generate_dataset(
         workers: worker processes (the result does not depend on it).
         split_fractions: case shares of training, validation and test.
         overwrite: replace an existing ``out_dir``.
+        progress: show a progress bar (only on a terminal).
         options: ``orientations`` (axcodes -> probability), ``num_expressions`` (min, max per case),
             ``negative_share``, and the fields of :class:`custom.data.phantom.PhantomOptions`
             (``spacing_xy``, ``slice_thickness``, ``lesion_count_weights``, ``kind_weights``, ...).
@@ -164,11 +166,13 @@ def generate_dataset(
     splits = split_cases([case_id_of(i) for i in range(num_cases)], seed, split_fractions)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         jobs = [(tmp, index, seed, options) for index in range(num_cases)]
-        if workers > 1:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                records = list(pool.map(_generate_one, jobs))
-        else:
-            records = [_generate_one(job) for job in jobs]
+        bar = progress_bar(total=num_cases, desc="Generating cases", unit="case", enabled=progress)
+        with bar:
+            if workers > 1:
+                with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+                    records = [bar.update() or record for record in pool.map(_generate_one, jobs)]
+            else:
+                records = [bar.update() or _generate_one(job) for job in jobs]
         by_id = {record["case_id"]: record for record in records}
         datalist = {
             "name": "LSMS synthetic referring liver lesions",
@@ -191,9 +195,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    path = generate_dataset(args.out, args.cases, args.seed, workers=args.workers, overwrite=args.overwrite)
+    path = generate_dataset(
+        args.out, args.cases, args.seed, workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress
+    )
     print(f"Generated {args.cases} cases in {time.perf_counter() - start:.1f} s: {path}")
 
 
