@@ -69,10 +69,12 @@ class LSMSReferringInfer(InferTask):
         self.config_path = os.path.join(self.bundle_path, "configs", config_file)
         self.meta_path = os.path.join(self.bundle_path, "configs", "metadata.json")
         self.conf = dict(conf or {})
-        # The bundle's Python components live in the repository's ``custom`` package, beside the bundle folder.
-        self.repo_root = os.path.dirname(self.bundle_path)
-        if self.repo_root not in sys.path:
-            sys.path.insert(0, self.repo_root)
+        # The bundle's Python components, the ``custom`` package: inside a packaged bundle (python -m custom.package),
+        # or beside the bundle folder in the repository.
+        packaged = os.path.isdir(os.path.join(self.bundle_path, "custom"))
+        self.code_root = self.bundle_path if packaged else os.path.dirname(self.bundle_path)
+        if self.code_root not in sys.path:
+            sys.path.insert(0, self.code_root)
 
         self._valid = os.path.isfile(self.config_path)
         metadata: Dict[str, Any] = {}
