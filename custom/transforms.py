@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable
+from monai.transforms import MapTransform, Randomizable, ScaleIntensityRange
 from monai.transforms.traits import MultiSampleTrait
 
 from custom.text import DEFAULT_MAX_TOKENS, load_tokenizer
@@ -43,6 +43,11 @@ class HUWindowd(MapTransform):
 
     (C, H, W[, D]) HU -> (C * len(windows), H, W[, D]) float32; output channel ``w * C + c`` is input channel
     ``c`` seen through window ``w``. Values outside a window are clipped to 0 or 1.
+
+    Each window is MONAI's ``ScaleIntensityRange`` (``a_min``/``a_max`` the window's edges, clipped to [0, 1]),
+    and the channels are concatenated as ``ConcatItemsd`` would. One transform rather than that chain in the configs:
+    the number of windows is an option (``windows``; the network's input channels are ``len(windows)``), and a
+    config cannot unroll a variable number of transforms without Python in it.
 
     Args:
         keys: keys of the images to window.
@@ -62,13 +67,16 @@ class HUWindowd(MapTransform):
                 f"windows must be a non-empty list of [centre, width] pairs with width > 0, got {windows}."
             )
         self.windows = windows
+        self.scalers = [
+            ScaleIntensityRange(a_min=centre - width / 2, a_max=centre + width / 2, b_min=0.0, b_max=1.0, clip=True)
+            for centre, width in windows
+        ]
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
             image = _as_tensor(d[key]).float()
-            channels = [((image - (centre - width / 2)) / width).clamp(0.0, 1.0) for centre, width in self.windows]
-            d[key] = torch.cat(channels, dim=0)
+            d[key] = torch.cat([scale(image) for scale in self.scalers], dim=0)
         return d
 
 

@@ -1,20 +1,20 @@
 """The embedded default dataset: generated once into a cache folder, reused afterwards.
 
 ``ensure_default_dataset(cache_dir)`` returns ``cache_dir/lsms_synthetic_v<version>_n<cases>_seed<seed>/datalist.json``.
-The first caller generates it under an exclusive lock file (so two processes, e.g. two DDP ranks, never both
-write it); the others wait for the lock and then reuse the result. Generation writes to a temporary folder and
-renames it into place, so an interrupted run leaves no half-written dataset behind; the temporary folder of a killed
+The first caller generates it under an exclusive lock (``filelock.FileLock``, so two processes, e.g. two DDP
+ranks, never both write it); the others wait for the lock and then reuse the result. Generation writes to a
+temporary folder and renames it into place, so an interrupted run leaves no half-written dataset behind; the temporary folder of a killed
 run is removed by the next one.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock
 
 from .synthetic import DATASET_VERSION, DEFAULT_NUM_CASES, generate_dataset
 
@@ -29,40 +29,6 @@ LOCK_TIMEOUT_S = 900.0
 def default_dataset_dir(cache_dir: str | Path, num_cases: int = DEFAULT_NUM_CASES, seed: int = DEFAULT_SEED) -> Path:
     """Folder of the default dataset inside ``cache_dir``."""
     return Path(cache_dir).absolute() / f"lsms_synthetic_v{DATASET_VERSION}_n{num_cases}_seed{seed}"
-
-
-@contextmanager
-def _exclusive_lock(path: Path, timeout_s: float = LOCK_TIMEOUT_S):
-    """Hold an exclusive lock on ``path`` (``fcntl.flock``; a create-exclusive file where fcntl is missing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        fcntl = None
-    if fcntl is not None:
-        with open(path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-        return
-    deadline = time.monotonic() + timeout_s  # pragma: no cover - not POSIX
-    while True:  # pragma: no cover
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"Lock {path} is still held after {timeout_s} s; delete it if no process is generating the dataset."
-                ) from None
-            time.sleep(1.0)
-    try:  # pragma: no cover
-        yield
-    finally:  # pragma: no cover
-        os.close(fd)
-        os.remove(path)
 
 
 def remove_stale_temporaries(dataset_dir: Path) -> list[Path]:
@@ -90,7 +56,8 @@ def ensure_default_dataset(
     datalist = dataset_dir / "datalist.json"
     if datalist.is_file():
         return datalist
-    with _exclusive_lock(dataset_dir.with_name(dataset_dir.name + ".lock")):
+    dataset_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(dataset_dir.with_name(dataset_dir.name + ".lock"), timeout=LOCK_TIMEOUT_S):
         if datalist.is_file():  # another process finished it while we waited
             return datalist
         remove_stale_temporaries(dataset_dir)
