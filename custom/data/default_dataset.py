@@ -3,8 +3,8 @@
 ``ensure_default_dataset(cache_dir)`` returns ``cache_dir/lsms_synthetic_v<version>_n<cases>_seed<seed>/datalist.json``.
 The first caller generates it under an exclusive lock (``filelock.FileLock``, so two processes, e.g. two DDP
 ranks, never both write it); the others wait for the lock and then reuse the result. Generation writes to a
-temporary folder and renames it into place, so an interrupted run leaves no half-written dataset behind; the temporary folder of a killed
-run is removed by the next one.
+temporary folder and renames it into place, so an interrupted run leaves no half-written dataset behind; the
+temporary folder of a killed run is removed by the next one.
 """
 
 from __future__ import annotations
