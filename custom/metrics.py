@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
+from monai.metrics import compute_dice
 from scipy import ndimage
 
 from custom.clinical.measurements import axial_axis
@@ -32,14 +34,17 @@ HIT_DICE = 0.1
 
 
 def dice_3d(pred: np.ndarray, target: np.ndarray) -> float:
-    """Dice of two binary volumes; two empty volumes agree perfectly (1.0)."""
-    pred, target = pred.astype(bool), target.astype(bool)
-    total = pred.sum() + target.sum()
-    return 1.0 if total == 0 else float(2.0 * np.logical_and(pred, target).sum() / total)
+    """Dice of two binary volumes (MONAI's ``compute_dice``); two empty volumes agree perfectly (1.0)."""
+    as_batch = lambda volume: torch.as_tensor(np.asarray(volume, dtype=bool), dtype=torch.float32)[None, None]  # noqa: E731
+    return float(compute_dice(as_batch(pred), as_batch(target), include_background=True, ignore_empty=False))
 
 
 def slice_overlaps(pred: np.ndarray, target: np.ndarray, axis: int) -> list[tuple[int, int]]:
-    """(intersection, union) per 2D slice sample along ``axis``: the slices where the target is present."""
+    """(intersection, union) per 2D slice sample along ``axis``: the slices where the target is present.
+
+    Counts rather than MONAI's ``compute_iou`` ratios: the overall IoU (oIoU) of DESIGN section 6 sums
+    intersections and unions over all slices, which the per-slice ratios cannot give.
+    """
     pred, target = np.moveaxis(pred.astype(bool), axis, 0), np.moveaxis(target.astype(bool), axis, 0)
     return [(int(np.logical_and(p, t).sum()), int(np.logical_or(p, t).sum())) for p, t in zip(pred, target) if t.any()]
 
