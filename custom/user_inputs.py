@@ -240,13 +240,20 @@ def _command_line_values(options: Mapping[str, Any], files: Sequence[str], user_
     return values
 
 
-def guard_overrides(user_data: Iterable[str] = (), debug: Any = False, argv: Sequence[str] | None = None) -> None:
+def guard_overrides(
+    user_data: Iterable[str] = (),
+    debug: Any = False,
+    argv: Sequence[str] | None = None,
+    limits: Mapping[str, Sequence[float | None]] | None = None,
+) -> None:
     """Check and pin the user's inputs of the running bundle config (see the module docstring).
 
     Args:
         user_data: ids whose values are user data, always taken verbatim.
         debug: keep Python's traceback for input errors (``--debug true``).
         argv: the command line (default ``sys.argv``); only read when it is a ``python -m monai.bundle`` command.
+        limits: ``{id: [min, max]}`` of numeric options (None: unbounded); their values, given or default, must be
+            numbers in that range (or null where the default is null).
     """
     debug = as_bool(debug, "debug")
     options = command_line_options(argv)
@@ -260,8 +267,27 @@ def guard_overrides(user_data: Iterable[str] = (), debug: Any = False, argv: Seq
     for id in user_data:
         if id in parser and id not in values:
             values[id] = parser[id]
+    for id, (low, high) in ((ReferenceResolver.normalize_id(k), v) for k, v in (limits or {}).items()):
+        if id in parser:
+            values[id] = _within(values.get(id, parser[id]), low, high, id.replace("::", "#"))
     for id, value in values.items():
         pin(parser, id, value)
+
+
+def _within(value: Any, low: float | None, high: float | None, name: str) -> Any:
+    """``value`` as a number in [low, high] (None or "null" stays None); else :class:`OptionError`."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none")):
+        return None
+    whole = isinstance(low, int) and not isinstance(low, bool)
+    if isinstance(value, str) and value.startswith(("$", "@")):
+        return value  # a config expression: MONAI's syntax, evaluated as written
+    number = _typed(value, 0 if whole else 0.0, name)
+    if (low is not None and number < low) or (high is not None and number > high):
+        bounds = f"from {low} to {high}" if low is not None and high is not None else f"at least {low}"
+        if low is None:
+            bounds = f"at most {high}"
+        raise OptionError(f"--{name} must be {bounds}, got {value!r}. Pass a value in that range.")
+    return number
 
 
 def check_device(device: Any) -> Any:
