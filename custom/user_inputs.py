@@ -10,14 +10,15 @@ with :func:`guard_overrides`, which, before anything else reads them:
   ``python -m monai.bundle``, else the value given to ``ConfigWorkflow``), so that ``@prompt`` resolves to the text
   itself and nothing in it is evaluated or resolved;
 - converts the other command-line options to the type of their default strictly (``--epochs abc`` and
-  ``--overwrite maybe`` are refused; booleans are ``true``/``false``/``yes``/``no``/``1``/``0``);
+  ``--overwrite maybe`` are refused; booleans are ``true``/``false``/``yes``/``no``/``1``/``0``), and checks the
+  numeric options a config lists in ``"option_limits"`` against their ranges;
 - makes the process print an :class:`~custom.errors.InputError` as one clear last line instead of a traceback
   (``--debug true`` keeps the traceback).
 
 Limits (MONAI's parser acts before any config code runs): a command-line value that starts with ``%`` is read by
 MONAI as a macro (a key of a config file), and a value ``$import <module>`` imports that module before the guard
-runs; neither evaluates an expression. The MONAI Label app never passes request data through overrides at all
-(:func:`pin`).
+runs; neither evaluates an expression. MONAI's parser also rewrites ``#`` to ``::`` in every config string. The
+MONAI Label app never passes request data through overrides at all (:class:`UserDataWorkflow`).
 """
 
 from __future__ import annotations
