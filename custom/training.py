@@ -32,6 +32,7 @@ from monai.utils import min_version, optional_import, set_determinism
 
 from custom.clinical.writers import atomic_write
 from custom.errors import InputError
+from custom.user_inputs import as_bool
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
@@ -51,8 +52,6 @@ class RunFolderError(InputError, ValueError):
 
 def check_run_dir(ckpt_dir: str | os.PathLike, resume: Any = False) -> bool:
     """Refuse to start a new run over a saved one, and to resume without a saved state. Returns ``resume``."""
-    from custom.user_inputs import as_bool
-
     resume = as_bool(resume, "resume")
     folder = Path(ckpt_dir)
     saved = [p for p in (folder / STATE_FILE, folder / MODEL_FILE) if p.is_file()]
@@ -115,8 +114,6 @@ class ResumableTraining:
         interval: int = 1,
         resume: Any = False,
     ) -> None:
-        from custom.user_inputs import as_bool
-
         self.path = Path(save_dir) / STATE_FILE
         self.objects = dict(objects)
         if evaluator is not None:

@@ -188,6 +188,12 @@ def cli(*args: str, timeout: int = 600, runner: tuple[str, ...] = (sys.executabl
     return result
 
 
+def ddp_runner(port: int) -> tuple[str, ...]:
+    """``torchrun`` with two processes running ``python -m monai.bundle``."""
+    return (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
+            "monai.bundle")  # fmt: skip
+
+
 def overrides(values: dict) -> list[str]:
     return [item for k, v in values.items() for item in (f"--{k}", json.dumps(v) if not isinstance(v, str) else v)]
 
@@ -211,15 +217,7 @@ def test_command_line_training_with_legacy_id_and_run(dataset, tmp_path, run_id)
 
 def test_two_process_ddp_training_ends_with_one_checkpoint(dataset, tmp_path):
     config = "['bundle/configs/train.json','bundle/configs/multi_gpu_train.json']"
-    runner = (
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port=29533",
-        "-m",
-        "monai.bundle",
-    )
+    runner = ddp_runner(port=29533)
     cli(
         "run",
         "--config_file",
@@ -292,15 +290,7 @@ def test_readme_first_command_runs_the_default_inference(tmp_path):
 
 def test_two_process_ddp_evaluation_gathers_every_expression(dataset, checkpoint, tmp_path):
     config = "['bundle/configs/evaluate.json','bundle/configs/multi_gpu_evaluate.json']"
-    runner = (
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port=29534",
-        "-m",
-        "monai.bundle",
-    )
+    runner = ddp_runner(port=29534)
     cli(
         "run",
         "--config_file",

@@ -43,6 +43,7 @@ from custom.clinical.writers import (
     write_nifti_mask,
     write_overlay_png,
 )
+from custom.user_inputs import as_bool
 
 __all__ = ["ReferringOutputWriter", "SaveReferringOutputsd", "case_id_of", "expression_slug"]
 
@@ -99,8 +100,6 @@ class ReferringOutputWriter:
         algorithm_version: str = "1.0",
     ):
         self.output_dir = Path(output_dir)
-        from custom.user_inputs import as_bool
-
         self.rule = rule if isinstance(rule, NotPresentRule) else NotPresentRule(**dict(rule or {}))
         self.overwrite = as_bool(overwrite, "overwrite")
         self.montage = as_bool(montage, "montage")

@@ -27,6 +27,7 @@ import numpy as np
 from custom.clinical.dicom_series import CTSeriesReader, clinical_reader_for, is_nifti_path
 from custom.clinical.errors import ClinicalInputError, NoImageError, NotCTError, OutputExistsError, ProtectedInputError
 from custom.clinical.outputs import ReferringOutputWriter, case_id_of, expression_slug
+from custom.user_inputs import as_bool
 
 __all__ = ["InvalidValuesError", "check_hounsfield", "check_inference_inputs", "check_output_dir", "check_volume_file"]
 
@@ -193,8 +194,6 @@ def check_inference_inputs(
         series_uid: the series to read from DICOM folders holding several.
         require_ct: refuse inputs that are not CT (DICOM modality, uint8 NIfTI, HU range after loading).
     """
-    from custom.user_inputs import as_bool
-
     overwrite, montage, require_ct = (
         as_bool(overwrite, "overwrite"),
         as_bool(montage, "montage"),

@@ -11,6 +11,7 @@ from torch import nn
 from custom.networks.decoders import FPNDecoder, FullScaleDecoder
 from custom.networks.encoder import LanguageGuidedEncoder
 from custom.networks.text_encoder import BertTextEncoder
+from custom.networks.weights import text_encoder_frozen
 
 __all__ = ["LSMS", "lsms_tiny", "lsms_base", "TINY", "BASE"]
 
@@ -40,8 +41,7 @@ def _frozen_text_encoder_comes_pretrained(module: LSMS, incompatible_keys) -> No
     """``load_state_dict`` hook: while the text encoder is fully frozen its weights are the pretrained ones it was
     built from, so a checkpoint may leave them out (``ShippedWeights`` does); a strict load does not count them as
     missing. Any other missing, unexpected or mismatched key still fails a strict load."""
-    encoder = module.text_encoder
-    if encoder is None or any(p.requires_grad for p in encoder.parameters()):
+    if not text_encoder_frozen(module):
         return
     missing = incompatible_keys.missing_keys
     missing[:] = [k for k in missing if not (k.startswith("text_encoder.") or ".text_encoder." in k)]

@@ -10,9 +10,15 @@ from torch import nn
 
 from custom.errors import InputError
 
-__all__ = ["ShippedWeights", "CheckpointError", "check_checkpoint"]
+__all__ = ["ShippedWeights", "CheckpointError", "check_checkpoint", "text_encoder_frozen"]
 
 TEXT_ENCODER_PREFIX = "text_encoder."
+
+
+def text_encoder_frozen(network: nn.Module) -> bool:
+    """Whether ``network`` has a text encoder none of whose weights train (they are its pretrained ones)."""
+    encoder = getattr(network, "text_encoder", None)
+    return encoder is not None and not any(p.requires_grad for p in encoder.parameters())
 
 
 class ShippedWeights:
@@ -28,13 +34,9 @@ class ShippedWeights:
     def __init__(self, network: nn.Module) -> None:
         self.network = network.module if hasattr(network, "module") else network
 
-    def _text_encoder_frozen(self) -> bool:
-        encoder = getattr(self.network, "text_encoder", None)
-        return encoder is not None and not any(p.requires_grad for p in encoder.parameters())
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = self.network.state_dict()
-        if self._text_encoder_frozen():
+        if text_encoder_frozen(self.network):
             state = {k: v for k, v in state.items() if not k.startswith(TEXT_ENCODER_PREFIX)}
         return state
 
