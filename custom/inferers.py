@@ -1,17 +1,34 @@
-"""Slice-by-slice inference of the 2D referring network over a 3D volume."""
+"""Slice-by-slice inference of the 2D referring network over a 3D volume, focused on the liver."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from monai.inferers import SliceInferer
+from scipy import ndimage
 
-__all__ = ["ReferringSliceInferer"]
+__all__ = ["ReferringSliceInferer", "liver_box"]
+
+#: Logit given to the referred-lesion channel outside the liver region (sigmoid ~ 2e-9): no answer there.
+OUTSIDE_LOGIT = -20.0
+
+
+def liver_box(liver: np.ndarray, margin: tuple[int, int, int] = (7, 7, 1)) -> tuple[slice, slice, slice] | None:
+    """Bounding box of the largest 3D component of a binary ``liver`` (H, W, D), grown by ``margin`` voxels per
+    axis and clipped to the volume; ``None`` when there is no liver."""
+    components, count = ndimage.label(liver)
+    if count == 0:
+        return None
+    sizes = ndimage.sum_labels(liver, components, np.arange(1, count + 1))
+    extent = ndimage.find_objects((components == int(np.argmax(sizes)) + 1).astype(np.int32))[0]
+    return tuple(slice(max(e.start - m, 0), min(e.stop + m, n)) for e, m, n in zip(extent, margin, liver.shape))  # type: ignore[return-value]
 
 
 class ReferringSliceInferer(SliceInferer):
-    """MONAI ``SliceInferer`` that hands the expression's keyword tensors to the network for every slice batch.
+    """MONAI ``SliceInferer`` that hands the expression's keyword tensors to the network for every slice batch,
+    optionally focused on the liver.
 
     MONAI 1.6.1's ``SliceInferer.__call__`` drops the ``*args``/``**kwargs`` it documents, so the text would never
     reach the network; here they are bound to the network before sliding. ``input_ids``/``attention_mask`` of
@@ -19,9 +36,56 @@ class ReferringSliceInferer(SliceInferer):
 
     ``inputs (1, C, H, W, D)`` with ``spatial_dim=2`` -> ``(1, out_channels, H, W, D)``. ``roi_size=(-1, -1)``
     infers whole slices.
+
+    Liver focus (``focus_channel``: the network's text-free liver channel, ``None`` for off): a text-free pass over
+    every slice gives the liver and all-lesion channels; the referring pass (with the text) then runs on the box of
+    the largest liver component grown by ``focus_margin`` voxels, on the slices that hold it, only. Outside the box
+    channel 0 is :data:`OUTSIDE_LOGIT` (nothing is answered there, nor anywhere when no liver is found). Without text
+    channel 0 is the text-free answer (all lesions) inside the box. The last text-free pass is kept and reused when
+    the next call has the same volume (several expressions of one case).
     """
 
-    def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        focus_channel: int | None = None,
+        focus_threshold: float = 0.5,
+        focus_margin: tuple[int, int, int] = (7, 7, 1),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.focus_channel = focus_channel
+        self.focus_threshold = float(focus_threshold)
+        self.focus_margin = tuple(int(m) for m in focus_margin)
+        self._last: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def _slide(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not (args or kwargs):
             return super().__call__(inputs, network)
         return super().__call__(inputs, lambda slices: network(slices, *args, **kwargs))
+
+    def text_free(self, inputs: torch.Tensor, network) -> torch.Tensor:
+        """The text-free pass over every slice, ``(1, C, H, W, D) -> (1, K, H, W, D)``, reused while the volume and
+        the network's weights (their in-place update counters) are the same."""
+        weights = (id(network), tuple(p._version for p in network.parameters()))
+        last = self._last
+        if last is not None and last[0] == weights and last[1].shape == inputs.shape and torch.equal(last[1], inputs):
+            return last[2]
+        output = self._slide(inputs, network)
+        self._last = (weights, inputs.detach().clone(), output)
+        return output
+
+    def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any):
+        if self.focus_channel is None:
+            return self._slide(inputs, network, *args, **kwargs)
+        text_free = self.text_free(inputs, network)
+        liver = (torch.sigmoid(text_free[0, self.focus_channel].float()) >= self.focus_threshold).cpu().numpy()
+        box = liver_box(liver, self.focus_margin)
+        output = text_free.clone()
+        output[:, 0] = OUTSIDE_LOGIT
+        if box is None:
+            return output
+        region = (slice(None), slice(None), *box)
+        referred = self._slide(inputs[region], network, *args, **kwargs) if (args or kwargs) else text_free[region]
+        output[(slice(None), 0, *box)] = referred[:, 0]
+        return output

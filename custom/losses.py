@@ -44,11 +44,14 @@ class PixelSentenceContrastiveLoss(nn.Module):
 
 
 class LSMSLoss(nn.Module):
-    """``DiceCELoss(sigmoid) + contrastive_weight * PixelSentenceContrastiveLoss``.
+    """``DiceCELoss(sigmoid)`` on the referred lesion ``+ dense_weight *`` the same on each text-free output channel
+    ``+ contrastive_weight * PixelSentenceContrastiveLoss``.
 
-    ``pred`` is the network's logits (B, 1, H, W) or its ``return_embeddings=True`` dict; ``target`` (B, 1, H, W)
-    in {0, 1}. The contrastive term is used when the dict carries a sentence embedding and the weight is > 0.
-    Dice is computed over the whole batch (``batch=True``) so slices with an empty target stay finite and sensible.
+    ``pred`` is the network's logits (B, K, H, W) or its ``return_embeddings=True`` dict; ``target`` (B, K, H, W)
+    in {0, 1}, channel 0 the referred lesion(s) and channels 1.. the dense text-free targets (liver, all lesions)
+    when the network has them. The contrastive term is used when the dict carries a sentence embedding and the
+    weight is > 0, over the samples that have text (``text_present``) and on channel 0. Dice is computed over the
+    whole batch (``batch=True``) so slices with an empty target stay finite and sensible.
     """
 
     def __init__(
@@ -57,17 +60,31 @@ class LSMSLoss(nn.Module):
         temperature: float = 0.07,
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
+        dense_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.segmentation = DiceCELoss(sigmoid=True, batch=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
         self.contrastive = PixelSentenceContrastiveLoss(temperature)
         self.contrastive_weight = contrastive_weight
+        self.dense_weight = dense_weight
 
     def forward(self, pred, target: torch.Tensor) -> torch.Tensor:
         logits = pred["logits"] if isinstance(pred, dict) else pred
-        loss = self.segmentation(logits, target.float())
+        target = target.float()
+        if logits.shape[1] != target.shape[1]:
+            raise ValueError(
+                f"The network gives {logits.shape[1]} output channels but the target has {target.shape[1]}: "
+                "train a 3-channel network on dense targets (ReferredMaskd dense=True), a 1-channel one without."
+            )
+        loss = self.segmentation(logits[:, :1], target[:, :1])
+        for channel in range(1, logits.shape[1]):
+            loss = loss + self.dense_weight * self.segmentation(
+                logits[:, channel : channel + 1], target[:, channel : channel + 1]
+            )
         if isinstance(pred, dict) and pred.get("sentence_embedding") is not None and self.contrastive_weight > 0:
+            with_text = pred.get("text_present")
+            with_text = slice(None) if with_text is None else with_text.bool()
             loss = loss + self.contrastive_weight * self.contrastive(
-                pred["pixel_embeddings"], pred["sentence_embedding"], target
+                pred["pixel_embeddings"][with_text], pred["sentence_embedding"][with_text], target[with_text, :1]
             )
         return loss

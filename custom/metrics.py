@@ -25,6 +25,9 @@ __all__ = [
     "match_lesions",
     "score_expression",
     "summarize",
+    "SIZE_BINS",
+    "match_detections",
+    "summarize_detection",
 ]
 
 EXPRESSION_KINDS = ("location", "size", "density", "count", "negative")
@@ -191,3 +194,64 @@ def summarize(scores: Iterable[ExpressionScores]) -> dict:
 def scores_to_dict(scores: ExpressionScores) -> dict:
     """JSON-serialisable form of one ExpressionScores."""
     return asdict(scores)
+
+
+#: Lesion size bins of the detection summary, in ml: (name, lower bound inclusive, upper bound exclusive).
+SIZE_BINS = (("<1ml", 0.0, 1.0), ("1-5ml", 1.0, 5.0), (">5ml", 5.0, float("inf")))
+
+
+def match_detections(
+    pred: np.ndarray, instance_map: np.ndarray, voxel_ml: float, min_dice: float = HIT_DICE
+) -> tuple[list[dict], int]:
+    """Text-free lesion detection of one case: every lesion of ``instance_map`` against the predicted components.
+
+    A lesion's Dice is taken with the union of the predicted 3D components (26-connectivity) that overlap it; it is
+    found when that Dice is at least ``min_dice``. Returns one dict per lesion (``id``, ``volume_ml``, ``dice``,
+    ``found``) and the number of false-positive components (touching no lesion).
+    """
+    pred = np.asarray(pred).astype(bool)
+    instance_map = np.asarray(instance_map).astype(np.int64)
+    components, count = ndimage.label(pred, structure=np.ones((3, 3, 3), bool))
+    lesions = []
+    for lesion_id in (int(v) for v in np.unique(instance_map) if v != 0):
+        lesion = instance_map == lesion_id
+        touching = np.unique(components[lesion])
+        touching = touching[touching != 0]
+        union = np.isin(components, touching) if touching.size else np.zeros_like(pred)
+        size = int(lesion.sum())
+        dice = 2.0 * float(np.logical_and(lesion, union).sum()) / float(size + union.sum())
+        lesions.append({"id": lesion_id, "volume_ml": size * voxel_ml, "dice": dice, "found": dice >= min_dice})
+    if count == 0:
+        return lesions, 0
+    touches_lesion = ndimage.maximum(instance_map > 0, components, np.arange(1, count + 1))
+    return lesions, int(np.sum(np.asarray(touches_lesion) == 0))
+
+
+def summarize_detection(lesions: Sequence[dict], false_positives: Sequence[int], liver_dice: Sequence[float]) -> dict:
+    """Recall and per-lesion Dice by density and size bin, false positives per case and liver Dice.
+
+    ``lesions``: the dicts of :func:`match_detections`, each with a ``density`` added (``hypodense``,
+    ``hyperdense`` or ``unknown``); ``false_positives`` and ``liver_dice``: one value per case.
+    """
+
+    def group(members: list[dict]) -> dict:
+        return {
+            "lesions": len(members),
+            "recall": float(np.mean([m["found"] for m in members])) if members else float("nan"),
+            "mean_dice": float(np.mean([m["dice"] for m in members])) if members else float("nan"),
+        }
+
+    densities = sorted({m.get("density", "unknown") for m in lesions})
+    by_group = {}
+    for density in ["all", *densities]:
+        of_density = [m for m in lesions if density == "all" or m.get("density", "unknown") == density]
+        by_group[density] = {"all": group(of_density)}
+        for name, low, high in SIZE_BINS:
+            by_group[density][name] = group([m for m in of_density if low <= m["volume_ml"] < high])
+        by_group[density][">=1ml"] = group([m for m in of_density if m["volume_ml"] >= 1.0])
+    return {
+        "cases": len(false_positives),
+        "by_density_and_size": by_group,
+        "false_positives_per_case": float(np.mean(false_positives)) if false_positives else float("nan"),
+        "liver_dice": float(np.mean(liver_dice)) if liver_dice else float("nan"),
+    }

@@ -11,7 +11,14 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 from scipy import ndimage
 
-__all__ = ["select_referred_components", "SelectReferredComponentsd"]
+__all__ = [
+    "select_referred_components",
+    "SelectReferredComponentsd",
+    "ApplyNotPresentRuled",
+    "SplitOutputsd",
+    "liver_region",
+    "LiverRegiond",
+]
 
 
 def select_referred_components(
@@ -103,4 +110,88 @@ class ApplyNotPresentRuled(MapTransform):
         if not decision.found:
             for key in self.key_iterator(d):
                 d[key] = d[key] * 0
+        return d
+
+
+class SplitOutputsd(MapTransform):
+    """Give each output channel of the network its own key: channel ``i`` of ``keys`` goes to ``names[i]``.
+
+    ``(K, H, W[, D]) -> names[0]: (1, H, W[, D]), names[1]: ...``; ``names[0]`` may be the key itself (the referred
+    lesion keeps its place). A 1-channel output fills ``names[0]`` only, so the same configuration serves a network
+    with or without the text-free channels (the later keys are then absent).
+    """
+
+    def __init__(self, keys: KeysCollection, names: tuple[str, ...] = ("pred", "liver_prob", "lesions_prob")) -> None:
+        super().__init__(keys)
+        self.names = tuple(names)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            output = d[key]
+            for channel, name in enumerate(self.names[: output.shape[0]]):
+                d[name] = output[channel : channel + 1]
+        return d
+
+
+def liver_region(
+    liver_probability: np.ndarray, spacing: tuple[float, ...], threshold: float = 0.5, margin_mm: float = 10.0
+) -> tuple[tuple[slice, ...], dict] | tuple[None, dict]:
+    """Bounding box (plus ``margin_mm``) of the largest 3D component of ``liver_probability >= threshold``.
+
+    ``liver_probability`` (X, Y, Z) with voxel ``spacing`` in mm -> (index slices of the box, or ``None`` when no
+    liver is found, and a JSON-ready description: ``liver_found``, ``liver_volume_ml``, ``box_voxels``).
+    """
+    liver = liver_probability >= threshold
+    components, count = ndimage.label(liver)
+    if count == 0:
+        return None, {"liver_found": False}
+    sizes = ndimage.sum_labels(liver, components, np.arange(1, count + 1))
+    largest = components == (int(np.argmax(sizes)) + 1)
+    box = []
+    for axis, extent in enumerate(ndimage.find_objects(largest.astype(np.int32))[0]):
+        margin = int(np.ceil(margin_mm / float(spacing[axis])))
+        box.append(slice(max(extent.start - margin, 0), min(extent.stop + margin, liver.shape[axis])))
+    description = {
+        "liver_found": True,
+        "liver_volume_ml": float(largest.sum() * np.prod(spacing) / 1000.0),
+        "box_voxels": [[b.start, b.stop] for b in box],
+    }
+    return tuple(box), description
+
+
+class LiverRegiond(MapTransform):
+    """Restrict the answers to the liver region: zero ``keys`` outside the box of the text-free liver output.
+
+    ``liver_key`` (1, X, Y, Z) liver probabilities (a MetaTensor: its affine gives the voxel spacing) -> ``keys``
+    (1, X, Y, Z) zeroed outside the liver's bounding box plus ``margin_mm``; everything zeroed when no liver is found.
+    The region's description (:func:`liver_region`) is stored under ``region_key`` for the record. Without a liver
+    output (a 1-channel network) the data pass unchanged.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        liver_key: str = "liver_prob",
+        threshold: float = 0.5,
+        margin_mm: float = 10.0,
+        region_key: str = "liver_region",
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.liver_key, self.threshold, self.margin_mm, self.region_key = liver_key, threshold, margin_mm, region_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        liver = d.get(self.liver_key)
+        if liver is None:
+            return d
+        affine = np.asarray(liver.affine) if hasattr(liver, "affine") else np.eye(4)
+        spacing = tuple(np.sqrt((affine[:3, :3] ** 2).sum(0)))
+        array = liver.detach().cpu().numpy() if isinstance(liver, torch.Tensor) else np.asarray(liver)
+        box, d[self.region_key] = liver_region(array[0], spacing, self.threshold, self.margin_mm)
+        for key in self.key_iterator(d):
+            inside = torch.zeros(d[key].shape[1:], dtype=torch.bool, device=d[key].device)
+            if box is not None:
+                inside[box] = True
+            d[key] = d[key] * inside
         return d

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable, ScaleIntensityRange
+from monai.transforms import MapTransform, Randomizable, RandomizableTransform, ScaleIntensityRange
 from monai.transforms.traits import MultiSampleTrait
 
 from custom.text import DEFAULT_MAX_TOKENS, load_tokenizer
 
-__all__ = ["HUWindowd", "ReferredMaskd", "ReferringSlicesd", "Tokenized", "RandSelectExpressiond"]
+__all__ = ["HUWindowd", "ReferredMaskd", "ReferringSlicesd", "Tokenized", "RandSelectExpressiond", "RandDropTextd"]
 
 
 def _as_tensor(value) -> torch.Tensor:
@@ -86,6 +86,9 @@ class ReferredMaskd(MapTransform):
     (1, H, W[, D]) instance map + list of ids -> ``output_key`` (1, H, W[, D]) float32 in {0, 1}; empty
     targets give zeros. A target id absent from the map raises ``ValueError`` unless
     ``allow_absent_targets`` (e.g. after resampling that may erase a tiny lesion).
+
+    With ``dense=True`` the output has 3 channels, the targets of a 3-channel network: the referred lesions, the
+    liver (``liver_key``, required) and all lesions of the case.
     """
 
     def __init__(
@@ -94,6 +97,8 @@ class ReferredMaskd(MapTransform):
         targets_key: str = "targets",
         output_key: str = "label",
         allow_absent_targets: bool = False,
+        dense: bool = False,
+        liver_key: str = "liver",
         allow_missing_keys: bool = False,
     ):
         super().__init__([instance_key], allow_missing_keys)
@@ -101,6 +106,8 @@ class ReferredMaskd(MapTransform):
         self.targets_key = targets_key
         self.output_key = output_key
         self.allow_absent_targets = allow_absent_targets
+        self.dense = dense
+        self.liver_key = liver_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -119,7 +126,16 @@ class ReferredMaskd(MapTransform):
                     "custom.data.datalist.validate_datalist, or set allow_absent_targets=True after resampling."
                 )
             mask |= hit
-        d[self.output_key] = mask.float()
+        if not self.dense:
+            d[self.output_key] = mask.float()
+            return d
+        if d.get(self.liver_key) is None:
+            raise ValueError(
+                f"Case '{d.get('case_id', '?')}' has no liver mask '{self.liver_key}', which dense targets need. Add "
+                "the liver to the datalist (the LiTS/MSD conversion writes it), or train with dense=False."
+            )
+        liver = _as_tensor(d[self.liver_key]) > 0
+        d[self.output_key] = torch.cat([mask, liver, instances > 0]).float()
         return d
 
 
@@ -129,12 +145,13 @@ class ReferringSlicesd(Randomizable, MapTransform, MultiSampleTrait):
     Input volumes (C, H, W, D) in RAS (D axial). Output per chosen slice ``z``: each key of ``keys`` other than
     ``label_key`` becomes (C * (2 * context_slices + 1), H, W) with the neighbouring slices ``z - n .. z + n``
     as extra channels (channel ``c * (2n + 1) + k`` is input channel ``c`` at offset ``k - n``; edges
-    replicate the first / last slice); ``label_key`` becomes its centre slice (1, H, W). Every other item is
+    replicate the first / last slice); ``label_key`` becomes its centre slice (K, H, W). Every other item is
     copied, except volumes of the same (H, W, D) that are not in ``keys`` (e.g. ``lesions``, ``liver``), and
     ``slice_index`` is added.
 
-    Chosen slices: every slice where the label is present, plus ``ceil(negative_ratio * positives)`` random
-    slices without it taken from the liver's z-range when ``liver_key`` is available (all slices otherwise).
+    Chosen slices: every slice where the label (its channel 0, the referred lesions) is present, plus
+    ``ceil(negative_ratio * positives)`` random slices without it taken from the liver's z-range when ``liver_key``
+    is available (all slices otherwise).
     For an empty label (a negative expression) every slice of the liver's z-range (all slices without a liver
     mask or with an empty one). ``max_samples`` keeps a random subset of that size. Randomness comes from
     ``self.R``, so ``set_random_state`` and MONAI's data loaders make it reproducible.
@@ -212,7 +229,7 @@ class ReferringSlicesd(Randomizable, MapTransform, MultiSampleTrait):
         label = _as_tensor(d[self.label_key])
         depth = label.shape[-1]
         spatial = tuple(label.shape[1:])
-        positive = label.reshape(-1, depth).amax(0).cpu().numpy() > 0
+        positive = label[0].reshape(-1, depth).amax(0).cpu().numpy() > 0
         self.randomize(positive, self._liver_slices(d, depth))
         sliced = set(self.key_iterator(d))
         copied = {
@@ -312,4 +329,44 @@ class RandSelectExpressiond(Randomizable, MapTransform):
         )
         for key in self.drop_keys:
             d.pop(key, None)
+        return d
+
+
+class RandDropTextd(RandomizableTransform, MapTransform):
+    """With probability ``prob`` make a sample text-free: the network then answers "all lesions".
+
+    The attention mask (``attention_mask_key``, (T,)) becomes all zeros, which the network reads as "no text" for
+    that sample, and channel 0 of the dense label (``label_key``, (3, ...) from ``ReferredMaskd(dense=True)``)
+    becomes the all-lesion channel ``all_lesions_channel``. This trains the network's own text-free mode (the
+    per-volume pass of inference and the lesion-detection evaluation) alongside the referring one. Apply it to the
+    volume, before the slices are chosen, so that a text-free sample takes the slices of all lesions.
+    """
+
+    def __init__(
+        self,
+        prob: float = 0.25,
+        label_key: str = "label",
+        attention_mask_key: str = "attention_mask",
+        all_lesions_channel: int = 2,
+    ) -> None:
+        MapTransform.__init__(self, [label_key, attention_mask_key])
+        RandomizableTransform.__init__(self, prob)
+        self.label_key = label_key
+        self.attention_mask_key = attention_mask_key
+        self.all_lesions_channel = all_lesions_channel
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        label = _as_tensor(d[self.label_key]).clone()
+        if label.shape[0] <= self.all_lesions_channel:
+            raise ValueError(
+                f"RandDropTextd needs the dense label (3 channels, ReferredMaskd dense=True); '{self.label_key}' has "
+                f"{label.shape[0]}."
+            )
+        label[0] = label[self.all_lesions_channel]
+        d[self.label_key] = label
+        d[self.attention_mask_key] = torch.zeros_like(_as_tensor(d[self.attention_mask_key]))
         return d

@@ -61,6 +61,20 @@ def test_nifti_case_found(tmp_path):
         writer(image, probabilities_like(image, 0.9), "the largest lesion in the right lobe")
 
 
+def test_the_record_keeps_the_liver_region_and_says_when_no_liver_was_found(tmp_path):
+    hu = case_volume()
+    nib.save(nib.Nifti1Image(hu, AFFINE_LPS), tmp_path / "case_008.nii.gz")
+    image = load_ct_ras(tmp_path / "case_008.nii.gz")
+    writer = ReferringOutputWriter(tmp_path / "out")
+    region = {"liver_found": True, "liver_volume_ml": 1500.0, "box_voxels": [[1, 30], [2, 35], [0, 12]]}
+    found = writer(image, probabilities_like(image, 0.9), "the cyst", region=region)["record"]
+    assert found["liver_region"] == region and "notes" not in found
+    nothing = probabilities_like(image, 0.0)
+    missing = writer(image, nothing, "all lesions", region={"liver_found": False})["record"]
+    assert not missing["found"] and missing["liver_region"] == {"liver_found": False}
+    assert any(note.startswith("No liver found") for note in missing["notes"])
+
+
 def test_dicom_case_not_present_gives_an_empty_seg(tmp_path):
     paths = write_ct_series(case_volume(), AFFINE_LPS, tmp_path / "series_a")
     image = load_ct_ras(tmp_path / "series_a")

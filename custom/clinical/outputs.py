@@ -134,6 +134,7 @@ class ReferringOutputWriter:
         mask: MetaTensor | None = None,
         case_id: str | None = None,
         expression_id: str | None = None,
+        region: Mapping | None = None,
     ) -> dict:
         """Write the outputs; return ``{"record": ..., "paths": {kind: path}}``.
 
@@ -146,6 +147,8 @@ class ReferringOutputWriter:
                 the rule's voxel threshold of ``probabilities``. It is emptied when the rule says "not present".
             case_id: sub-folder name; defaults to the input's file or folder name.
             expression_id: file stem; defaults to :func:`expression_slug`.
+            region: the liver region the answer was restricted to (``custom.postprocessing.liver_region``), kept in
+                the record as ``liver_region``; a note says so when no liver was found.
         """
         meta = image.meta
         dicom_seg = bool(meta.get("source_files")) and bool(meta.get("FrameOfReferenceUID"))
@@ -158,7 +161,7 @@ class ReferringOutputWriter:
         staged = {kind: staging / path.name for kind, path in paths.items()}
         published = False
         try:
-            record = self._write_all(image, probabilities, expression, mask, meta, case_id, paths, staged)
+            record = self._write_all(image, probabilities, expression, mask, meta, case_id, paths, staged, region)
             self._publish(staged, paths)
             published = True
         finally:
@@ -167,7 +170,7 @@ class ReferringOutputWriter:
                 folder.rmdir()
         return {"record": record, "paths": paths}
 
-    def _write_all(self, image, probabilities, expression, mask, meta, case_id, paths, staged) -> dict:
+    def _write_all(self, image, probabilities, expression, mask, meta, case_id, paths, staged, region=None) -> dict:
         """Write every output under its staged name; return the record."""
         image_ras, probs_ras = _ras_metatensor(image, "image"), _ras_metatensor(probabilities, "probabilities")
         decision = self.rule.decide(probs_ras)
@@ -185,6 +188,11 @@ class ReferringOutputWriter:
                 "The DICOM series has no Frame of Reference UID, which a DICOM-SEG must reference; the mask is "
                 "written as NIfTI in the series' own grid instead."
             )
+        if region is not None and not region.get("liver_found", True):
+            notes.append(
+                "No liver found in this image, so no lesion is answered: lesions are looked for inside the liver "
+                "only. Check that the image is an abdominal CT that shows the liver."
+            )
         record = build_record(
             expression,
             referred,
@@ -198,6 +206,7 @@ class ReferringOutputWriter:
                 "case_id": case_id,
                 "input": str(meta.get("filename_or_obj", "")),
                 "outputs": {kind: path.name for kind, path in paths.items()},
+                **({"liver_region": dict(region)} if region is not None else {}),
                 **({"notes": notes} if notes else {}),
             },
         )
@@ -270,6 +279,7 @@ class SaveReferringOutputsd(MapTransform):
         mask_key: str | None = None,
         case_id_key: str | None = "case_id",
         record_key: str = "record",
+        region_key: str | None = "liver_region",
         rule: NotPresentRule | Mapping | None = None,
         overwrite: bool = False,
         montage: bool = False,
@@ -279,6 +289,7 @@ class SaveReferringOutputsd(MapTransform):
         self.writer = ReferringOutputWriter(output_dir, rule, overwrite, montage, window)
         self.image_key, self.prob_key, self.expression_key = image_key, prob_key, expression_key
         self.mask_key, self.case_id_key, self.record_key = mask_key, case_id_key, record_key
+        self.region_key = region_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -288,6 +299,7 @@ class SaveReferringOutputsd(MapTransform):
             str(d[self.expression_key]),
             mask=d.get(self.mask_key) if self.mask_key else None,
             case_id=str(d[self.case_id_key]) if self.case_id_key and d.get(self.case_id_key) else None,
+            region=d.get(self.region_key) if self.region_key else None,
         )
         d[self.record_key] = result["record"]
         return d

@@ -52,13 +52,17 @@ class LSMS(nn.Module):
 
     ``forward(image (B, C, H, W), input_ids (B or 1, T) | None, attention_mask (B or 1, T) | None)
     -> logits (B, out_channels, H, W)``. Any H, W (padded internally to a multiple of 32). Text of batch 1 is
-    broadcast over the image batch. Without text it segments all lesions (conventional segmentation).
-    With ``return_embeddings=True`` it returns a dict with ``logits``, ``pixel_embeddings`` (B, E, H/4, W/4) and
-    ``sentence_embedding`` (B, E) (``None`` without text) for the contrastive loss.
+    broadcast over the image batch. Without text it segments all lesions (conventional segmentation); a sample
+    whose ``attention_mask`` row is all zeros is text-free within a text-conditioned batch.
+    Output channel 0 is the referred lesion(s); with ``out_channels=3`` channels 1 and 2 are the text-free liver and
+    all-lesion outputs (dense targets, trained on every slice whatever the expression).
+    With ``return_embeddings=True`` it returns a dict with ``logits``, ``pixel_embeddings`` (B, E, H/4, W/4),
+    ``sentence_embedding`` (B, E) and ``text_present`` (B,) bool (both ``None`` without text) for the contrastive
+    loss.
 
     Args:
         in_channels: image channels (HU windows times 2.5D neighbour slices).
-        out_channels: output logit channels (1: the referred lesion).
+        out_channels: output logit channels: 1 (the referred lesion) or 3 (referred lesion, liver, all lesions).
         embed_dims, depths, mlp_ratios, num_heads: per-stage encoder sizes (4 entries each).
         strip_kernel_sizes: k of the 1xk / kx1 strip convolutions of the multi-kernel branch.
         decoder_channels, decoder_heads, decoder_depth: width, attention heads and transformer depth of the FSD.
@@ -164,7 +168,13 @@ class LSMS(nn.Module):
             return logits
         pixel_embeddings = self.pixel_projection(decoded)[..., : -(-height // 4), : -(-width // 4)]
         sentence_embedding = self.sentence_projection(sentence) if sentence is not None else None
-        return {"logits": logits, "pixel_embeddings": pixel_embeddings, "sentence_embedding": sentence_embedding}
+        text_present = word_mask.any(1) if word_mask is not None else None
+        return {
+            "logits": logits,
+            "pixel_embeddings": pixel_embeddings,
+            "sentence_embedding": sentence_embedding,
+            "text_present": text_present,
+        }
 
 
 def _pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:

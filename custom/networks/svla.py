@@ -63,7 +63,8 @@ class SVLA(nn.Module):
     visual features and the gated language features: ``out = a * u + a * gate(l) * l``.
 
     ``x (B, C, H, W), words (B, T, D) | None, word_mask (B, T) | None -> (B, C, H, W)``.
-    Without words (or with ``use_language=False``) it is plain multi-kernel attention.
+    Without words (or with ``use_language=False``) it is plain multi-kernel attention; so is a sample of the batch
+    whose ``word_mask`` row is all False (a text-free sample among text-conditioned ones).
     """
 
     def __init__(
@@ -93,8 +94,13 @@ class SVLA(nn.Module):
         attention = self.visual(u) if self.visual is not None else torch.ones_like(u)
         fused = attention * u
         if self.language is not None and words is not None:
-            aligned = self.language(u, words, word_mask)
-            fused = fused + attention * self.language_gate(aligned) * aligned
+            if word_mask is None:
+                word_mask = torch.ones(words.shape[:2], dtype=torch.bool, device=words.device)
+            has_text = word_mask.bool().any(1)  # (B,): a sample whose word mask is all False has no text
+            # every sample keeps at least one key so attention stays finite; text-free samples drop the result
+            aligned = self.language(u, words, word_mask.bool() | ~has_text[:, None])
+            gate = self.language_gate(aligned) * has_text[:, None, None, None].to(aligned.dtype)
+            fused = fused + attention * gate * aligned
         return self.proj_out(fused)
 
 

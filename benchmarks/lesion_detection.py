@@ -1,0 +1,214 @@
+"""Evaluate one split in one run: text-free lesion detection and referring segmentation, per-volume work once.
+
+Usage::
+
+    python -m benchmarks.lesion_detection [--split test] [--checkpoint bundle/models/model.pt] \
+        [--set in_plane_spacing=1.5 --set out_channels=3] [--out bundle/eval/test_detection.json]
+
+Each case is loaded, resampled and windowed once (the evaluation config's ``volume_preprocessing``); the liver
+focused inferer's text-free pass (liver and all-lesion channels) runs once and is shared by every expression of
+the case; each expression then adds its referring pass and the config's ``postprocessing``. The same components
+as ``python -m monai.bundle run evaluating`` (the network, transforms, inferer and referral step come from
+``--config_file``), so the referring figures equal that command's.
+
+Printed (and written to ``--out`` as JSON): lesion recall (Dice >= 0.1 with the predicted components that touch
+the lesion) and mean per-lesion Dice by density and size (< 1, 1-5, > 5 ml), false-positive components (touching
+no lesion) per case, liver Dice, the referring summary (3D Dice per expression overall and per kind, negatives
+answered empty ...) and the wall time of the whole evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose, LoadImage
+
+from custom.data.datalist import load_datalist
+from custom.metrics import SIZE_BINS, dice_3d, match_detections, score_expression, summarize, summarize_detection
+from custom.networks import ShippedWeights
+from custom.networks.weights import check_checkpoint
+from custom.postprocessing import LiverRegiond
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    if not key or not _:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE (VALUE as JSON), got {text!r}.")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def build(config_file: str, overrides: dict) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    parser.update(overrides)
+    return parser
+
+
+def load_network(parser: ConfigParser, checkpoint: str) -> torch.nn.Module:
+    network = parser.get_parsed_content("network")
+    state = torch.load(check_checkpoint(checkpoint), map_location="cpu", weights_only=True)
+    ShippedWeights(network).load_state_dict(state["model"] if isinstance(state.get("model"), dict) else state)
+    return network.eval()
+
+
+def _split_postprocessing(postprocessing: Compose) -> tuple[Compose, Compose]:
+    """The config's post-processing up to the liver region (text-free outputs) and the rest (the referral)."""
+    transforms = list(postprocessing.transforms)
+    cut = next((i + 1 for i, t in enumerate(transforms) if isinstance(t, LiverRegiond)), None)
+    if cut is None:
+        raise SystemExit(
+            "error: the evaluation config has no custom.postprocessing.LiverRegiond step, so it gives no text-free "
+            "liver and lesion outputs. Evaluate a 3-channel network with --set out_channels=3."
+        )
+    return Compose(transforms[:cut]), Compose(transforms[cut:])
+
+
+def _text_free_lesions(outputs: dict) -> np.ndarray:
+    """The all-lesion probabilities: the text-free channel, or channel 0 of a 1-channel network run without text."""
+    return np.asarray(outputs["lesions_prob"][0] if "lesions_prob" in outputs else outputs["pred"][0])
+
+
+def evaluate_split(
+    parser: ConfigParser, checkpoint: str, split: str, referring: bool = True, max_cases: int | None = None
+) -> dict:
+    """Detection and referring results of one split (see the module docstring); ``max_cases`` keeps the first ones."""
+    network = load_network(parser, checkpoint)
+    volume_preprocessing = Compose(parser.get_parsed_content("volume_preprocessing"))
+    expression_preprocessing = Compose(parser.get_parsed_content("expression_preprocessing"))
+    inferer = parser.get_parsed_content("inferer")
+    text_free_post, referral_post = _split_postprocessing(parser.get_parsed_content("postprocessing"))
+    device = parser.get_parsed_content("device")
+    network.to(device)
+    loader = LoadImage(image_only=True, ensure_channel_first=True)
+
+    lesions_found, false_positives, liver_dice, scores = [], [], [], []
+    start = time.perf_counter()
+    cases = load_datalist(parser.get_parsed_content("datalist"), split)[:max_cases]
+    for case in cases:
+        item = volume_preprocessing({k: case[k] for k in ("image", "lesions", "case_id") if k in case})
+        image = item["image"]
+        instances = item["lesions"]
+        instance_map = np.asarray(instances[0]).astype(np.int64)
+        affine = np.asarray(instances.affine)
+        voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+        with torch.no_grad():
+            text_free = inferer(image[None].to(device), network)
+        outputs = text_free_post({**item, "pred": text_free[0].cpu()})
+        lesions, false_positive_count = match_detections(_text_free_lesions(outputs) >= 0.5, instance_map, voxel_ml)
+        density = {a["id"]: a.get("density", "unknown") for a in case.get("lesion_attributes", [])}
+        lesions_found += [
+            {**lesion, "density": density.get(lesion["id"], "unknown"), "case_id": case["case_id"]}
+            for lesion in lesions
+        ]
+        false_positives.append(false_positive_count)
+        if case.get("liver") and "liver_prob" in outputs:
+            liver = np.asarray(loader(case["liver"])[0]) > 0
+            liver_dice.append(dice_3d(np.asarray(outputs["liver_prob"][0]) >= 0.5, liver))
+        if not referring:
+            continue
+        for expression in case.get("expressions", []):
+            targets = [int(t) for t in expression["targets"]]
+            data = expression_preprocessing(
+                {**item, "text": expression["text"], "targets": targets, "kind": expression["kind"]}
+            )
+            with torch.no_grad():
+                logits = inferer(
+                    image[None].to(device),
+                    network,
+                    input_ids=data["input_ids"][None].to(device),
+                    attention_mask=data["attention_mask"][None].to(device),
+                )
+            result = referral_post(text_free_post({**data, "pred": logits[0].cpu()}))
+            decision = result.get("decision") or {}
+            scores.append(
+                score_expression(
+                    np.asarray(result["pred"][0]) > 0.5,
+                    instance_map,
+                    targets,
+                    affine,
+                    case_id=case["case_id"],
+                    text=expression["text"],
+                    kind=expression["kind"],
+                    features=decision.get("features"),
+                )
+            )
+    seconds = time.perf_counter() - start
+    return {
+        "split": split,
+        "checkpoint": str(checkpoint),
+        "seconds": seconds,
+        "detection": summarize_detection(lesions_found, false_positives, liver_dice),
+        "lesions": lesions_found,
+        "referring": summarize(scores) if referring else None,
+    }
+
+
+def report(results: dict) -> str:
+    detection = results["detection"]
+    lines = [
+        f"split {results['split']}: {detection['cases']} cases, evaluated in {results['seconds']:.1f} s "
+        f"({results['seconds'] / 60:.2f} min)",
+        "",
+        "| density | size | lesions | recall (Dice >= 0.1) | mean per-lesion Dice |",
+        "|---|---|---|---|---|",
+    ]
+    for density, groups in detection["by_density_and_size"].items():
+        for size in ["all", *(name for name, _, _ in SIZE_BINS), ">=1ml"]:
+            g = groups[size]
+            if g["lesions"]:
+                lines.append(f"| {density} | {size} | {g['lesions']} | {g['recall']:.3f} | {g['mean_dice']:.3f} |")
+    lines += [
+        "",
+        f"false-positive components per case: {detection['false_positives_per_case']:.2f}",
+        f"liver Dice: {detection['liver_dice']:.4f}",
+    ]
+    referring = results.get("referring")
+    if referring:
+        overall = referring["overall"]
+        lines += [
+            f"referring 3D Dice per expression: {overall['dice_3d']:.4f} ({overall['expressions']} expressions); "
+            f"negatives empty {overall['negatives_empty_rate']:.3f}; positives hit {overall['positive_hit_rate']:.3f}",
+            "referring 3D Dice by kind: "
+            + ", ".join(f"{kind} {s['dice_3d']:.3f}" for kind, s in referring["by_kind"].items()),
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config_file", default=str(ROOT / "bundle/configs/evaluate.json"))
+    parser.add_argument("--split", default="test", choices=("training", "validation", "test"))
+    parser.add_argument("--checkpoint", default=None, help="weights (default: the config's, the shipped model.pt)")
+    parser.add_argument("--dataset_dir", default=None, help="a dataset folder with datalist.json (default: generated)")
+    parser.add_argument(
+        "--set", dest="overrides", type=_parse_override, action="append", default=[], metavar="KEY=VALUE"
+    )
+    parser.add_argument("--no_referring", action="store_true", help="text-free detection only")
+    parser.add_argument("--max_cases", type=int, default=None, help="the first N cases of the split only")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    overrides = dict(args.overrides)
+    if args.dataset_dir:
+        overrides["dataset_dir"] = args.dataset_dir
+    config = build(args.config_file, {"bundle_root": str(ROOT / "bundle"), **overrides})
+    checkpoint = args.checkpoint or config.get_parsed_content("checkpoint")
+    results = evaluate_split(config, checkpoint, args.split, not args.no_referring, args.max_cases)
+    print(report(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

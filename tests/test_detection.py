@@ -1,0 +1,182 @@
+"""Text-free outputs: dense targets, text-free samples, the 3-channel loss, liver focus and lesion detection metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from custom.inferers import OUTSIDE_LOGIT, ReferringSliceInferer, liver_box
+from custom.losses import LSMSLoss
+from custom.metrics import match_detections, summarize_detection
+from custom.networks import BertTextEncoder, lsms_tiny
+from custom.postprocessing import LiverRegiond, SplitOutputsd, liver_region
+from custom.transforms import RandDropTextd, ReferredMaskd, ReferringSlicesd
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    return BertTextEncoder()
+
+
+def dense_case():
+    """(1, 6, 5, 4) instance map with lesions 1 and 2 and a liver around them."""
+    instances = torch.zeros(1, 6, 5, 4)
+    instances[0, 1, 1, 0], instances[0, 3, 3, 2] = 1, 2
+    liver = torch.zeros(1, 6, 5, 4)
+    liver[0, :5, :4, :3] = 1
+    return {"lesions": instances, "liver": liver, "targets": [2], "case_id": "c1"}
+
+
+def test_dense_targets_are_referred_liver_and_all_lesions():
+    label = ReferredMaskd(dense=True)(dense_case())["label"]
+    assert label.shape == (3, 6, 5, 4)
+    assert label[0].sum() == 1 and label[0, 3, 3, 2] == 1
+    assert label[1].sum() == 5 * 4 * 3
+    assert label[2].sum() == 2 and label[2, 1, 1, 0] == 1
+    with pytest.raises(ValueError, match="no liver mask.*dense=False"):
+        ReferredMaskd(dense=True)({k: v for k, v in dense_case().items() if k != "liver"})
+
+
+def test_text_free_samples_answer_all_lesions_and_take_their_slices():
+    data = ReferredMaskd(dense=True)(dense_case())
+    data["attention_mask"] = torch.ones(8, dtype=torch.long)
+    data["image"] = torch.rand(1, 6, 5, 4)
+    dropped = RandDropTextd(prob=1.0)(data)
+    assert dropped["attention_mask"].sum() == 0
+    torch.testing.assert_close(dropped["label"][0], dropped["label"][2])
+    kept = RandDropTextd(prob=0.0)(data)
+    assert kept["attention_mask"].sum() == 8 and kept["label"][0].sum() == 1
+    slices = ReferringSlicesd(keys=["image", "label"], negative_ratio=0.0)(dropped)
+    assert sorted(s["slice_index"] for s in slices) == [0, 2]
+    assert all(s["label"].shape == (3, 6, 5) for s in slices)
+    with pytest.raises(ValueError, match="dense label"):
+        RandDropTextd(prob=1.0)({"label": torch.zeros(1, 2, 2, 2), "attention_mask": torch.ones(4)})
+
+
+def test_a_text_free_sample_in_a_text_batch_equals_the_no_text_network(text_encoder):
+    torch.manual_seed(0)
+    net = lsms_tiny(text_encoder=text_encoder, out_channels=3).eval()
+    tokens = text_encoder.tokenize(["the largest lesion", "the cyst in the left lobe"])
+    tokens["attention_mask"][1] = 0
+    image = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        mixed = net(image, **tokens)
+        no_text = net(image[1:])
+        with_text = net(image[:1], **{k: v[:1] for k, v in tokens.items()})
+    assert mixed.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(mixed[1:], no_text, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mixed[:1], with_text, atol=1e-5, rtol=1e-4)
+    assert (no_text - net(image[1:], **{k: v[:1] for k, v in tokens.items()})).abs().max() > 1e-5
+
+
+def test_three_channel_loss_supervises_every_channel_and_skips_text_free_contrast(text_encoder):
+    torch.manual_seed(0)
+    net = lsms_tiny(text_encoder=text_encoder, out_channels=3)
+    tokens = text_encoder.tokenize(["the largest lesion", "all lesions"])
+    tokens["attention_mask"][1] = 0
+    target = torch.zeros(2, 3, 64, 64)
+    target[:, 1, 10:50, 10:50] = 1
+    target[:, 2, 20:26, 20:26] = 1
+    target[0, 0, 20:26, 20:26] = 1
+    output = net(torch.rand(2, 1, 64, 64), **tokens, return_embeddings=True)
+    assert output["text_present"].tolist() == [True, False]
+    loss = LSMSLoss()(output, target)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert net.head[1].weight.grad[1:].abs().sum() > 0
+    dense_only = LSMSLoss(dense_weight=0.0, contrastive_weight=0.0)(output, target)
+    assert loss > dense_only
+    with pytest.raises(ValueError, match="3 output channels but the target has 1"):
+        LSMSLoss()(output, target[:, :1])
+
+
+def test_split_outputs_names_each_channel_and_a_one_channel_network_fills_the_first():
+    output = torch.arange(3.0).reshape(3, 1, 1, 1).expand(3, 2, 2, 2)
+    split = SplitOutputsd("pred")({"pred": output})
+    assert split["pred"].shape == (1, 2, 2, 2) and float(split["lesions_prob"].max()) == 2.0
+    assert set(SplitOutputsd("pred")({"pred": output[:1]})) == {"pred"}
+
+
+def test_liver_region_keeps_the_largest_liver_plus_margin_and_says_when_there_is_none():
+    liver = np.zeros((20, 20, 10))
+    liver[5:10, 6:12, 2:5] = 0.9
+    liver[15:17, 15:17, 8] = 0.9  # a small second component (e.g. the spleen) is left out
+    box, description = liver_region(liver, spacing=(2.0, 2.0, 5.0), margin_mm=4.0)
+    assert box == (slice(3, 12), slice(4, 14), slice(1, 6))
+    assert description["liver_found"] and description["liver_volume_ml"] == pytest.approx(5 * 6 * 3 * 20 / 1000)
+    assert liver_region(np.zeros((4, 4, 4)), (1.0, 1.0, 1.0)) == (None, {"liver_found": False})
+
+    affine = np.diag([2.0, 2.0, 5.0, 1.0])
+    data = {
+        "pred": MetaTensor(torch.ones(1, 20, 20, 10), affine=affine),
+        "liver_prob": MetaTensor(torch.as_tensor(liver[None]), affine=affine),
+    }
+    restricted = LiverRegiond("pred", margin_mm=4.0)(data)
+    assert restricted["pred"].sum() == 9 * 10 * 5 and restricted["liver_region"]["liver_found"]
+    data["liver_prob"] = data["liver_prob"] * 0
+    nothing = LiverRegiond("pred")(data)
+    assert nothing["pred"].sum() == 0 and nothing["liver_region"] == {"liver_found": False}
+    assert "liver_region" not in LiverRegiond("pred")({"pred": torch.ones(1, 2, 2, 2)})
+
+
+class CountingNetwork(torch.nn.Module):
+    """Channel 0: 5 with text, 1 without; channel 1 (liver): the image; channel 2: zeros. Counts slices seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.slices = 0
+
+    def forward(self, image, input_ids=None, attention_mask=None):
+        self.slices += image.shape[0]
+        referred = torch.full_like(image[:, :1], 5.0 if input_ids is not None else 1.0)
+        return torch.cat([referred, self.scale * (image[:, :1] * 20 - 10), torch.zeros_like(image[:, :1])], 1)
+
+
+def test_liver_focus_answers_inside_the_liver_box_only_and_shares_the_text_free_pass():
+    image = torch.zeros(1, 1, 16, 16, 6)
+    image[0, 0, 4:8, 5:9, 1:3] = 1  # the liver: logit +10
+    network = CountingNetwork()
+    inferer = ReferringSliceInferer(
+        roi_size=(-1, -1), sw_batch_size=4, spatial_dim=2, focus_channel=1, focus_margin=(1, 1, 1)
+    )
+    text = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    output = inferer(image, network, **text)
+    inside = (0, 0, slice(3, 9), slice(4, 10), slice(0, 4))
+    assert (output[inside] == 5.0).all()
+    assert (output[0, 0] == 5.0).sum() == 6 * 6 * 4 and (output[0, 0][output[0, 0] != 5.0] == OUTSIDE_LOGIT).all()
+    assert network.slices == 6 + 4  # every slice without text, then the 4 slices of the box with it
+    inferer(image, network, **text)
+    assert network.slices == 6 + 4 + 4  # the text-free pass of the same volume is reused
+    with torch.no_grad():
+        network.scale.mul_(1.0)  # new weights: the text-free pass runs again
+    no_text = inferer(image, network)
+    assert network.slices == 6 + 4 + 4 + 6 and (no_text[inside] == 1.0).all()
+    empty = inferer(torch.zeros(1, 1, 16, 16, 6), network, **text)
+    assert (empty[0, 0] == OUTSIDE_LOGIT).all()
+    assert liver_box(np.zeros((3, 3, 3), bool)) is None
+
+
+def test_detection_matches_lesions_counts_false_positives_and_summarizes_by_size_and_density():
+    instances = np.zeros((20, 20, 5), np.int64)
+    instances[2:6, 2:6, 1:3] = 1  # 32 voxels
+    instances[10:12, 10:12, 2] = 2  # 4 voxels, missed
+    pred = np.zeros_like(instances, bool)
+    pred[2:6, 2:6, 1:2] = True  # half of lesion 1
+    pred[15:17, 15:17, 4] = True  # touches no lesion
+    lesions, false_positives = match_detections(pred, instances, voxel_ml=0.1)
+    assert false_positives == 1
+    assert lesions[0] == {"id": 1, "volume_ml": pytest.approx(3.2), "dice": pytest.approx(2 * 16 / 48), "found": True}
+    assert lesions[1]["found"] is False and lesions[1]["dice"] == 0.0 and lesions[1]["volume_ml"] == pytest.approx(0.4)
+    summary = summarize_detection(
+        [{**lesions[0], "density": "hypodense"}, {**lesions[1], "density": "hyperdense"}],
+        [false_positives, 0],
+        [0.9, 1.0],
+    )
+    groups = summary["by_density_and_size"]
+    assert groups["all"]["all"]["recall"] == 0.5
+    assert groups["hypodense"]["1-5ml"]["recall"] == 1.0 and groups["hyperdense"]["<1ml"]["recall"] == 0.0
+    assert groups["hyperdense"][">=1ml"]["lesions"] == 0
+    assert summary["false_positives_per_case"] == 0.5 and summary["liver_dice"] == pytest.approx(0.95)
