@@ -135,38 +135,37 @@ class SplitOutputsd(MapTransform):
 
 
 def liver_region(
-    liver_probability: np.ndarray, spacing: tuple[float, ...], threshold: float = 0.5, margin_mm: float = 10.0
-) -> tuple[tuple[slice, ...], dict] | tuple[None, dict]:
-    """Bounding box (plus ``margin_mm``) of the largest 3D component of ``liver_probability >= threshold``.
+    liver_probability: np.ndarray, spacing: tuple[float, ...], threshold: float = 0.5, margin_mm: float = 5.0
+) -> tuple[np.ndarray, dict]:
+    """The largest 3D component of ``liver_probability >= threshold``, grown by ``margin_mm``.
 
-    ``liver_probability`` (X, Y, Z) with voxel ``spacing`` in mm -> (index slices of the box, or ``None`` when no
-    liver is found, and a JSON-ready description: ``liver_found``, ``liver_volume_ml``, ``box_voxels``).
+    ``liver_probability`` (X, Y, Z) with voxel ``spacing`` in mm -> (bool (X, Y, Z) region, all False when no liver
+    is found, and a JSON-ready description: ``liver_found``, ``liver_volume_ml``, ``box_voxels`` of the liver).
     """
     liver = liver_probability >= threshold
     components, count = ndimage.label(liver)
     if count == 0:
-        return None, {"liver_found": False}
+        return np.zeros_like(liver), {"liver_found": False}
     sizes = ndimage.sum_labels(liver, components, np.arange(1, count + 1))
     largest = components == (int(np.argmax(sizes)) + 1)
-    box = []
-    for axis, extent in enumerate(ndimage.find_objects(largest.astype(np.int32))[0]):
-        margin = int(np.ceil(margin_mm / float(spacing[axis])))
-        box.append(slice(max(extent.start - margin, 0), min(extent.stop + margin, liver.shape[axis])))
+    extent = ndimage.find_objects(largest.astype(np.int32))[0]
+    region = ndimage.distance_transform_edt(~largest, sampling=spacing) <= margin_mm
     description = {
         "liver_found": True,
         "liver_volume_ml": float(largest.sum() * np.prod(spacing) / 1000.0),
-        "box_voxels": [[b.start, b.stop] for b in box],
+        "box_voxels": [[e.start, e.stop] for e in extent],
     }
-    return tuple(box), description
+    return region, description
 
 
 class LiverRegiond(MapTransform):
-    """Restrict the answers to the liver region: zero ``keys`` outside the box of the text-free liver output.
+    """Restrict the answers to the liver: zero ``keys`` outside the text-free liver output grown by ``margin_mm``.
 
     ``liver_key`` (1, X, Y, Z) liver probabilities (a MetaTensor: its affine gives the voxel spacing) -> ``keys``
-    (1, X, Y, Z) zeroed outside the liver's bounding box plus ``margin_mm``; everything zeroed when no liver is found.
-    The region's description (:func:`liver_region`) is stored under ``region_key`` for the record. Without a liver
-    output (a 1-channel network) the data pass unchanged.
+    (1, X, Y, Z) zeroed outside the largest liver component grown by ``margin_mm`` (lesions lie inside the liver;
+    the margin forgives an imprecise liver border); everything zeroed when no liver is found. The region's
+    description (:func:`liver_region`) is stored under ``region_key`` for the record. Without a liver output (a
+    1-channel network) the data pass unchanged.
     """
 
     def __init__(
@@ -174,7 +173,7 @@ class LiverRegiond(MapTransform):
         keys: KeysCollection,
         liver_key: str = "liver_prob",
         threshold: float = 0.5,
-        margin_mm: float = 10.0,
+        margin_mm: float = 5.0,
         region_key: str = "liver_region",
     ) -> None:
         super().__init__(keys, allow_missing_keys=True)
@@ -186,12 +185,9 @@ class LiverRegiond(MapTransform):
         if liver is None:
             return d
         affine = np.asarray(liver.affine) if hasattr(liver, "affine") else np.eye(4)
-        spacing = tuple(np.sqrt((affine[:3, :3] ** 2).sum(0)))
+        spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(0)))
         array = liver.detach().cpu().numpy() if isinstance(liver, torch.Tensor) else np.asarray(liver)
-        box, d[self.region_key] = liver_region(array[0], spacing, self.threshold, self.margin_mm)
+        region, d[self.region_key] = liver_region(array[0], spacing, self.threshold, self.margin_mm)
         for key in self.key_iterator(d):
-            inside = torch.zeros(d[key].shape[1:], dtype=torch.bool, device=d[key].device)
-            if box is not None:
-                inside[box] = True
-            d[key] = d[key] * inside
+            d[key] = d[key] * torch.as_tensor(region, device=d[key].device)
         return d

@@ -99,25 +99,28 @@ def test_split_outputs_names_each_channel_and_a_one_channel_network_fills_the_fi
     assert set(SplitOutputsd("pred")({"pred": output[:1]})) == {"pred"}
 
 
-def test_liver_region_keeps_the_largest_liver_plus_margin_and_says_when_there_is_none():
+def test_liver_region_keeps_the_largest_liver_grown_by_the_margin_and_says_when_there_is_none():
     liver = np.zeros((20, 20, 10))
     liver[5:10, 6:12, 2:5] = 0.9
     liver[15:17, 15:17, 8] = 0.9  # a small second component (e.g. the spleen) is left out
-    box, description = liver_region(liver, spacing=(2.0, 2.0, 5.0), margin_mm=4.0)
-    assert box == (slice(3, 12), slice(4, 14), slice(1, 6))
+    region, description = liver_region(liver, spacing=(2.0, 2.0, 5.0), margin_mm=2.0)
+    assert region[4:11, 6:12, 2:5].all() and region[5:10, 5:13, 2:5].all() and region[15, 15, 8] == 0
+    assert region.sum() == 5 * 6 * 3 + 2 * (5 + 6) * 3  # one voxel in-plane on each side, none along z (5 mm)
     assert description["liver_found"] and description["liver_volume_ml"] == pytest.approx(5 * 6 * 3 * 20 / 1000)
-    assert liver_region(np.zeros((4, 4, 4)), (1.0, 1.0, 1.0)) == (None, {"liver_found": False})
+    assert description["box_voxels"] == [[5, 10], [6, 12], [2, 5]]
+    nothing, description = liver_region(np.zeros((4, 4, 4)), (1.0, 1.0, 1.0))
+    assert not nothing.any() and description == {"liver_found": False}
 
     affine = np.diag([2.0, 2.0, 5.0, 1.0])
     data = {
         "pred": MetaTensor(torch.ones(1, 20, 20, 10), affine=affine),
         "liver_prob": MetaTensor(torch.as_tensor(liver[None]), affine=affine),
     }
-    restricted = LiverRegiond("pred", margin_mm=4.0)(data)
-    assert restricted["pred"].sum() == 9 * 10 * 5 and restricted["liver_region"]["liver_found"]
+    restricted = LiverRegiond("pred", margin_mm=2.0)(data)
+    assert restricted["pred"].sum() == region.sum() and restricted["liver_region"]["liver_found"]
     data["liver_prob"] = data["liver_prob"] * 0
-    nothing = LiverRegiond("pred")(data)
-    assert nothing["pred"].sum() == 0 and nothing["liver_region"] == {"liver_found": False}
+    none_found = LiverRegiond("pred")(data)
+    assert none_found["pred"].sum() == 0 and none_found["liver_region"] == {"liver_found": False}
     assert "liver_region" not in LiverRegiond("pred")({"pred": torch.ones(1, 2, 2, 2)})
 
 
