@@ -30,6 +30,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose, LoadImage
 
 from custom.data.datalist import load_datalist
+from custom.handlers import write_csv
 from custom.metrics import SIZE_BINS, dice_3d, match_detections, score_expression, summarize, summarize_detection
 from custom.networks import ShippedWeights
 from custom.networks.weights import check_checkpoint
@@ -151,6 +152,7 @@ def evaluate_split(
         "detection": summarize_detection(lesions_found, false_positives, liver_dice),
         "lesions": lesions_found,
         "referring": summarize(scores) if referring else None,
+        "expressions": [score.row() for score in scores],
     }
 
 
@@ -197,6 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no_referring", action="store_true", help="text-free detection only")
     parser.add_argument("--max_cases", type=int, default=None, help="the first N cases of the split only")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--expressions_csv",
+        default=None,
+        help="write the per-expression rows here (the CSV of `monai.bundle run evaluating`, for calibration)",
+    )
     args = parser.parse_args(argv)
     overrides = dict(args.overrides)
     if args.dataset_dir:
@@ -208,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    if args.expressions_csv:
+        Path(args.expressions_csv).parent.mkdir(parents=True, exist_ok=True)
+        write_csv(Path(args.expressions_csv), results["expressions"])
 
 
 if __name__ == "__main__":

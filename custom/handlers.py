@@ -103,7 +103,7 @@ class ReferringResultsWriter:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         rows = [s.row() for s in scores]
         csv_path = self.output_dir / f"{self.prefix}_expressions.csv"
-        atomic_write(csv_path, lambda tmp: _write_csv(tmp, rows), overwrite=True)
+        atomic_write(csv_path, lambda tmp: write_csv(tmp, rows), overwrite=True)
         summary_path = self.output_dir / f"{self.prefix}_summary.json"
         atomic_write(summary_path, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)), overwrite=True)
         overall = summary["overall"]
@@ -114,7 +114,8 @@ class ReferringResultsWriter:
         )
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Write rows (dicts with the same keys, in order) as a CSV with a header; no rows, an empty file."""
     with open(path, "w", newline="") as handle:
         if rows:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

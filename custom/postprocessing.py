@@ -149,7 +149,13 @@ def liver_region(
     sizes = ndimage.sum_labels(liver, components, np.arange(1, count + 1))
     largest = components == (int(np.argmax(sizes)) + 1)
     extent = ndimage.find_objects(largest.astype(np.int32))[0]
-    region = ndimage.distance_transform_edt(~largest, sampling=spacing) <= margin_mm
+    # the distance transform only needs the liver's box grown by the margin
+    grown = tuple(
+        slice(max(e.start - int(np.ceil(margin_mm / s)), 0), min(e.stop + int(np.ceil(margin_mm / s)), n))
+        for e, s, n in zip(extent, spacing, liver.shape)
+    )
+    region = np.zeros_like(liver)
+    region[grown] = ndimage.distance_transform_edt(~largest[grown], sampling=spacing) <= margin_mm
     description = {
         "liver_found": True,
         "liver_volume_ml": float(largest.sum() * np.prod(spacing) / 1000.0),
