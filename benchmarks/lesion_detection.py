@@ -7,9 +7,9 @@ Usage::
 
 Each case is loaded, resampled and windowed once (the evaluation config's ``volume_preprocessing``); the liver
 focused inferer's text-free pass (liver and all-lesion channels) runs once and is shared by every expression of
-the case; each expression then adds its referring pass and the config's ``postprocessing``. The same components
-as ``python -m monai.bundle run evaluating`` (the network, transforms, inferer and referral step come from
-``--config_file``), so the referring figures equal that command's.
+the case; each expression then adds its referring pass and the config's ``postprocessing``. The network,
+transforms, inferer and referral step are the ones ``python -m monai.bundle run evaluating`` builds from
+``--config_file``, and the expressions are scored with the same metrics (``custom.metrics``).
 
 Printed (and written to ``--out`` as JSON): lesion recall (Dice >= 0.1 with the predicted components that touch
 the lesion) and mean per-lesion Dice by density and size (< 1, 1-5, > 5 ml), false-positive components (touching
