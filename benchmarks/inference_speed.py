@@ -121,6 +121,7 @@ def process_rows(slices: list[int], prompts: int, folder: Path) -> list[str]:
         for n in (1, prompts):
             out = folder / f"out_{count}_{n}"
             args = ["run", "inference", "--config_file", "bundle/configs/inference.json", "--output_dir", str(out)]
+            args += ["--overwrite", "true"]
             if n == 1:
                 args += ["--image", str(image), "--prompt", PROMPTS[0]]
             else:
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as temporary:
-        folder = Path(args.work_dir or temporary)
+        folder = Path(args.work_dir or temporary).resolve()
         folder.mkdir(parents=True, exist_ok=True)
         if not args.skip_network:
             print("\n".join(["Network, 256x256 slices, 2 channels, inference mode:", *network_rows(), ""]))
