@@ -9,6 +9,8 @@ import torch
 from monai.inferers import SliceInferer
 from scipy import ndimage
 
+from custom.postprocessing import largest_component
+
 __all__ = ["ReferringSliceInferer", "liver_box"]
 
 #: Logit given to the referred-lesion channel outside the liver region (sigmoid ~ 2e-9): no answer there.
@@ -18,11 +20,10 @@ OUTSIDE_LOGIT = -20.0
 def liver_box(liver: np.ndarray, margin: tuple[int, int, int] = (7, 7, 1)) -> tuple[slice, slice, slice] | None:
     """Bounding box of the largest 3D component of a binary ``liver`` (H, W, D), grown by ``margin`` voxels per
     axis and clipped to the volume; ``None`` when there is no liver."""
-    components, count = ndimage.label(liver)
-    if count == 0:
+    largest = largest_component(liver)
+    if largest is None:
         return None
-    sizes = ndimage.sum_labels(liver, components, np.arange(1, count + 1))
-    extent = ndimage.find_objects((components == int(np.argmax(sizes)) + 1).astype(np.int32))[0]
+    extent = ndimage.find_objects(largest.astype(np.int32))[0]
     return tuple(slice(max(e.start - m, 0), min(e.stop + m, n)) for e, m, n in zip(extent, margin, liver.shape))  # type: ignore[return-value]
 
 

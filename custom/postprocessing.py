@@ -16,6 +16,7 @@ __all__ = [
     "SelectReferredComponentsd",
     "ApplyNotPresentRuled",
     "SplitOutputsd",
+    "largest_component",
     "liver_region",
     "LiverRegiond",
 ]
@@ -134,6 +135,15 @@ class SplitOutputsd(MapTransform):
         return d
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray | None:
+    """The largest connected component (face connectivity) of a binary array, or ``None`` when it is empty."""
+    components, count = ndimage.label(mask)
+    if count == 0:
+        return None
+    sizes = ndimage.sum_labels(mask, components, np.arange(1, count + 1))
+    return components == (int(np.argmax(sizes)) + 1)
+
+
 def liver_region(
     liver_probability: np.ndarray, spacing: tuple[float, ...], threshold: float = 0.5, margin_mm: float = 5.0
 ) -> tuple[np.ndarray, dict]:
@@ -143,11 +153,9 @@ def liver_region(
     is found, and a JSON-ready description: ``liver_found``, ``liver_volume_ml``, ``box_voxels`` of the liver).
     """
     liver = liver_probability >= threshold
-    components, count = ndimage.label(liver)
-    if count == 0:
+    largest = largest_component(liver)
+    if largest is None:
         return np.zeros_like(liver), {"liver_found": False}
-    sizes = ndimage.sum_labels(liver, components, np.arange(1, count + 1))
-    largest = components == (int(np.argmax(sizes)) + 1)
     extent = ndimage.find_objects(largest.astype(np.int32))[0]
     # the distance transform only needs the liver's box grown by the margin
     grown = tuple(
