@@ -267,12 +267,30 @@ def guard_overrides(
     values = _command_line_values(options, files, user_data) if files else {}
     for id in user_data:
         if id in parser and id not in values:
-            values[id] = parser[id]
+            values[id] = _user_value(parser, id, values, user_data)
     for id, (low, high) in ((ReferenceResolver.normalize_id(k), v) for k, v in (limits or {}).items()):
         if id in parser:
             values[id] = _within(values.get(id, parser[id]), low, high, id.replace("::", "#"))
     for id, value in values.items():
         pin(parser, id, value)
+
+
+def _user_value(parser: ConfigParser, id: str, given: Mapping[str, Any], user_data: Sequence[str]) -> Any:
+    """The value of user-data ``id`` that was not given: its config-file value, or, where the config file makes it a
+    plain reference to another user-data id (``"prompt": "@displayable_configs#prompt"``, as model-zoo bundles
+    expose options to MONAI Label), that id's value, given or not. Only the config file's own references are
+    followed; a user's value is never read as one."""
+    seen = {id}
+    value = parser[id]
+    while isinstance(value, str) and value.startswith(ReferenceResolver.ref):
+        target = ReferenceResolver.normalize_id(value[len(ReferenceResolver.ref) :])
+        if target not in user_data or target in seen or target not in parser:
+            break
+        seen.add(target)
+        if target in given:
+            return given[target]
+        value = parser[target]
+    return value
 
 
 def _within(value: Any, low: float | None, high: float | None, name: str) -> Any:

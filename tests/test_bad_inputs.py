@@ -101,6 +101,11 @@ def inputs(tmp_path_factory) -> Path:
     with_inf = data.astype(np.float32)
     with_inf[5, 5, 1] = np.inf
     save(root / "inf.nii.gz", with_inf, affine)
+    save(root / "complex.nii.gz", data.astype(np.complex64), affine)
+    no_spacing = bytearray((root / "plain.nii").read_bytes())
+    no_spacing[80:92] = np.zeros(3, "<f4").tobytes()  # pixdim[1:4] = 0 mm
+    no_spacing[254:256] = np.zeros(1, "<i2").tobytes()  # sform_code 0: the spacing can only come from pixdim
+    (root / "no_spacing.nii").write_bytes(bytes(no_spacing))
     (root / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
     (root / "empty_folder").mkdir()
     write_ct_series(ras_data, ras_affine, root / "series")
@@ -206,6 +211,12 @@ CASES = [
         code=0,
         check=verbatim("@checkpoint"),
     ),
+    Case(
+        "prompt given as the MONAI Label option, a Python expression",
+        ["--image", IMG, "--displayable_configs#prompt", INJECTION],
+        code=0,
+        check=verbatim(INJECTION),
+    ),
     Case("prompt that looks like a number", ["--image", IMG, "--prompt", "1"], code=0, check=verbatim("1")),
     Case("empty prompt", ["--image", IMG, "--prompt", ""], "The prompt is empty"),
     Case("blank prompt", ["--image", IMG, "--prompt", "   "], "The prompt is empty"),
@@ -222,6 +233,8 @@ CASES = [
     Case("MR-like values 0..1000", ["--image", "{inputs}/mr_like.nii.gz"], "not a CT in Hounsfield units"),
     Case("NaN voxels", ["--image", "{inputs}/nan.nii.gz"], "NaN or infinite voxel"),
     Case("infinite voxels", ["--image", "{inputs}/inf.nii.gz"], "NaN or infinite voxel"),
+    Case("complex-valued voxels", ["--image", "{inputs}/complex.nii.gz"], "complex"),
+    Case("NIfTI without voxel sizes", ["--image", "{inputs}/no_spacing.nii"], "voxel sizes [0.0, 0.0, 0.0] mm"),
     Case("not an image format", ["--image", "{inputs}/picture.png"], "neither a NIfTI file"),
     Case("folder without images", ["--image", "{inputs}/empty_folder"], "No DICOM image found"),
     # DICOM series

@@ -128,6 +128,22 @@ def test_cases_look_like_abdominal_ct(small_dataset):
         assert all(4 <= a["longest_axial_diameter_mm"] <= 70 for a in case["lesion_attributes"])
 
 
+def test_lesion_sizes_in_the_datalist_are_those_of_the_clinical_record(small_dataset):
+    """The words of a size expression ("the 3 cm lesion") and the record of its answer measure alike."""
+    from custom.clinical.measurements import measure_lesions as measure_record
+
+    checked = 0
+    for case in all_cases(small_dataset):
+        lesions = nib.load(small_dataset.parent / case["lesions"])
+        ids = np.asarray(lesions.dataobj)
+        for attributes in case["lesion_attributes"]:
+            (record,) = measure_record(ids == attributes["id"], np.zeros(ids.shape), lesions.affine)
+            assert attributes["longest_axial_diameter_mm"] == round(record["longest_axial_diameter_mm"], 1)
+            assert attributes["volume_ml"] == round(record["volume_ml"], 3)
+            checked += 1
+    assert checked > 0
+
+
 def test_expression_mix(small_dataset):
     expressions = [e for case in all_cases(small_dataset) for e in case["expressions"]]
     kinds = [e["kind"] for e in expressions]

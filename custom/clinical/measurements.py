@@ -5,11 +5,12 @@ corner belong to the same lesion). All lengths are in mm and computed from the a
 grids are measured correctly. "Axial" slices are the slices along the grid axis closest to the patient's
 superior-inferior direction (axis 2 of an RAS-oriented volume).
 
-Diameters (RECIST style): on each axial slice the lesion's outline is traced at sub-voxel precision (marching
-squares at the 0.5 level, i.e. half-way between inside and outside voxel centres); the longest axial diameter is the
-longest distance between two outline points over all slices; on that slice, the perpendicular diameter is the
-longest chord of the outline perpendicular to it (for a non-convex outline, the extent across all parts of the
-outline on a line perpendicular to the long axis).
+Diameters (RECIST style, calipers on the lesion's outer edge): the longest axial diameter is the longest distance
+between two corners of the lesion's pixels on one axial slice, over all slices; on that slice the lesion's outline is
+traced at sub-voxel precision (marching squares at the 0.5 level, i.e. half-way between inside and outside voxel
+centres) and the perpendicular diameter is its longest chord perpendicular to the long axis (for a non-convex
+outline, the extent across all parts of the outline on that line). The dataset generator describes lesion sizes with
+the same measurement (:mod:`custom.data.geometry`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,19 @@ def _outline_segments_mm(slice_mask: np.ndarray, in_plane: np.ndarray) -> np.nda
     return np.concatenate(segments) if segments else np.zeros((0, 2, 2))
 
 
+#: The four corners of a pixel, as offsets from its centre in pixel units.
+_PIXEL_CORNERS = np.array([[0.5, 0.5], [0.5, -0.5], [-0.5, 0.5], [-0.5, -0.5]])
+
+
+def _pixel_corners_mm(slice_mask: np.ndarray, in_plane: np.ndarray) -> np.ndarray:
+    """Corners (4N, 2) in mm in the slice plane of the N edge pixels of a 2D mask (inner pixels cannot hold the
+    longest distance: their corners are their neighbours' corners)."""
+    if slice_mask.sum() > 8:
+        slice_mask = slice_mask & ~ndimage.binary_erosion(slice_mask)
+    corners = np.argwhere(slice_mask).astype(np.float64)[:, None, :] + _PIXEL_CORNERS[None]
+    return corners.reshape(-1, 2) @ in_plane.T
+
+
 def _longest_distance(points: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """Longest distance between two of ``points`` (N, 2) and its end points."""
     try:
@@ -110,28 +124,29 @@ def _longest_perpendicular_chord(segments: np.ndarray, direction: np.ndarray, st
     return longest
 
 
-def axial_diameters(component: np.ndarray, affine) -> dict:
+def axial_diameters(component: np.ndarray, affine, perpendicular: bool = True) -> dict:
     """RECIST-style diameters (mm) of one lesion mask (X, Y, Z) on the grid of ``affine``.
 
     Returns:
-        ``longest_axial_diameter_mm``, ``perpendicular_diameter_mm`` and ``diameter_slice`` (index along the axial
-        axis of this grid of the slice where the longest diameter lies).
+        ``longest_axial_diameter_mm``, ``perpendicular_diameter_mm`` (0 unless ``perpendicular``) and
+        ``diameter_slice`` (index along the axial axis of this grid of the slice where the longest diameter lies).
     """
     affine = np.asarray(affine, dtype=np.float64)
     axis = axial_axis(affine)
     in_plane_axes = tuple(a for a in range(3) if a != axis)
     in_plane = _in_plane_map(affine, in_plane_axes)
     best = {"longest_axial_diameter_mm": 0.0, "perpendicular_diameter_mm": 0.0, "diameter_slice": None}
-    best_segments, best_direction = None, None
+    best_section, best_direction = None, None
     for k in np.flatnonzero(np.moveaxis(component, axis, 0).reshape(component.shape[axis], -1).any(axis=1)):
-        segments = _outline_segments_mm(np.take(component, k, axis=axis), in_plane)
-        length, p, q = _longest_distance(segments.reshape(-1, 2))
+        section = np.take(component, k, axis=axis)
+        length, p, q = _longest_distance(_pixel_corners_mm(section, in_plane))
         if length > best["longest_axial_diameter_mm"]:
             best.update(longest_axial_diameter_mm=length, diameter_slice=int(k))
-            best_segments, best_direction = segments, (q - p) / length
-    if best_segments is not None:
+            best_section, best_direction = section, (q - p) / length
+    if perpendicular and best_section is not None:
+        segments = _outline_segments_mm(best_section, in_plane)
         step = float(np.linalg.norm(affine[:3, list(in_plane_axes)], axis=0).min()) / _CHORD_SAMPLES_PER_VOXEL
-        best["perpendicular_diameter_mm"] = _longest_perpendicular_chord(best_segments, best_direction, step)
+        best["perpendicular_diameter_mm"] = _longest_perpendicular_chord(segments, best_direction, step)
     return best
 
 

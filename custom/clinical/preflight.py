@@ -58,6 +58,25 @@ def _check_gzip(path: Path) -> None:
         ) from err
 
 
+def _check_nifti_geometry(path: Path, image) -> None:
+    """Refuse a NIfTI whose header gives no usable voxel size or position (nibabel would read 0 mm as 1 mm)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as stream:  # the header as stored: nibabel's loader turns 0 mm into 1 mm
+        stored = type(image.header).from_fileobj(stream, check=False)
+    pixdim = np.asarray(stored["pixdim"][1:4], dtype=np.float64)
+    linear = np.asarray(image.affine, dtype=np.float64)[:3, :3]
+    problem = None
+    if int(stored["sform_code"]) == 0 and (not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0)):
+        problem = f"voxel sizes {pixdim.tolist()} mm in its header (pixdim)"
+    elif not np.all(np.isfinite(linear)) or abs(np.linalg.det(linear)) < 1e-9:
+        problem = "a voxel-to-world matrix (qform/sform) that is not invertible"
+    if problem:
+        raise NoImageError(
+            f"'{path}' has {problem}: lesion sizes and the model's scale depend on real voxel sizes in mm. "
+            "Export the CT again with its spacing and orientation (e.g. from the DICOM series with dcm2niix)."
+        )
+
+
 def check_volume_file(path: str | os.PathLike, series_uid: str | None = None, require_ct: bool = True) -> dict:
     """Check one input by its headers; return ``{"dicom": bool, "dicom_seg": bool}`` (whether the mask can be
     written as DICOM-SEG), or raise a :class:`ClinicalInputError` naming the problem and the fix."""
@@ -90,6 +109,12 @@ def check_volume_file(path: str | os.PathLike, series_uid: str | None = None, re
                     if len(shape) < 3
                     else "Split the 4D file and pass one volume."
                 )
+            )
+        _check_nifti_geometry(path, image)
+        if np.dtype(dtype).kind == "c":
+            raise NoImageError(
+                f"'{path}' stores complex ({np.dtype(dtype).name}) voxels; a CT holds real Hounsfield units. "
+                "Pass the CT volume in HU (real-valued)."
             )
         if require_ct and np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.bool_)):
             raise NotCTError(

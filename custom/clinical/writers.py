@@ -136,7 +136,12 @@ def _reference_grid(reference) -> tuple[np.ndarray, tuple[int, ...], nib.Nifti1I
 
 
 def _nifti_like(data: np.ndarray, affine: np.ndarray, reference: nib.Nifti1Image | None) -> nib.Nifti1Image:
-    """A uint8 NIfTI image with the reference's qform/sform (and codes), or ``affine`` with code 1 (scanner)."""
+    """A uint8 NIfTI image with the reference's qform/sform (and codes), or ``affine`` with code 1 (scanner).
+
+    Why not MONAI's ``NibabelWriter``: it always sets both the sform and the qform to one affine with code 1, so a
+    mask of an input whose qform and sform differ (or carry other codes) would not lie on the input in a viewer that
+    reads the other one. The mask keeps the input's header geometry exactly.
+    """
     image = nib.Nifti1Image(data.astype(np.uint8), affine)
     if isinstance(reference, nib.Nifti1Image):
         sform, sform_code = reference.get_sform(coded=True)
@@ -319,7 +324,11 @@ def _display_size(shape_yx: tuple[int, int], spacing_xy, min_size: int) -> tuple
 
 
 def _overlay_tile(image_slice, mask_slice, window, spacing_xy, min_size: int) -> Image.Image:
-    """RGB tile: windowed CT in grey, mask as translucent fill with an opaque outline, radiological view."""
+    """RGB tile: windowed CT in grey, mask as translucent fill with an opaque outline, radiological view.
+
+    Why not ``monai.visualize.blend_images``: it needs matplotlib (not a dependency of this bundle) for its colour
+    map, colours by label value rather than one fixed colour, and draws no outline; the fill here is one line.
+    """
     grey = radiological_view(window_ct(image_slice, *window))
     mask = radiological_view(np.asarray(mask_slice) > 0)
     size = _display_size(grey.shape, spacing_xy, min_size)

@@ -1,4 +1,7 @@
-"""Patient-space geometry of a case: world coordinates, the liver frame, Couinaud regions, lesion measurements.
+"""Patient-space geometry of a case: world coordinates, the liver frame, Couinaud regions, lesion attributes.
+
+Lesion sizes (volume, longest axial diameter) are those of the clinical record (:mod:`custom.clinical.measurements`),
+so an expression's "3 cm lesion" is the lesion whose record says about 30 mm.
 
 Every spatial quantity here is computed in RAS world millimetres (``+x`` patient right, ``+y`` anterior,
 ``+z`` superior) through the affine, never from array indices, so a volume stored in LPS (or any other
@@ -25,9 +28,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
 
-from custom.clinical.measurements import axial_axis
+from custom.clinical.measurements import axial_axis, axial_diameters, voxel_volume_ml
 
 __all__ = [
     "CANTLIE_FRACTION",
@@ -172,42 +174,6 @@ def classify_density(contrast_hu: float) -> str:
     return "isodense"
 
 
-def _in_plane_corners(points_2d: np.ndarray, half_steps: np.ndarray) -> np.ndarray:
-    """(N, 2) pixel centres -> (4N, 2) pixel corners, given the two in-plane half-step vectors (2, 2)."""
-    offsets = np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]], dtype=np.float64) @ half_steps
-    return (points_2d[:, None, :] + offsets[None]).reshape(-1, 2)
-
-
-def _max_pairwise_distance(points: np.ndarray) -> float:
-    if len(points) > 8:
-        try:
-            points = points[ConvexHull(points).vertices]
-        except QhullError:  # collinear points
-            pass
-    diff = points[:, None, :] - points[None, :, :]
-    return float(np.sqrt((diff**2).sum(-1)).max())
-
-
-def longest_axial_diameter(mask: np.ndarray, affine: np.ndarray) -> float:
-    """Largest in-plane Feret diameter (mm) over the axial slices of a (H, W, D) mask, pixel corners included."""
-    affine = np.asarray(affine, float)
-    axis = axial_axis(affine)
-    in_plane = [a for a in range(3) if a != axis]
-    half_steps = 0.5 * affine[:2, in_plane].T  # world (x, y) step of each in-plane axis
-    best = 0.0
-    for index in np.unique(np.argwhere(mask)[:, axis]):
-        section = np.take(mask, index, axis=axis)
-        if section.sum() > 8:  # pixels whose four neighbours are inside cannot hold the Feret diameter
-            section = section & ~ndimage.binary_erosion(section)
-        pixels = np.argwhere(section)
-        ijk = np.zeros((len(pixels), 3))
-        ijk[:, in_plane] = pixels
-        ijk[:, axis] = index
-        centres = voxel_to_world(affine, ijk)[:, :2]
-        best = max(best, _max_pairwise_distance(_in_plane_corners(centres, half_steps)))
-    return best
-
-
 def measure_lesions(
     lesions: np.ndarray,
     affine: np.ndarray,
@@ -229,7 +195,7 @@ def measure_lesions(
     """
     lesions = np.asarray(lesions)
     affine = np.asarray(affine, float)
-    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+    voxel_ml = voxel_volume_ml(affine)
     frame = liver_frame(liver, affine) if liver is not None else None
     liver_hu = None
     if image is not None and liver is not None and (parenchyma := (np.asarray(liver) > 0) & (lesions == 0)).any():
@@ -250,7 +216,9 @@ def measure_lesions(
             "centroid_ras_mm": [round(float(v), 1) for v in centroid],
             "z_range_mm": [round(float(points[:, 2].min()), 1), round(float(points[:, 2].max()), 1)],
             "volume_ml": round(float(mask.sum() * voxel_ml), 3),
-            "longest_axial_diameter_mm": round(longest_axial_diameter(mask, sub_affine), 1),
+            "longest_axial_diameter_mm": round(
+                axial_diameters(mask, sub_affine, perpendicular=False)["longest_axial_diameter_mm"], 1
+            ),
         }
         if image is not None:
             mean_hu = float(np.asarray(image)[box][mask].mean())
