@@ -158,6 +158,30 @@ def test_state_dict_round_trip_gives_identical_outputs(text_encoder, tokens):
         torch.testing.assert_close(net(image, **tokens), other(image, **tokens), rtol=0, atol=0)
 
 
+def test_channels_last_layout_gives_the_outputs_of_the_nchw_layout_for_the_shipped_weights(text_encoder, tokens):
+    """The layout changes speed only: same weights, same logits and embeddings (float tolerance), with and without
+    text; a checkpoint of either layout loads into the other."""
+    shipped = torch.load("bundle/models/model.pt", map_location="cpu", weights_only=True)
+    networks = {}
+    for channels_last in (False, True):
+        network = lsms_tiny(in_channels=2, text_encoder=text_encoder, channels_last=channels_last).eval()
+        network.load_state_dict(shipped, strict=False)
+        networks[channels_last] = network
+    conv = next(m.weight for m in networks[True].encoder.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1
+                and m.in_channels > 1 and m.kernel_size != (1, 1))  # fmt: skip
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    image = torch.rand(2, 2, 96, 80) * 2 - 0.5
+    with torch.inference_mode():
+        for text in (tokens, {}):
+            nchw = networks[False](image, **text, return_embeddings=True)
+            nhwc = networks[True](image, **text, return_embeddings=True)
+            for key in ("logits", "pixel_embeddings"):
+                assert nhwc[key].is_contiguous()
+                torch.testing.assert_close(nhwc[key], nchw[key], rtol=1e-4, atol=1e-4)
+            assert nchw["logits"].abs().max() > 1.0  # real weights: not a comparison of near-zero outputs
+    networks[False].load_state_dict(networks[True].state_dict(), strict=True)
+
+
 @pytest.mark.parametrize(
     "ablation",
     [dict(use_multi_kernel=False), dict(use_language=False), dict(decoder="fpn")],

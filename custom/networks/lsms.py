@@ -74,6 +74,9 @@ class LSMS(nn.Module):
         decoder: ``"fsd"`` (Full-Scale Decoder) or ``"fpn"`` (plain FPN-style decoder, ablation).
         drop_path_rate: stochastic depth of the encoder.
         text_encoder: an already built text encoder to use instead of building one from ``text_model_path``.
+        channels_last: keep the convolution weights and the feature maps in channels-last (NHWC) memory layout.
+            The encoder is mostly depthwise and strip convolutions, which CPUs run much faster in NHWC; outputs equal
+            those of the NCHW layout within float tolerance, and checkpoints load into either.
     """
 
     pad_multiple = 32
@@ -99,6 +102,7 @@ class LSMS(nn.Module):
         decoder: str = "fsd",
         drop_path_rate: float = 0.1,
         text_encoder: nn.Module | None = None,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         if decoder not in ("fsd", "fpn"):
@@ -131,6 +135,9 @@ class LSMS(nn.Module):
         self.pixel_projection = nn.Conv2d(decoder_channels, embedding_dim, 1)
         self.sentence_projection = nn.Linear(text_dim, embedding_dim) if use_language else None
         self.register_load_state_dict_post_hook(_frozen_text_encoder_comes_pretrained)
+        self.channels_last = channels_last
+        if channels_last:  # 4D weights only (nn.Module.to leaves the others); kept by .to(device) and loading
+            self.to(memory_format=torch.channels_last)
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int
@@ -158,15 +165,17 @@ class LSMS(nn.Module):
     ):
         height, width = image.shape[-2:]
         padded = _pad_to_multiple(image, self.pad_multiple)
+        if self.channels_last:
+            padded = padded.contiguous(memory_format=torch.channels_last)
         words = word_mask = sentence = None
         if self.use_language and input_ids is not None:
             words, word_mask, sentence = self.encode_text(input_ids, attention_mask, image.shape[0])
         decoded = self.decoder(self.encoder(padded, words, word_mask))
         logits = F.interpolate(self.head(decoded), size=padded.shape[-2:], mode="bilinear", align_corners=False)
-        logits = logits[..., :height, :width]
+        logits = logits[..., :height, :width].contiguous()
         if not return_embeddings:
             return logits
-        pixel_embeddings = self.pixel_projection(decoded)[..., : -(-height // 4), : -(-width // 4)]
+        pixel_embeddings = self.pixel_projection(decoded)[..., : -(-height // 4), : -(-width // 4)].contiguous()
         sentence_embedding = self.sentence_projection(sentence) if sentence is not None else None
         text_present = word_mask.any(1) if word_mask is not None else None
         return {
