@@ -64,13 +64,25 @@ def ms_per_slice(network: torch.nn.Module, batch: int, size: int, repeats: int =
 def network_rows(size: int = 256) -> list[str]:
     text_encoder = BertTextEncoder()
     lsms = lsms_tiny(in_channels=2, out_channels=3, text_encoder=text_encoder)
+    lsms_nchw = lsms_tiny(in_channels=2, out_channels=3, text_encoder=text_encoder, channels_last=False)
     unet = UNet(2, 2, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2)
     tokens = text_encoder.tokenize(PROMPTS[:1])
-    rows = ["| batch | LSMS-tiny ms/slice | UNet ms/slice | ratio |", "|---|---|---|---|"]
+    rows = [
+        "| batch | LSMS-tiny ms/slice | UNet ms/slice | ratio | LSMS-tiny in NCHW layout ms/slice | its ratio |",
+        "|---|---|---|---|---|---|",
+    ]
     for batch in (1, 32):
         lsms_ms = ms_per_slice(lsms, batch, size, **tokens)
         unet_ms = ms_per_slice(unet, batch, size)
-        rows.append(f"| {batch} | {lsms_ms:.1f} | {unet_ms:.1f} | {lsms_ms / unet_ms:.2f} |")
+        nchw_ms = ms_per_slice(lsms_nchw, batch, size, **tokens)
+        cells = [
+            f"{lsms_ms:.1f}",
+            f"{unet_ms:.1f}",
+            f"{lsms_ms / unet_ms:.2f}",
+            f"{nchw_ms:.1f}",
+            f"{nchw_ms / unet_ms:.2f}",
+        ]
+        rows.append(f"| {batch} | " + " | ".join(cells) + " |")
     return rows
 
 
