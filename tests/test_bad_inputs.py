@@ -404,6 +404,9 @@ def _child(args: list[str], log: Path) -> None:
     """In a forked process: ``python -m monai.bundle <args>`` with output to ``log``; never returns."""
     code = 1
     try:
+        # GNU OpenMP is not fork-safe: a child forked from a process that has run parallel tensor work hangs at its
+        # first parallel region. One thread per case, as PyTorch's DataLoader workers do (cases run two at a time).
+        torch.set_num_threads(1)
         signal.alarm(CASE_TIMEOUT_S)
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(fd, 1)

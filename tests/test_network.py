@@ -5,6 +5,7 @@ import torch
 
 from custom.losses import LSMSLoss, PixelSentenceContrastiveLoss
 from custom.networks import LSMS, BertTextEncoder, lsms_tiny
+from custom.networks.decoders import pre_norm_encoder_layer
 
 EXPRESSIONS = ["the largest hypodense lesion in the right lobe", "the small cyst in the left lobe"]
 
@@ -180,6 +181,16 @@ def test_channels_last_layout_gives_the_outputs_of_the_nchw_layout_for_the_shipp
                 torch.testing.assert_close(nhwc[key], nchw[key], rtol=1e-4, atol=1e-4)
             assert nchw["logits"].abs().max() > 1.0  # real weights: not a comparison of near-zero outputs
     networks[False].load_state_dict(networks[True].state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_decoder_attention_equals_the_transformer_layer_it_runs(training):
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, activation="gelu", batch_first=True,
+                                             norm_first=True).train(training)  # fmt: skip
+    x = torch.randn(3, 50, 32)
+    with torch.inference_mode(not training):
+        torch.testing.assert_close(pre_norm_encoder_layer(layer, x), layer(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
