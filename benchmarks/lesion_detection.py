@@ -7,7 +7,8 @@ Usage::
 
 Each case is loaded, resampled and windowed once (the evaluation config's ``volume_preprocessing``); the liver
 focused inferer's text-free pass (liver and all-lesion channels) runs once and is shared by every expression of
-the case; each expression then adds its referring pass and the config's ``postprocessing``. The network,
+the case, and so are its inverted liver output and liver region; each expression then adds its referring pass
+(inside the liver's box) and the config's ``postprocessing`` of its referred-lesion channel. The network,
 transforms, inferer and referral step are the ones ``python -m monai.bundle run evaluating`` builds from
 ``--config_file``, and the expressions are scored with the same metrics (``custom.metrics``).
 
@@ -37,6 +38,8 @@ from custom.networks.weights import check_checkpoint
 from custom.postprocessing import LiverRegiond
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Outputs of a case's text-free post-processing that every expression of the case reuses.
+SHARED_OUTPUTS = ("liver_prob", "liver_region", "liver_region_mask")
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -118,6 +121,8 @@ def evaluate_split(
             liver_dice.append(dice_3d(np.asarray(outputs["liver_prob"][0]) >= 0.5, liver))
         if not referring:
             continue
+        # the inverted liver output and its region are the same for every expression: only channel 0 is redone
+        shared = {key: outputs[key] for key in SHARED_OUTPUTS if key in outputs}
         for expression in case.get("expressions", []):
             targets = [int(t) for t in expression["targets"]]
             data = expression_preprocessing(
@@ -130,7 +135,8 @@ def evaluate_split(
                     input_ids=data["input_ids"][None].to(device),
                     attention_mask=data["attention_mask"][None].to(device),
                 )
-            result = referral_post(text_free_post({**data, "pred": logits[0].cpu()}))
+            channels = slice(0, 1) if shared else slice(None)
+            result = referral_post(text_free_post({**data, **shared, "pred": logits[0, channels].cpu()}))
             decision = result.get("decision") or {}
             scores.append(
                 score_expression(

@@ -178,8 +178,9 @@ class LiverRegiond(MapTransform):
     ``liver_key`` (1, X, Y, Z) liver probabilities (a MetaTensor: its affine gives the voxel spacing) -> ``keys``
     (1, X, Y, Z) zeroed outside the largest liver component grown by ``margin_mm`` (lesions lie inside the liver;
     the margin forgives an imprecise liver border); everything zeroed when no liver is found. The region's
-    description (:func:`liver_region`) is stored under ``region_key`` for the record. Without a liver output (a
-    1-channel network) the data pass unchanged.
+    description (:func:`liver_region`) is stored under ``region_key`` for the record and the (X, Y, Z) boolean region
+    under ``mask_key``. Data that hold ``mask_key`` already (the region of the same volume, computed for an earlier
+    expression) reuse it and its description. Without a liver output (a 1-channel network) the data pass unchanged.
     """
 
     def __init__(
@@ -189,19 +190,24 @@ class LiverRegiond(MapTransform):
         threshold: float = 0.5,
         margin_mm: float = 5.0,
         region_key: str = "liver_region",
+        mask_key: str = "liver_region_mask",
     ) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.liver_key, self.threshold, self.margin_mm, self.region_key = liver_key, threshold, margin_mm, region_key
+        self.mask_key = mask_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         liver = d.get(self.liver_key)
         if liver is None:
             return d
-        affine = np.asarray(liver.affine) if hasattr(liver, "affine") else np.eye(4)
-        spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(0)))
-        array = liver.detach().cpu().numpy() if isinstance(liver, torch.Tensor) else np.asarray(liver)
-        region, d[self.region_key] = liver_region(array[0], spacing, self.threshold, self.margin_mm)
+        if d.get(self.mask_key) is None or self.region_key not in d:
+            affine = np.asarray(liver.affine) if hasattr(liver, "affine") else np.eye(4)
+            spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(0)))
+            array = liver.detach().cpu().numpy() if isinstance(liver, torch.Tensor) else np.asarray(liver)
+            region, d[self.region_key] = liver_region(array[0], spacing, self.threshold, self.margin_mm)
+            d[self.mask_key] = torch.as_tensor(region)
+        region = torch.as_tensor(d[self.mask_key])
         for key in self.key_iterator(d):
-            d[key] = d[key] * torch.as_tensor(region, device=d[key].device)
+            d[key] = d[key] * region.to(d[key].device)
         return d

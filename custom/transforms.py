@@ -155,6 +155,11 @@ class ReferringSlicesd(Randomizable, MapTransform, MultiSampleTrait):
     For an empty label (a negative expression) every slice of the liver's z-range (all slices without a liver
     mask or with an empty one). ``max_samples`` keeps a random subset of that size. Randomness comes from
     ``self.R``, so ``set_random_state`` and MONAI's data loaders make it reproducible.
+
+    With ``lesion_key`` (the (1, H, W, D) lesion instance map) every lesion of the case, referred or not, also
+    brings one random slice of its own, so that a small lesion is seen as often as a large one by the dense
+    targets and as a slice without the referent by the text-conditioned one. ``max_samples`` then keeps at most
+    half of its slices from the referred target's and fills the rest from the lesion and negative slices.
     """
 
     def __init__(
@@ -165,6 +170,7 @@ class ReferringSlicesd(Randomizable, MapTransform, MultiSampleTrait):
         context_slices: int = 0,
         max_samples: int | None = None,
         liver_key: str | None = "liver",
+        lesion_key: str | None = None,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
@@ -175,6 +181,7 @@ class ReferringSlicesd(Randomizable, MapTransform, MultiSampleTrait):
         self.context_slices = int(context_slices)
         self.max_samples = max_samples
         self.liver_key = liver_key
+        self.lesion_key = lesion_key
         self._chosen: list[int] = []
 
     def _liver_slices(self, d: Mapping, depth: int) -> np.ndarray:
@@ -190,8 +197,24 @@ class ReferringSlicesd(Randomizable, MapTransform, MultiSampleTrait):
         inside[indices[0] : indices[-1] + 1] = True
         return inside
 
-    def randomize(self, positive: np.ndarray, liver_range: np.ndarray) -> None:
-        """Choose the slice indices from (D,) boolean masks of target slices and liver-range slices."""
+    def _lesion_extents(self, d: Mapping, depth: int) -> list[np.ndarray]:
+        """Slice indices of each lesion instance of ``lesion_key`` (empty list without one)."""
+        if not self.lesion_key or d.get(self.lesion_key) is None:
+            return []
+        instances = _as_tensor(d[self.lesion_key]).reshape(-1, depth)
+        ids = [int(v) for v in torch.unique(instances).tolist() if v != 0]
+        return [np.flatnonzero((instances == i).any(0).cpu().numpy()) for i in ids]
+
+    def randomize(
+        self, positive: np.ndarray, liver_range: np.ndarray, lesion_extents: list[np.ndarray] | None = None
+    ) -> None:
+        """Choose the slice indices from (D,) boolean masks of target slices and liver-range slices.
+
+        ``lesion_extents``: slice indices of each lesion instance; each brings one random slice of its own.
+        """
+        if lesion_extents:
+            self._randomize_with_lesions(positive, liver_range, lesion_extents)
+            return
         if positive.any():
             candidates = np.flatnonzero(~positive & liver_range)
             if candidates.size == 0:
@@ -204,6 +227,30 @@ class ReferringSlicesd(Randomizable, MapTransform, MultiSampleTrait):
         if self.max_samples is not None and chosen.size > self.max_samples:
             chosen = np.sort(self.R.choice(chosen, self.max_samples, replace=False))
         self._chosen = [int(z) for z in chosen]
+
+    def _randomize_with_lesions(
+        self, positive: np.ndarray, liver_range: np.ndarray, lesion_extents: list[np.ndarray]
+    ) -> None:
+        referred = np.flatnonzero(positive)
+        lesion_slices = np.unique([int(self.R.choice(extent)) for extent in lesion_extents if extent.size])
+        others = np.flatnonzero(~positive & liver_range)
+        if referred.size:
+            count = min(others.size, math.ceil(self.negative_ratio * referred.size - 1e-9))
+            negatives = self.R.choice(others, count, replace=False) if count else np.array([], int)
+        else:
+            negatives = others
+        rest = np.setdiff1d(np.union1d(lesion_slices, negatives), referred)
+        if self.max_samples is None or referred.size + rest.size <= self.max_samples:
+            chosen = np.union1d(referred, rest)
+        else:
+            from_referred = min(referred.size, max(self.max_samples - rest.size, math.ceil(self.max_samples / 2)))
+            picked = self.R.choice(referred, from_referred, replace=False) if from_referred else np.array([], int)
+            # lesion slices first, then negatives, each in random order
+            lesion_rest = self.R.permutation(np.intersect1d(rest, lesion_slices))
+            negative_rest = self.R.permutation(np.setdiff1d(rest, lesion_slices))
+            filler = np.concatenate([lesion_rest, negative_rest]).astype(int)[: self.max_samples - from_referred]
+            chosen = np.union1d(picked, filler)
+        self._chosen = [int(z) for z in np.sort(chosen)]
 
     def _slice(self, volume, z: int, context: int):
         volume = _as_tensor(volume)
@@ -230,7 +277,7 @@ class ReferringSlicesd(Randomizable, MapTransform, MultiSampleTrait):
         depth = label.shape[-1]
         spatial = tuple(label.shape[1:])
         positive = label[0].reshape(-1, depth).amax(0).cpu().numpy() > 0
-        self.randomize(positive, self._liver_slices(d, depth))
+        self.randomize(positive, self._liver_slices(d, depth), self._lesion_extents(d, depth))
         sliced = set(self.key_iterator(d))
         copied = {
             key: value

@@ -15,7 +15,7 @@ import pytest
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
 
 from custom.data import default_dataset, synthetic
-from custom.data.datalist import validate_datalist
+from custom.data.datalist import SPLITS, load_datalist, validate_datalist
 from custom.data.summary import main as summary_main
 from custom.data.summary import summarize
 from custom.data.synthetic import generate_case, generate_dataset
@@ -232,6 +232,18 @@ def test_default_dataset_is_generated_once_even_by_concurrent_callers(tmp_path, 
     validate_datalist(results[0])
     assert default_dataset.ensure_default_dataset(tmp_path, num_cases=3) == results[0]
     assert len(calls) == 1
+
+
+def test_extra_training_cases_come_from_another_seed_with_their_own_ids(tmp_path):
+    extra = default_dataset.extra_training_cases(tmp_path, num_cases=3, seed=1)
+    default = default_dataset.ensure_default_dataset(tmp_path, num_cases=3)
+    assert len({c["case_id"] for c in extra}) == 3
+    assert all(c["case_id"].startswith("seed1-case_") and Path(c["image"]).is_file() for c in extra)
+    default_images = {Path(c["image"]).read_bytes() for split in SPLITS for c in load_datalist(default, split)}
+    assert not default_images & {Path(c["image"]).read_bytes() for c in extra}
+    assert default_dataset.extra_training_cases(tmp_path, num_cases=0) == []
+    with pytest.raises(ValueError, match="seed other than"):
+        default_dataset.extra_training_cases(tmp_path, num_cases=3, seed=default_dataset.DEFAULT_SEED)
 
 
 def test_a_killed_generation_leaves_no_temporary_folder_after_the_next_run(tmp_path):

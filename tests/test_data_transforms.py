@@ -92,6 +92,31 @@ def test_negative_expressions_give_every_liver_slice_and_no_liver_gives_every_sl
     assert len(ReferringSlicesd(keys=["image", "label"])(data)) == 10
 
 
+def test_every_lesion_brings_a_slice_and_the_referent_keeps_at_most_half():
+    data = slice_data(range(2, 8), liver_slices=range(10))
+    lesions = data["label"].clone()  # the referent, id 1, on slices 2..7
+    lesions[0, 0, 0, 9] = 2  # a one-voxel lesion on slice 9
+    lesions[0, 1, 1, 0:2] = 3  # a small lesion on slices 0 and 1
+    data["lesions"] = lesions
+    transform = ReferringSlicesd(keys=["image", "label"], negative_ratio=0.25, max_samples=4, lesion_key="lesions")
+    plain = ReferringSlicesd(keys=["image", "label"], negative_ratio=0.25, max_samples=4)
+    plain_holds_slice_9 = []
+    for seed in range(20):
+        transform.set_random_state(seed)
+        indices = {s["slice_index"] for s in transform(data)}
+        assert (
+            len(indices) == 4 and 9 in indices and len(indices & {0, 1}) == 1 and len(indices & set(range(2, 8))) == 2
+        )
+        plain.set_random_state(seed)
+        plain_holds_slice_9.append(9 in {s["slice_index"] for s in plain(data)})
+    assert not all(plain_holds_slice_9)  # without the lesion map a small lesion is often left out
+
+    negative = {**data, "label": torch.zeros_like(data["label"])}
+    transform.set_random_state(0)
+    indices = {s["slice_index"] for s in transform(negative)}  # one slice of each of the 3 lesions, 1 other
+    assert len(indices) == 4 and 9 in indices and indices & {0, 1} and indices & set(range(2, 8))
+
+
 def test_context_slices_are_channels_with_replicated_edges():
     transform = ReferringSlicesd(keys=["image", "label"], negative_ratio=0.0, context_slices=1)
     samples = transform(slice_data([0, 9], liver_slices=range(10)))

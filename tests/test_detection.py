@@ -118,6 +118,16 @@ def test_liver_region_keeps_the_largest_liver_grown_by_the_margin_and_says_when_
     }
     restricted = LiverRegiond("pred", margin_mm=2.0)(data)
     assert restricted["pred"].sum() == region.sum() and restricted["liver_region"]["liver_found"]
+    assert torch.equal(restricted["liver_region_mask"], torch.as_tensor(region))
+    # another expression of the same volume reuses the region it is given (here with an empty liver output)
+    reused = LiverRegiond("pred")(
+        {
+            **data,
+            "liver_prob": data["liver_prob"] * 0,
+            **{k: restricted[k] for k in ("liver_region", "liver_region_mask")},
+        }
+    )
+    assert reused["pred"].sum() == region.sum() and reused["liver_region"] == restricted["liver_region"]
     data["liver_prob"] = data["liver_prob"] * 0
     none_found = LiverRegiond("pred")(data)
     assert none_found["pred"].sum() == 0 and none_found["liver_region"] == {"liver_found": False}

@@ -18,7 +18,7 @@ from filelock import FileLock
 
 from .synthetic import DATASET_VERSION, DEFAULT_NUM_CASES, generate_dataset
 
-__all__ = ["DEFAULT_SEED", "default_dataset_dir", "ensure_default_dataset"]
+__all__ = ["DEFAULT_SEED", "default_dataset_dir", "ensure_default_dataset", "extra_training_cases"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,3 +66,24 @@ def ensure_default_dataset(
         path = generate_dataset(dataset_dir, num_cases=num_cases, seed=seed, workers=workers, overwrite=True)
         logger.info("Generated the default dataset in %.1f s", time.perf_counter() - start)
     return path
+
+
+def extra_training_cases(cache_dir: str | Path, num_cases: int, seed: int = 1) -> list[dict]:
+    """Cases of a second generated dataset (its own ``seed``), every split of it, to add to the training split.
+
+    A generated dataset of ``num_cases`` with a seed other than the default dataset's, so none of its cases is one
+    of the default validation or test cases. Case ids are prefixed with
+    ``seed<seed>-`` so they stay distinct from the default ones. ``num_cases == 0`` gives an empty list.
+    """
+    if num_cases <= 0:
+        return []
+    if seed == DEFAULT_SEED:
+        raise ValueError(f"extra training cases need a seed other than the default dataset's ({DEFAULT_SEED}).")
+    from .datalist import SPLITS, load_datalist
+
+    datalist = ensure_default_dataset(cache_dir, num_cases=num_cases, seed=seed)
+    cases = []
+    for split in SPLITS:
+        for case in load_datalist(datalist, split):
+            cases.append({**case, "case_id": f"seed{seed}-{case['case_id']}"})
+    return cases
