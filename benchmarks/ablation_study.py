@@ -3,8 +3,9 @@
 Usage: ``python -m benchmarks.ablation_study [--epochs 30] [--variants NAME ...] [--out outputs/study]``
 from the repository root. For every variant it runs ``python -m monai.bundle run training`` with
 ``bundle/configs/train.json`` and then ``python -m monai.bundle run evaluating`` with
-``bundle/configs/evaluate.json`` on the test split, both with the overrides listed in ``VARIANTS`` (no other
-difference: same data, epochs, optimiser, schedule and evaluation). The weights of the last epoch are
+``bundle/configs/evaluate.json`` on the test split, both with the recipe of ``BASE_TRAIN`` / ``BASE_EVALUATE`` (that
+of the 0.2 weights) and the overrides listed in ``VARIANTS`` (no other difference: same data, epochs, optimiser,
+schedule and evaluation). The weights of the last epoch are
 evaluated (no validation-based checkpoint choice). A variant whose ``model.pt`` / ``test_summary.json``
 already exists under ``--out`` is not run again, so an interrupted study resumes.
 
@@ -50,7 +51,23 @@ UNET_2D = {  # the text-free MONAI baseline, sized as in benchmarks.network_cost
     "num_res_units": 2,
 }
 
-# name -> (overrides of train.json, overrides of evaluate.json)
+#: The recipe the variants share, that of the 0.2 weights: one output channel, 2.0 mm whole slices, the default
+#: dataset's 72 training cases, and the not-present operating point calibrated for those weights.
+BASE_TRAIN = {
+    "out_channels": 1,
+    "in_plane_spacing": 2.0,
+    "slice_size": [192, 192],
+    "extra_cases": 0,
+    "lesion_slices": False,
+}
+BASE_EVALUATE = {
+    "out_channels": 1,
+    "in_plane_spacing": 2.0,
+    "not_present_rule#min_max_probability": 1e-06,
+    "not_present_rule#min_volume_ml": 0.013676,
+}
+
+# name -> (overrides of train.json, overrides of evaluate.json), on top of BASE_TRAIN and BASE_EVALUATE
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "lsms_tiny": ({}, {}),
     "no_multi_kernel": ({"network_def#use_multi_kernel": False}, {"network_def#use_multi_kernel": False}),
@@ -111,7 +128,7 @@ def network_cost(train_overrides: dict, size: int) -> tuple[int, float]:
     """(trainable parameters, GFLOPs per slice at ``size`` x ``size``) of a variant's network."""
     parser = ConfigParser()
     parser.read_config(TRAIN_CONFIG)
-    for key, value in train_overrides.items():
+    for key, value in {**BASE_TRAIN, **train_overrides}.items():
         parser[key] = value
     net = parser.get_parsed_content("network_def")
     in_channels = len(parser.get_parsed_content("windows")) * (2 * parser.get_parsed_content("context_slices") + 1)
@@ -135,6 +152,7 @@ def run_variant(
     if not (directory / "model.pt").exists():
         train_args = {
             **paths,
+            **BASE_TRAIN,
             "epochs": epochs,
             "foreground_prior": foreground_prior,
             f"train#handlers#{handler_index('ValidationHandler')}": final_checkpoint_saver(),
@@ -149,7 +167,7 @@ def run_variant(
         )
         cost_file.write_text(json.dumps({"wall_s": wall, "peak_rss_bytes": peak_rss, "epochs": epochs}))
     if not (directory / "test_summary.json").exists():
-        evaluate_args = {**paths, "split": "test", "results_prefix": "test", **evaluate_overrides}
+        evaluate_args = {**paths, **BASE_EVALUATE, "split": "test", "results_prefix": "test", **evaluate_overrides}
         if limits.get("max_expressions"):
             evaluate_args["max_expressions"] = limits["max_expressions"]
         run_bundle(
@@ -162,7 +180,7 @@ def training_slices(epochs: int, max_train_cases: int | None = None) -> tuple[in
     """(steps, slices) of ``epochs`` of training under train.json's batch and sampling settings (upper bound)."""
     parser = ConfigParser()
     parser.read_config(TRAIN_CONFIG)
-    parser["max_train_cases"] = max_train_cases
+    parser.update({**BASE_TRAIN, "max_train_cases": max_train_cases})
     cases = len(parser.get_parsed_content("train#dataset#data"))
     batch, per_expression = parser["batch_cases"], parser["slices_per_expression"]
     steps = epochs * -(-cases // batch)

@@ -7,8 +7,9 @@ Usage::
 
 Each case is loaded, resampled and windowed once (the evaluation config's ``volume_preprocessing``); the liver
 focused inferer's text-free pass (liver and all-lesion channels) runs once and is shared by every expression of
-the case, and so are its inverted liver output and liver region; each expression then adds its referring pass
-(inside the liver's box) and the config's ``postprocessing`` of its referred-lesion channel. The network,
+the case, and so are its post-processed text-free outputs and liver region (``PerVolumeOutputsd``); each
+expression then adds its referring pass (inside the liver's box) and the post-processing of its referred-lesion
+channel. The network,
 transforms, inferer and referral step are the ones ``python -m monai.bundle run evaluating`` builds from
 ``--config_file``, and the expressions are scored with the same metrics (``custom.metrics``).
 
@@ -35,11 +36,9 @@ from custom.handlers import write_csv
 from custom.metrics import SIZE_BINS, dice_3d, match_detections, score_expression, summarize, summarize_detection
 from custom.networks import ShippedWeights
 from custom.networks.weights import check_checkpoint
-from custom.postprocessing import LiverRegiond
+from custom.postprocessing import LiverRegiond, PerVolumeOutputsd, largest_component
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Outputs of a case's text-free post-processing that every expression of the case reuses.
-SHARED_OUTPUTS = ("liver_prob", "liver_region", "liver_region_mask")
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -66,16 +65,20 @@ def load_network(parser: ConfigParser, checkpoint: str) -> torch.nn.Module:
     return network.eval()
 
 
-def _split_postprocessing(postprocessing: Compose) -> tuple[Compose, Compose]:
-    """The config's post-processing up to the liver region (text-free outputs) and the rest (the referral)."""
+def _split_postprocessing(postprocessing: Compose) -> tuple[PerVolumeOutputsd, Compose]:
+    """The config's post-processing of the output channels (text-free ones once per volume) and the rest (the
+    referral)."""
     transforms = list(postprocessing.transforms)
-    cut = next((i + 1 for i, t in enumerate(transforms) if isinstance(t, LiverRegiond)), None)
-    if cut is None:
+    per_volume = transforms[0] if transforms else None
+    if not isinstance(per_volume, PerVolumeOutputsd) or not any(
+        isinstance(t, LiverRegiond) for t in per_volume.transforms.transforms
+    ):
         raise SystemExit(
-            "error: the evaluation config has no custom.postprocessing.LiverRegiond step, so it gives no text-free "
-            "liver and lesion outputs. Evaluate a 3-channel network with --set out_channels=3."
+            "error: the evaluation config's post-processing does not start with custom.postprocessing."
+            "PerVolumeOutputsd holding a LiverRegiond step, so it gives no text-free liver and lesion outputs. Use "
+            "bundle/configs/evaluate.json or a config derived from it."
         )
-    return Compose(transforms[:cut]), Compose(transforms[cut:])
+    return per_volume, Compose(transforms[1:])
 
 
 def _text_free_lesions(outputs: dict) -> np.ndarray:
@@ -96,7 +99,7 @@ def evaluate_split(
     network.to(device)
     loader = LoadImage(image_only=True, ensure_channel_first=True)
 
-    lesions_found, false_positives, liver_dice, scores = [], [], [], []
+    lesions_found, false_positives, liver_dice, liver_dice_largest, scores = [], [], [], [], []
     start = time.perf_counter()
     cases = load_datalist(parser.get_parsed_content("datalist"), split)[:max_cases]
     for case in cases:
@@ -118,11 +121,12 @@ def evaluate_split(
         false_positives.append(false_positive_count)
         if case.get("liver") and "liver_prob" in outputs:
             liver = np.asarray(loader(case["liver"])[0]) > 0
-            liver_dice.append(dice_3d(np.asarray(outputs["liver_prob"][0]) >= 0.5, liver))
+            predicted = np.asarray(outputs["liver_prob"][0]) >= 0.5
+            liver_dice.append(dice_3d(predicted, liver))
+            largest = largest_component(predicted)  # the liver the region is built from
+            liver_dice_largest.append(dice_3d(largest if largest is not None else predicted, liver))
         if not referring:
             continue
-        # the inverted liver output and its region are the same for every expression: only channel 0 is redone
-        shared = {key: outputs[key] for key in SHARED_OUTPUTS if key in outputs}
         for expression in case.get("expressions", []):
             targets = [int(t) for t in expression["targets"]]
             data = expression_preprocessing(
@@ -135,8 +139,7 @@ def evaluate_split(
                     input_ids=data["input_ids"][None].to(device),
                     attention_mask=data["attention_mask"][None].to(device),
                 )
-            channels = slice(0, 1) if shared else slice(None)
-            result = referral_post(text_free_post({**data, **shared, "pred": logits[0, channels].cpu()}))
+            result = referral_post(text_free_post({**data, "pred": logits[0].cpu()}))
             decision = result.get("decision") or {}
             scores.append(
                 score_expression(
@@ -156,6 +159,7 @@ def evaluate_split(
         "checkpoint": str(checkpoint),
         "seconds": seconds,
         "detection": summarize_detection(lesions_found, false_positives, liver_dice),
+        "liver_dice_largest_component": float(np.mean(liver_dice_largest)) if liver_dice_largest else float("nan"),
         "lesions": lesions_found,
         "referring": summarize(scores) if referring else None,
         "expressions": [score.row() for score in scores],
@@ -179,7 +183,8 @@ def report(results: dict) -> str:
     lines += [
         "",
         f"false-positive components per case: {detection['false_positives_per_case']:.2f}",
-        f"liver Dice: {detection['liver_dice']:.4f}",
+        f"liver Dice: {detection['liver_dice']:.4f} (its largest component, the liver the region is built from: "
+        f"{results['liver_dice_largest_component']:.4f})",
     ]
     referring = results.get("referring")
     if referring:

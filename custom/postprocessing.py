@@ -7,7 +7,7 @@ from collections.abc import Hashable, Mapping
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import Compose, MapTransform
 from monai.utils import convert_to_dst_type
 from scipy import ndimage
 
@@ -19,6 +19,7 @@ __all__ = [
     "largest_component",
     "liver_region",
     "LiverRegiond",
+    "PerVolumeOutputsd",
 ]
 
 
@@ -211,3 +212,47 @@ class LiverRegiond(MapTransform):
         for key in self.key_iterator(d):
             d[key] = d[key] * region.to(d[key].device)
         return d
+
+
+class PerVolumeOutputsd(MapTransform):
+    """Post-process the text-free output channels once per volume, the referred-lesion channel per expression.
+
+    ``keys`` (K, X, Y, Z) network outputs (channel 0 the referred lesions, channels 1.. text-free) go through
+    ``transforms`` (activation, ``Invertd``, ``SplitOutputsd``, ``LiverRegiond`` ...). Their outputs named in
+    ``shared_keys`` (the inverted liver and all-lesion probabilities, the liver region) depend on the volume only:
+    for data whose ``volume_key`` tensor equals the previous call's, they are taken from that call and only channel
+    0 of ``keys`` goes through ``transforms``, which gives the same results for less work (several expressions or
+    prompts on one CT, one after the other). A 1-channel network has no shared outputs and always runs whole.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        transforms,
+        shared_keys: tuple[str, ...] = ("liver_prob", "lesions_prob", "liver_region", "liver_region_mask"),
+        volume_key: str = "image",
+    ) -> None:
+        super().__init__(keys)
+        self.transforms = transforms if isinstance(transforms, Compose) else Compose(transforms)
+        self.shared_keys = tuple(shared_keys)
+        self.volume_key = volume_key
+        self._last: tuple[torch.Tensor, dict] | None = None
+
+    def _same_volume(self, volume) -> bool:
+        if self._last is None or not isinstance(volume, torch.Tensor):
+            return False
+        last = self._last[0]
+        return last.shape == volume.shape and last.dtype == volume.dtype and torch.equal(last, volume.to(last.device))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        volume = d.get(self.volume_key)
+        if self._same_volume(volume):
+            shared = self._last[1]  # type: ignore[index]
+            for key in self.key_iterator(d):
+                d[key] = d[key][:1]
+            return self.transforms({**d, **shared})
+        output = self.transforms(d)
+        shared = {key: output[key] for key in self.shared_keys if key in output}
+        self._last = (volume.detach().clone(), shared) if shared and isinstance(volume, torch.Tensor) else None
+        return output

@@ -26,12 +26,20 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable, RandomizableTransform, ScaleIntensityRange
+from monai.transforms import Compose, MapTransform, Randomizable, RandomizableTransform, ScaleIntensityRange
 from monai.transforms.traits import MultiSampleTrait
 
 from custom.text import DEFAULT_MAX_TOKENS, load_tokenizer
 
-__all__ = ["HUWindowd", "ReferredMaskd", "ReferringSlicesd", "Tokenized", "RandSelectExpressiond", "RandDropTextd"]
+__all__ = [
+    "HUWindowd",
+    "PerVolumeCompose",
+    "ReferredMaskd",
+    "ReferringSlicesd",
+    "Tokenized",
+    "RandSelectExpressiond",
+    "RandDropTextd",
+]
 
 
 def _as_tensor(value) -> torch.Tensor:
@@ -417,3 +425,36 @@ class RandDropTextd(RandomizableTransform, MapTransform):
         d[self.label_key] = label
         d[self.attention_mask_key] = torch.zeros_like(_as_tensor(d[self.attention_mask_key]))
         return d
+
+
+class PerVolumeCompose(Compose):
+    """``Compose(volume_transforms + item_transforms)`` whose volume transforms run once per volume.
+
+    ``volume_transforms`` (loading, reorienting, resampling, windowing) depend on the ``keys`` items only (the
+    image path, a lesion map): data whose ``keys`` values equal those of the previous call start from the previous
+    call's volume outputs (the items those transforms added or changed, merged with the data's own), and only
+    ``item_transforms`` (tokenising the prompt ...) run again. Several prompts on one CT, listed one after the
+    other, load and resample it once. Volume outputs are shared, not copied: later steps must not change them in
+    place (MONAI's collation and ``Invertd`` copy). Inverting (``Invertd``) sees all transforms, as for a plain
+    ``Compose``.
+    """
+
+    def __init__(self, volume_transforms, item_transforms=(), keys: Sequence[str] = ("image",), **kwargs) -> None:
+        volume_transforms, item_transforms = list(volume_transforms), list(item_transforms)
+        super().__init__(volume_transforms + item_transforms, **kwargs)
+        self.volume = Compose(volume_transforms, **kwargs)
+        self.item = Compose(item_transforms, **kwargs)
+        self.keys = tuple(keys)
+        self._last: tuple[tuple, dict] | None = None
+
+    def __call__(self, data, *args, **kwargs):
+        if not isinstance(data, Mapping):
+            return super().__call__(data, *args, **kwargs)
+        identity = tuple(repr(data.get(key)) for key in self.keys)
+        if self._last is not None and self._last[0] == identity:
+            volume = {**data, **self._last[1]}
+        else:
+            volume = self.volume(data, *args, **kwargs)
+            changed = {k: v for k, v in volume.items() if k in self.keys or k not in data or v is not data[k]}
+            self._last = (identity, changed)
+        return self.item(volume, *args, **kwargs)

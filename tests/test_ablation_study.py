@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from benchmarks.ablation_study import EVALUATE_CONFIG, TRAIN_CONFIG, VARIANTS
+from benchmarks.ablation_study import BASE_EVALUATE, BASE_TRAIN, EVALUATE_CONFIG, TRAIN_CONFIG, VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,8 +26,9 @@ def parsed(config: str, overrides: dict) -> ConfigParser:
 def test_variant_trains_and_evaluates_the_same_network(name, monkeypatch):
     monkeypatch.chdir(ROOT)
     train_overrides, evaluate_overrides = VARIANTS[name]
-    trained = parsed(TRAIN_CONFIG, train_overrides).get_parsed_content("network_def").state_dict()
-    evaluated = parsed(EVALUATE_CONFIG, evaluate_overrides).get_parsed_content("network_def").state_dict()
+    trained = parsed(TRAIN_CONFIG, {**BASE_TRAIN, **train_overrides}).get_parsed_content("network_def").state_dict()
+    evaluated = parsed(EVALUATE_CONFIG, {**BASE_EVALUATE, **evaluate_overrides}).get_parsed_content("network_def")
+    evaluated = evaluated.state_dict()
     assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in evaluated.items()}
 
 

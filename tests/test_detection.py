@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai.transforms import MapTransform
 
 from custom.inferers import OUTSIDE_LOGIT, ReferringSliceInferer, liver_box
 from custom.losses import LSMSLoss
@@ -193,3 +194,73 @@ def test_detection_matches_lesions_counts_false_positives_and_summarizes_by_size
     assert groups["hypodense"]["1-5ml"]["recall"] == 1.0 and groups["hyperdense"]["<1ml"]["recall"] == 0.0
     assert groups["hyperdense"][">=1ml"]["lesions"] == 0
     assert summary["false_positives_per_case"] == 0.5 and summary["liver_dice"] == pytest.approx(0.95)
+
+
+class ChannelCounter:
+    """A transform that records how many channels ``pred`` has when it passes."""
+
+    def __init__(self) -> None:
+        self.channels: list[int] = []
+
+    def __call__(self, data):
+        self.channels.append(int(data["pred"].shape[0]))
+        return data
+
+
+class LoadPhantom(MapTransform):
+    """Stands for loading: records the path and gives a (1, 24, 20, 6) volume with a bright "liver" box."""
+
+    def __init__(self) -> None:
+        super().__init__("image")
+        self.loaded: list[str] = []
+
+    def __call__(self, data):
+        self.loaded.append(data["image"])
+        volume = torch.zeros(1, 24, 20, 6)
+        volume[0, 4:18, 3:15, 1:5] = 1.0
+        return {**data, "image": MetaTensor(volume, affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0])))}
+
+
+def test_per_volume_work_is_done_once_and_every_expression_gets_the_same_results():
+    from monai.transforms import Activationsd, Compose, Invertd, Spacingd
+
+    from custom.postprocessing import PerVolumeOutputsd
+    from custom.transforms import PerVolumeCompose
+
+    load = LoadPhantom()
+    volume_steps = [load, Spacingd("image", pixdim=(2.0, 2.0, -1), mode="bilinear")]
+    shared_pre, plain_pre = PerVolumeCompose(volume_steps, keys=["image"]), Compose(volume_steps)
+    counter = ChannelCounter()
+
+    def channel_steps(pre):
+        return [
+            counter,
+            Activationsd("pred", sigmoid=True),
+            Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False),
+            SplitOutputsd("pred"),
+            LiverRegiond(["pred", "lesions_prob"], margin_mm=2.0),
+        ]
+
+    shared_post, plain_post = PerVolumeOutputsd("pred", channel_steps(shared_pre)), Compose(channel_steps(plain_pre))
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    all_lesions = torch.randn(1, 12, 10, 6, generator=generator)  # text-free channels: the same for every text
+    for text in ("the cyst", "all lesions", "the largest lesion"):
+        referred = torch.randn(1, 12, 10, 6, generator=generator)
+        for pre, post in ((shared_pre, shared_post), (plain_pre, plain_post)):
+            item = pre({"image": "ct.nii.gz", "text": text})
+            liver = (item["image"] > 0.5).float() * 8 - 4
+            pred = MetaTensor(torch.cat([referred, liver, all_lesions]), meta=item["image"].meta)
+            pred.applied_operations = item["image"].applied_operations
+            results.append(post({**item, "pred": pred}))
+    assert load.loaded == ["ct.nii.gz"] * 4  # once shared, three times plain
+    assert counter.channels == [3, 3, 1, 3, 1, 3]  # shared: channel 0 only after the first expression
+    for shared, plain in zip(results[::2], results[1::2]):
+        assert shared["text"] == plain["text"]
+        for key in ("pred", "liver_prob", "lesions_prob"):
+            torch.testing.assert_close(torch.as_tensor(shared[key]), torch.as_tensor(plain[key]))
+        assert shared["liver_region"] == plain["liver_region"] and shared["liver_region"]["liver_found"]
+    assert not torch.equal(results[0]["pred"], results[2]["pred"])  # each expression keeps its own channel 0
+
+    other = shared_pre({"image": "other.nii.gz", "text": "the cyst"})  # another volume is loaded anew
+    assert load.loaded[-1] == "other.nii.gz" and other["text"] == "the cyst"

@@ -165,7 +165,12 @@ def test_channels_last_layout_gives_the_outputs_of_the_nchw_layout_for_the_shipp
     shipped = torch.load("bundle/models/model.pt", map_location="cpu", weights_only=True)
     networks = {}
     for channels_last in (False, True):
-        network = lsms_tiny(in_channels=2, text_encoder=text_encoder, channels_last=channels_last).eval()
+        network = lsms_tiny(
+            in_channels=2,
+            out_channels=len(shipped["head.1.bias"]),
+            text_encoder=text_encoder,
+            channels_last=channels_last,
+        ).eval()
         network.load_state_dict(shipped, strict=False)
         networks[channels_last] = network
     conv = next(m.weight for m in networks[True].encoder.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1
