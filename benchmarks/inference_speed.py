@@ -145,6 +145,19 @@ def process_rows(slices: list[int], prompts: int, folder: Path) -> list[str]:
     return rows
 
 
+def leaf_transforms(transform) -> list:
+    """The transforms a (nested) ``Compose`` or ``PerVolumeOutputsd`` runs, innermost first-level ones only."""
+    from monai.transforms import Compose
+
+    from custom.postprocessing import PerVolumeOutputsd
+
+    if isinstance(transform, PerVolumeOutputsd):
+        return leaf_transforms(transform.transforms)
+    if isinstance(transform, Compose):
+        return [leaf for inner in transform.transforms for leaf in leaf_transforms(inner)]
+    return [transform]
+
+
 def stage_rows(image: Path, folder: Path) -> list[str]:
     """Seconds per stage of one prompt, timed in-process around the config's own components."""
     from monai.bundle import ConfigWorkflow
@@ -185,7 +198,7 @@ def stage_rows(image: Path, folder: Path) -> list[str]:
     )
     flow.initialize()
     for key in ("preprocessing", "postprocessing"):  # time every transform class of the pipeline where it is defined
-        for cls in {type(transform) for transform in flow.parser.get_parsed_content(key).transforms}:
+        for cls in {type(transform) for transform in leaf_transforms(flow.parser.get_parsed_content(key))}:
             cls.__call__ = timed(stage_of.get(cls.__name__, "other"), cls.__call__)
     inferer: ReferringSliceInferer = flow.parser.get_parsed_content("inferer")
     inferer.text_free = timed("text-free pass", inferer.text_free)
