@@ -112,7 +112,7 @@ class ReferringResultsWriter:
         csv_path = self.output_dir / f"{self.prefix}_expressions.csv"
         atomic_write(csv_path, lambda tmp: write_csv(tmp, rows), overwrite=True)
         summary_path = self.output_dir / f"{self.prefix}_summary.json"
-        atomic_write(summary_path, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)), overwrite=True)
+        atomic_write(summary_path, lambda tmp: tmp.write_text(json.dumps(summary, indent=4) + "\n"), overwrite=True)
         overall = summary["overall"]
         self.logger.info(
             f"{len(scores)} expressions: 3D Dice {overall['dice_3d']:.4f}, negatives empty "
