@@ -25,23 +25,18 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from custom.candidates import FEATURE_NAMES, candidate_features
+from custom.candidates import FEATURE_NAMES, candidate_features, with_liver_fractions
 from custom.data.datalist import SPLITS, load_datalist
 from custom.data.default_dataset import ensure_default_dataset, extra_training_cases
-from custom.data.geometry import LiverFrame
 from custom.networks import BertTextEncoder
 from custom.networks.scorer import CandidateScorer
 
 
 def case_features(case: dict) -> tuple[np.ndarray, list[int], list[float]]:
     """(N, F) features of a case's ground-truth lesions, their ids and volumes."""
-    frame = LiverFrame.from_dict(case["liver_frame"]) if case.get("liver_frame") else None
     rows, ids, volumes = [], [], []
     for lesion in case["lesion_attributes"]:
-        attributes = dict(lesion)
-        if frame is not None:
-            attributes.update(zip(("lateral", "vertical", "anterior"), frame.fractions(lesion["centroid_ras_mm"])))
-        rows.append(candidate_features(attributes))
+        rows.append(candidate_features(with_liver_fractions(lesion, case.get("liver_frame"))))
         ids.append(int(lesion["id"]))
         volumes.append(float(lesion["volume_ml"]))
     return np.stack(rows) if rows else np.zeros((0, len(FEATURE_NAMES)), np.float32), ids, volumes

@@ -17,7 +17,14 @@ from scipy import ndimage
 
 from custom.data.geometry import LiverFrame, measure_lesions
 
-__all__ = ["FEATURE_NAMES", "lesion_candidates", "candidate_evidence", "candidate_features", "match_candidates"]
+__all__ = [
+    "FEATURE_NAMES",
+    "lesion_candidates",
+    "with_liver_fractions",
+    "candidate_evidence",
+    "candidate_features",
+    "match_candidates",
+]
 
 #: Order of the values of :func:`candidate_features`.
 FEATURE_NAMES = (
@@ -66,12 +73,17 @@ def lesion_candidates(
     relabel[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
     candidates = relabel[components]
     attributes, case = measure_lesions(candidates, affine, np.asarray(image_hu), np.asarray(liver) > 0)
-    frame = LiverFrame.from_dict(case["liver_frame"]) if case["liver_frame"] else None
-    for item in attributes:
-        if frame is not None:
-            fractions = frame.fractions(item["centroid_ras_mm"])
-            item.update(zip(("lateral", "vertical", "anterior"), (round(f, 3) for f in fractions)))
+    attributes = [with_liver_fractions(item, case["liver_frame"]) for item in attributes]
     return candidates, attributes, case
+
+
+def with_liver_fractions(attributes: dict, liver_frame: dict | None) -> dict:
+    """A lesion's or candidate's attributes plus its centroid's ``lateral``, ``vertical`` and ``anterior`` fractions
+    of the liver's extent (:meth:`custom.data.geometry.LiverFrame.fractions`; unchanged without a liver frame)."""
+    if not liver_frame:
+        return dict(attributes)
+    fractions = LiverFrame.from_dict(liver_frame).fractions(attributes["centroid_ras_mm"])
+    return {**attributes, **dict(zip(("lateral", "vertical", "anterior"), fractions))}
 
 
 def candidate_evidence(candidates: np.ndarray, referred_probability: np.ndarray, threshold: float = 0.5) -> list[dict]:

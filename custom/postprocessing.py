@@ -222,7 +222,10 @@ class PerVolumeOutputsd(MapTransform):
     ``shared_keys`` (the inverted liver and all-lesion probabilities, the liver region) depend on the volume only:
     for data whose ``volume_key`` tensor equals the previous call's, they are taken from that call and only channel
     0 of ``keys`` goes through ``transforms``, which gives the same results for less work (several expressions or
-    prompts on one CT, one after the other). A 1-channel network has no shared outputs and always runs whole.
+    prompts on one CT, one after the other). Shared outputs that a transform reads (the liver and its region, which
+    ``LiverRegiond`` reuses) are handed to ``transforms``; those a transform processes (one of its ``keys``, such as
+    the all-lesion probabilities) are final and join the result afterwards. A 1-channel network has no shared
+    outputs and always runs whole.
     """
 
     def __init__(
@@ -236,6 +239,7 @@ class PerVolumeOutputsd(MapTransform):
         self.transforms = transforms if isinstance(transforms, Compose) else Compose(transforms)
         self.shared_keys = tuple(shared_keys)
         self.volume_key = volume_key
+        self._processed = {key for t in self.transforms.transforms if isinstance(t, MapTransform) for key in t.keys}
         self._last: tuple[torch.Tensor, dict] | None = None
 
     def _same_volume(self, volume) -> bool:
@@ -251,7 +255,9 @@ class PerVolumeOutputsd(MapTransform):
             shared = self._last[1]  # type: ignore[index]
             for key in self.key_iterator(d):
                 d[key] = d[key][:1]
-            return self.transforms({**d, **shared})
+            read = {key: value for key, value in shared.items() if key not in self._processed}
+            final = {key: value for key, value in shared.items() if key in self._processed}
+            return {**self.transforms({**d, **read}), **final}
         output = self.transforms(d)
         shared = {key: output[key] for key in self.shared_keys if key in output}
         self._last = (volume.detach().clone(), shared) if shared and isinstance(volume, torch.Tensor) else None

@@ -209,9 +209,10 @@ class ReferringSlicesd(Randomizable, MapTransform, MultiSampleTrait):
         """Slice indices of each lesion instance of ``lesion_key`` (empty list without one)."""
         if not self.lesion_key or d.get(self.lesion_key) is None:
             return []
-        instances = _as_tensor(d[self.lesion_key]).reshape(-1, depth)
-        ids = [int(v) for v in torch.unique(instances).tolist() if v != 0]
-        return [np.flatnonzero((instances == i).any(0).cpu().numpy()) for i in ids]
+        instances = _as_tensor(d[self.lesion_key]).reshape(-1, depth).long().cpu().numpy()
+        present = np.zeros((int(instances.max(initial=0)) + 1, depth), bool)  # (lesion id, slice), one pass
+        present[instances, np.arange(depth)] = True
+        return [np.flatnonzero(row) for row in present[1:] if row.any()]
 
     def randomize(
         self, positive: np.ndarray, liver_range: np.ndarray, lesion_extents: list[np.ndarray] | None = None

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from .datalist import SPLITS, load_datalist
 from .synthetic import DATASET_VERSION, DEFAULT_NUM_CASES, generate_dataset
 
 __all__ = ["DEFAULT_SEED", "default_dataset_dir", "ensure_default_dataset", "extra_training_cases"]
@@ -79,8 +80,6 @@ def extra_training_cases(cache_dir: str | Path, num_cases: int, seed: int = 1) -
         return []
     if seed == DEFAULT_SEED:
         raise ValueError(f"extra training cases need a seed other than the default dataset's ({DEFAULT_SEED}).")
-    from .datalist import SPLITS, load_datalist
-
     datalist = ensure_default_dataset(cache_dir, num_cases=num_cases, seed=seed)
     cases = []
     for split in SPLITS:
