@@ -65,6 +65,7 @@ BASE_EVALUATE = {
     "in_plane_spacing": 2.0,
     "not_present_rule#min_max_probability": 1e-06,
     "not_present_rule#min_volume_ml": 0.013676,
+    "referral#method": "rule",
 }
 
 # name -> (overrides of train.json, overrides of evaluate.json), on top of BASE_TRAIN and BASE_EVALUATE

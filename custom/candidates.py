@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from custom.data.geometry import LiverFrame, measure_lesions
+from custom.data.geometry import LiverFrame, measure_lesions, segment_of_fractions
 
 __all__ = [
     "FEATURE_NAMES",
@@ -39,6 +39,8 @@ FEATURE_NAMES = (
     "evidence_mean",
     "evidence_max",
     "evidence_share",
+    "detection_mean",
+    *(f"segment_{number}" for number in range(2, 9)),
 )
 
 
@@ -113,7 +115,10 @@ def candidate_features(attributes: dict, evidence: dict | None = None) -> np.nda
 
     ``attributes``: a candidate's dict of :func:`lesion_candidates`, or a lesion of a datalist's
     ``lesion_attributes`` with its liver-frame fractions added. Missing values (no liver, no HU) are 0, and so is
-    the evidence when ``evidence`` is None (before any expression).
+    the evidence when ``evidence`` is None (before any expression). ``evidence`` may also hold ``detection_mean``,
+    the mean text-free all-lesion probability over the candidate (how sure the detector is that it is a lesion).
+    The last seven values are the one-hot Couinaud segment of the centroid, from its liver-frame fractions
+    (:func:`custom.data.geometry.segment_of_fractions`).
     """
     evidence = evidence or {}
     values = (
@@ -128,8 +133,13 @@ def candidate_features(attributes: dict, evidence: dict | None = None) -> np.nda
         float(evidence.get("evidence_mean", 0.0)),
         float(evidence.get("evidence_max", 0.0)),
         float(evidence.get("evidence_share", 0.0)),
+        float(evidence.get("detection_mean", 0.0)),
     )
-    return np.asarray(values, dtype=np.float32)
+    segment = np.zeros(7, np.float32)  # one-hot Couinaud segment 2..8 of the centroid, all 0 without a liver frame
+    if "lateral" in attributes:
+        fractions = (float(attributes[k]) for k in ("lateral", "vertical", "anterior"))
+        segment[segment_of_fractions(*fractions) - 2] = 1.0
+    return np.concatenate([np.asarray(values, dtype=np.float32), segment])
 
 
 def match_candidates(candidates: np.ndarray, instance_map: np.ndarray, min_overlap: float = 0.5) -> list[int]:

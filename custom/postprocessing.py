@@ -218,8 +218,9 @@ class PerVolumeOutputsd(MapTransform):
     """Post-process the text-free output channels once per volume, the referred-lesion channel per expression.
 
     ``keys`` (K, X, Y, Z) network outputs (channel 0 the referred lesions, channels 1.. text-free) go through
-    ``transforms`` (activation, ``Invertd``, ``SplitOutputsd``, ``LiverRegiond`` ...). Their outputs named in
-    ``shared_keys`` (the inverted liver and all-lesion probabilities, the liver region) depend on the volume only:
+    ``transforms`` (activation, ``Invertd``, ``SplitOutputsd``, ``LiverRegiond``, ``LesionCandidatesd`` ...). Their
+    outputs named in ``shared_keys`` (the inverted liver and all-lesion probabilities, the liver region, the lesion
+    candidates) depend on the volume only:
     for data whose ``volume_key`` tensor equals the previous call's, they are taken from that call and only channel
     0 of ``keys`` goes through ``transforms``, which gives the same results for less work (several expressions or
     prompts on one CT, one after the other). Shared outputs that a transform reads (the liver and its region, which
@@ -232,7 +233,13 @@ class PerVolumeOutputsd(MapTransform):
         self,
         keys: KeysCollection,
         transforms,
-        shared_keys: tuple[str, ...] = ("liver_prob", "lesions_prob", "liver_region", "liver_region_mask"),
+        shared_keys: tuple[str, ...] = (
+            "liver_prob",
+            "lesions_prob",
+            "liver_region",
+            "liver_region_mask",
+            "lesion_candidates",
+        ),
         volume_key: str = "image",
     ) -> None:
         super().__init__(keys)

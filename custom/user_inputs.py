@@ -41,6 +41,7 @@ __all__ = [
     "OptionError",
     "UserDataWorkflow",
     "as_bool",
+    "check_choice",
     "check_device",
     "command_line_options",
     "guard_overrides",
@@ -307,6 +308,15 @@ def _within(value: Any, low: float | None, high: float | None, name: str) -> Any
             bounds = f"at most {high}"
         raise OptionError(f"--{name} must be {bounds}, got {value!r}. Pass a value in that range.")
     return number
+
+
+def check_choice(value: Any, choices: Sequence[str], name: str) -> str:
+    """``value`` when it is one of ``choices``; else :class:`OptionError` naming them."""
+    if value not in choices:
+        raise OptionError(
+            f"--{name} must be one of {', '.join(choices)}, got {value!r}. Pass e.g. --{name} {choices[0]}."
+        )
+    return value
 
 
 def check_device(device: Any) -> Any:

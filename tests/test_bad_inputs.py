@@ -312,6 +312,19 @@ CASES = [
     Case("negative in-plane spacing", ["--image", IMG, "--in_plane_spacing", "-2"], "--in_plane_spacing must be from"),
     Case("threshold above 1", ["--image", IMG, "--referral#threshold", "1.5"], "--referral#threshold must be from 0.0"),
     Case(
+        "referral method that does not exist", ["--image", IMG, "--referral#method", "oracle"], "must be one of scorer"
+    ),
+    Case(
+        "referral scorer file that does not exist",
+        ["--image", IMG, "--referral_scorer_path", "{inputs}/nowhere.pt"],
+        "--referral_scorer_path with the path",
+    ),
+    Case(
+        "referral scorer file that is a text file",
+        ["--image", IMG, "--referral_scorer_path", "{inputs}/weights.txt"],
+        "not a referral scorer file",
+    ),
+    Case(
         "prompt with # and @ inside",
         ["--image", IMG, "--prompt", "lesion #2 @ segment 4"],
         code=0,

@@ -288,6 +288,14 @@ def test_readme_first_command_runs_the_default_inference(tmp_path):
     record = json.loads(next(tmp_path.rglob("*.json")).read_text())
     assert record["expression"] == "the largest hypodense lesion"
     assert list(tmp_path.rglob("*_mask.nii.gz")) and list(tmp_path.rglob("*_overlay.png"))
+    sample = json.loads((ROOT / "bundle" / "sample" / "sample.json").read_text())
+    (referred,) = [lesion for lesion in sample["lesions"] if lesion["id"] in sample["prompts"][0]["targets"]]
+    assert record["found"] and record["n_lesions"] == 1  # exactly the referred lesion, nothing else
+    (answer,) = record["lesions"]
+    assert np.linalg.norm(np.subtract(answer["centroid_ras_mm"], referred["centroid_ras_mm"])) < 5.0
+    assert answer["volume_ml"] == pytest.approx(referred["volume_ml"], rel=0.2)
+    candidates = record["referral"]["candidates"]  # every candidate considered, with its score
+    assert len(candidates) >= 2 and sum(c["chosen"] for c in candidates) == 1
 
 
 def test_two_process_ddp_evaluation_gathers_every_expression(dataset, checkpoint, tmp_path):

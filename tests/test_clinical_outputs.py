@@ -75,6 +75,21 @@ def test_the_record_keeps_the_liver_region_and_says_when_no_liver_was_found(tmp_
     assert any(note.startswith("No liver found") for note in missing["notes"])
 
 
+def test_a_decision_taken_by_the_referral_is_used_instead_of_the_rule_and_kept_with_the_candidates(tmp_path):
+    hu = case_volume()
+    nib.save(nib.Nifti1Image(hu, AFFINE_LPS), tmp_path / "case_009.nii.gz")
+    image = load_ct_ras(tmp_path / "case_009.nii.gz")
+    writer = ReferringOutputWriter(tmp_path / "out")  # its rule alone would answer "found" at 0.9
+    referral = {"method": "candidate scorer", "none_probability": 0.8, "candidates": [{"candidate": 1, "score": 0.1}]}
+    decision = {"found": False, "confidence": 0.8, "features": {"none_probability": 0.8}}
+    mask = probabilities_like(image, 1.0)
+    result = writer(image, probabilities_like(image, 0.9), "the cyst", mask=mask, decision=decision, referral=referral)
+    record = result["record"]
+    assert not record["found"] and record["lesions"] == [] and record["confidence"] == 0.8
+    assert record["referral"] == referral and record["decision"]["features"] == {"none_probability": 0.8}
+    assert not np.asarray(nib.load(result["paths"]["mask"]).dataobj).any()  # the written mask agrees
+
+
 def test_dicom_case_not_present_gives_an_empty_seg(tmp_path):
     paths = write_ct_series(case_volume(), AFFINE_LPS, tmp_path / "series_a")
     image = load_ct_ras(tmp_path / "series_a")

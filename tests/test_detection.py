@@ -222,13 +222,14 @@ class LoadPhantom(MapTransform):
 
 
 def test_per_volume_work_is_done_once_and_every_expression_gets_the_same_results():
-    from monai.transforms import Activationsd, Compose, Invertd, Spacingd
+    from monai.transforms import Activationsd, Compose, CopyItemsd, Invertd, Spacingd
 
     from custom.postprocessing import PerVolumeOutputsd
+    from custom.referral import LesionCandidatesd
     from custom.transforms import PerVolumeCompose
 
     load = LoadPhantom()
-    volume_steps = [load, Spacingd("image", pixdim=(2.0, 2.0, -1), mode="bilinear")]
+    volume_steps = [load, CopyItemsd("image", names="hounsfield"), Spacingd("image", pixdim=(2.0, 2.0, -1))]
     shared_pre, plain_pre = PerVolumeCompose(volume_steps, keys=["image"]), Compose(volume_steps)
     counter = ChannelCounter()
 
@@ -239,6 +240,7 @@ def test_per_volume_work_is_done_once_and_every_expression_gets_the_same_results
             Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False),
             SplitOutputsd("pred"),
             LiverRegiond(["pred", "lesions_prob"], margin_mm=2.0),
+            LesionCandidatesd("lesions_prob", min_voxels=1),
         ]
 
     shared_post, plain_post = PerVolumeOutputsd("pred", channel_steps(shared_pre)), Compose(channel_steps(plain_pre))
@@ -260,6 +262,10 @@ def test_per_volume_work_is_done_once_and_every_expression_gets_the_same_results
         for key in ("pred", "liver_prob", "lesions_prob"):
             torch.testing.assert_close(torch.as_tensor(shared[key]), torch.as_tensor(plain[key]))
         assert shared["liver_region"] == plain["liver_region"] and shared["liver_region"]["liver_found"]
+        torch.testing.assert_close(shared["lesion_candidates"]["map"], plain["lesion_candidates"]["map"])
+        assert shared["lesion_candidates"]["attributes"] == plain["lesion_candidates"]["attributes"]
+    assert results[0]["lesion_candidates"]["map"].max() > 0
+    assert results[2]["lesion_candidates"] is results[0]["lesion_candidates"]  # found once for the volume
     assert not torch.equal(results[0]["pred"], results[2]["pred"])  # each expression keeps its own channel 0
 
     other = shared_pre({"image": "other.nii.gz", "text": "the cyst"})  # another volume is loaded anew

@@ -135,6 +135,8 @@ class ReferringOutputWriter:
         case_id: str | None = None,
         expression_id: str | None = None,
         region: Mapping | None = None,
+        decision: Mapping | None = None,
+        referral: Mapping | None = None,
     ) -> dict:
         """Write the outputs; return ``{"record": ..., "paths": {kind: path}}``.
 
@@ -149,6 +151,9 @@ class ReferringOutputWriter:
             expression_id: file stem; defaults to :func:`expression_slug`.
             region: the liver region the answer was restricted to (``custom.postprocessing.liver_region``), kept in
                 the record as ``liver_region``; a note says so when no liver was found.
+            decision: a decision already taken (``found``, ``confidence`` ...; the learned referral's,
+                :class:`custom.referral.CandidateReferrald`), used instead of the not-present rule.
+            referral: how the answer was chosen (every candidate with its score), kept in the record as ``referral``.
         """
         meta = image.meta
         dicom_seg = bool(meta.get("source_files")) and bool(meta.get("FrameOfReferenceUID"))
@@ -161,7 +166,9 @@ class ReferringOutputWriter:
         staged = {kind: staging / path.name for kind, path in paths.items()}
         published = False
         try:
-            record = self._write_all(image, probabilities, expression, mask, meta, case_id, paths, staged, region)
+            record = self._write_all(
+                image, probabilities, expression, mask, meta, case_id, paths, staged, region, decision, referral
+            )
             self._publish(staged, paths)
             published = True
         finally:
@@ -170,14 +177,29 @@ class ReferringOutputWriter:
                 folder.rmdir()
         return {"record": record, "paths": paths}
 
-    def _write_all(self, image, probabilities, expression, mask, meta, case_id, paths, staged, region=None) -> dict:
+    def _write_all(
+        self,
+        image,
+        probabilities,
+        expression,
+        mask,
+        meta,
+        case_id,
+        paths,
+        staged,
+        region=None,
+        decision=None,
+        referral=None,
+    ) -> dict:
         """Write every output under its staged name; return the record."""
         image_ras, probs_ras = _ras_metatensor(image, "image"), _ras_metatensor(probabilities, "probabilities")
-        decision = self.rule.decide(probs_ras)
+        if decision is None:
+            decision = self.rule.decide(probs_ras)
+        found = bool(decision["found"] if isinstance(decision, Mapping) else decision.found)
         if mask is None:
-            referred = self.rule.apply(probs_ras, decision)
+            referred = (probs_ras[0].numpy() >= self.rule.voxel_threshold) & found
         else:
-            referred = (_ras_metatensor(mask, "mask")[0].numpy() > 0) & decision.found
+            referred = (_ras_metatensor(mask, "mask")[0].numpy() > 0) & found
         referred = referred.astype(np.uint8)
         affine = image_ras.affine.numpy()
 
@@ -207,6 +229,7 @@ class ReferringOutputWriter:
                 "input": str(meta.get("filename_or_obj", "")),
                 "outputs": {kind: path.name for kind, path in paths.items()},
                 **({"liver_region": dict(region)} if region is not None else {}),
+                **({"referral": dict(referral)} if referral is not None else {}),
                 **({"notes": notes} if notes else {}),
             },
         )
@@ -266,8 +289,9 @@ class ReferringOutputWriter:
 class SaveReferringOutputsd(MapTransform):
     """Dictionary transform (post-processing) around :class:`ReferringOutputWriter`.
 
-    Reads the image, probabilities, expression (and optional mask and case id) from the data dictionary of one
-    decollated item, writes the outputs, and stores the record under ``record_key``.
+    Reads the image, probabilities, expression (and optional mask, case id, liver region, a decision already taken
+    and how the referral chose) from the data dictionary of one decollated item, writes the outputs, and stores the
+    record under ``record_key``.
     """
 
     def __init__(
@@ -280,6 +304,8 @@ class SaveReferringOutputsd(MapTransform):
         case_id_key: str | None = "case_id",
         record_key: str = "record",
         region_key: str | None = "liver_region",
+        decision_key: str | None = "decision",
+        referral_key: str | None = "referral",
         rule: NotPresentRule | Mapping | None = None,
         overwrite: bool = False,
         montage: bool = False,
@@ -289,7 +315,7 @@ class SaveReferringOutputsd(MapTransform):
         self.writer = ReferringOutputWriter(output_dir, rule, overwrite, montage, window)
         self.image_key, self.prob_key, self.expression_key = image_key, prob_key, expression_key
         self.mask_key, self.case_id_key, self.record_key = mask_key, case_id_key, record_key
-        self.region_key = region_key
+        self.region_key, self.decision_key, self.referral_key = region_key, decision_key, referral_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -300,6 +326,8 @@ class SaveReferringOutputsd(MapTransform):
             mask=d.get(self.mask_key) if self.mask_key else None,
             case_id=str(d[self.case_id_key]) if self.case_id_key and d.get(self.case_id_key) else None,
             region=d.get(self.region_key) if self.region_key else None,
+            decision=d.get(self.decision_key) if self.decision_key else None,
+            referral=d.get(self.referral_key) if self.referral_key else None,
         )
         d[self.record_key] = result["record"]
         return d

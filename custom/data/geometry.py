@@ -129,6 +129,20 @@ def segment_of(offsets: dict[str, float]) -> int:
     raise AssertionError(f"no segment for offsets {offsets}")  # pragma: no cover - regions tile space
 
 
+def segment_of_fractions(lateral: float, vertical: float, anterior: float) -> int:
+    """Couinaud segment (2-8) of a point given as its :meth:`LiverFrame.fractions` (the region planes lie at fixed
+    fractions of the liver's extent, so the fractions settle the segment as :meth:`LiverFrame.plane_offsets` does)."""
+    return segment_of(
+        {
+            "cantlie": CANTLIE_FRACTION - lateral,
+            "falciform": FALCIFORM_FRACTION - lateral,
+            "right_sector": anterior - RIGHT_SECTOR_FRACTION,
+            "portal": vertical - PORTAL_FRACTION,
+            "left_portal": vertical - LEFT_PORTAL_FRACTION,
+        }
+    )
+
+
 def voxel_to_world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
     """(N, 3) voxel indices -> (N, 3) RAS world millimetres."""
     affine = np.asarray(affine, dtype=np.float64)

@@ -1,0 +1,257 @@
+"""Candidate-level referral (DESIGN section 8): which of a volume's lesion candidates an expression refers to.
+
+Per volume, :class:`LesionCandidatesd` turns the text-free all-lesion output into 3D lesion candidates and measures
+them (:func:`custom.candidates.lesion_candidates`). Per expression, :class:`CandidateReferrald` adds the
+text-conditioned evidence over each candidate, lets :class:`custom.networks.scorer.CandidateScorer` score all of
+them together with the expression's words, and answers the union of the chosen candidates' masks, or "not present"
+when the scorer's "none of them" output wins. The record names every candidate with its score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from monai.utils import convert_to_dst_type
+
+from custom.candidates import FEATURE_NAMES, candidate_evidence, candidate_features, lesion_candidates
+from custom.errors import InputError
+from custom.networks.scorer import CandidateScorer
+
+__all__ = [
+    "LesionCandidatesd",
+    "CandidateReferrald",
+    "choose_candidates",
+    "load_scorer",
+    "ScorerFileError",
+    "ReferralInputError",
+]
+
+
+class ScorerFileError(InputError, ValueError):
+    """The referral scorer's weights file is missing or does not fit the scorer."""
+
+
+class ReferralInputError(InputError, ValueError):
+    """The pipeline gives the learned referral nothing to choose from (a network without text-free outputs)."""
+
+
+def _array(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def _affine(value) -> np.ndarray:
+    return np.asarray(value.affine, dtype=np.float64) if hasattr(value, "affine") else np.eye(4)
+
+
+class LesionCandidatesd(MapTransform):
+    """The lesion candidates of a volume, once per volume.
+
+    ``keys``: the text-free all-lesion probabilities (1, X, Y, Z), already restricted to the liver region, on the
+    grid of ``image_key`` (1, X, Y, Z) Hounsfield units and ``liver_key`` (1, X, Y, Z) liver probabilities; the
+    affine comes from the lesion probabilities (a MetaTensor). Stored under ``candidates_key``: ``map`` (int32 (X, Y,
+    Z), 0 background and 1..K by decreasing volume), ``attributes`` (one dict per candidate,
+    :func:`custom.candidates.lesion_candidates`) and ``detection`` (the mean all-lesion probability over each
+    candidate). Data that hold ``candidates_key`` already (an earlier expression on the same volume) keep it.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "lesions_prob",
+        liver_key: str = "liver_prob",
+        image_key: str = "hounsfield",
+        candidates_key: str = "lesion_candidates",
+        threshold: float = 0.5,
+        min_voxels: int = 3,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.liver_key, self.image_key, self.candidates_key = liver_key, image_key, candidates_key
+        self.threshold, self.min_voxels = float(threshold), int(min_voxels)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        if d.get(self.candidates_key) is not None:
+            return d
+        for key in self.key_iterator(d):
+            lesions = d[key]
+            probability = _array(lesions)[0]
+            liver = _array(d[self.liver_key])[0] >= 0.5 if self.liver_key in d else np.ones(probability.shape, bool)
+            candidates, attributes, _ = lesion_candidates(
+                probability, _affine(lesions), _array(d[self.image_key])[0], liver, self.threshold, self.min_voxels
+            )
+            detection = [item["evidence_mean"] for item in candidate_evidence(candidates, probability)]
+            d[self.candidates_key] = {
+                "map": torch.as_tensor(candidates),
+                "attributes": attributes,
+                "detection": detection,
+            }
+        return d
+
+
+def choose_candidates(
+    candidate_probability: np.ndarray, none_probability: float, none_threshold: float, select_threshold: float
+) -> np.ndarray:
+    """Indices of the chosen candidates: empty when ``none_probability >= none_threshold`` or there is no candidate,
+    else those at or above ``select_threshold``, or the best one when none is."""
+    candidate_probability = np.asarray(candidate_probability, dtype=np.float64)
+    if candidate_probability.size == 0 or none_probability >= none_threshold:
+        return np.zeros(0, dtype=np.int64)
+    chosen = np.flatnonzero(candidate_probability >= select_threshold)
+    return chosen if chosen.size else np.array([int(np.argmax(candidate_probability))])
+
+
+class CandidateReferrald(MapTransform):
+    """Answer one expression with the candidates the scorer picks, or "not present".
+
+    ``keys``: the expression's referred-lesion probabilities (1, X, Y, Z) -> replaced by the {0, 1} answer mask:
+    the union of the chosen candidates' voxels of ``candidates_key`` (:class:`LesionCandidatesd`). The scorer sees
+    every candidate's features (:func:`custom.candidates.candidate_features`: measured attributes, the evidence of
+    these probabilities over it, its detection probability) with the expression's words from ``text_encoder``
+    (tokens under ``input_ids_key`` / ``attention_mask_key``; ``input_ids_key=None`` withholds them). Stored:
+    ``decision_key`` (``found``, ``confidence``, ``features`` with ``none_probability``, ``max_probability`` and
+    ``volume_ml`` of the answer, ``rule``) and ``referral_key`` (``none_probability`` and every candidate with its
+    ``score``, ``chosen`` flag and attributes).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        scorer: CandidateScorer | None,
+        text_encoder: torch.nn.Module,
+        candidates_key: str = "lesion_candidates",
+        input_ids_key: str | None = "input_ids",
+        attention_mask_key: str = "attention_mask",
+        decision_key: str = "decision",
+        referral_key: str = "referral",
+        none_threshold: float = 0.5,
+        select_threshold: float = 0.5,
+        evidence_threshold: float = 0.5,
+    ) -> None:
+        super().__init__(keys)
+        self.scorer = scorer.eval() if scorer is not None else None  # None: a config that answers by the rule
+        self.text_encoder = text_encoder
+        self.candidates_key, self.input_ids_key, self.attention_mask_key = (
+            candidates_key,
+            input_ids_key,
+            attention_mask_key,
+        )
+        self.decision_key, self.referral_key = decision_key, referral_key
+        self.none_threshold, self.select_threshold = float(none_threshold), float(select_threshold)
+        self.evidence_threshold = float(evidence_threshold)
+
+    @torch.no_grad()
+    def score(self, features: np.ndarray, input_ids=None, attention_mask=None) -> tuple:
+        """(N,) candidate probabilities and the "none of them" probability for (N, F) ``features``; without
+        ``input_ids`` the scorer sees no words (the "no text" control)."""
+        parameter = next(self.scorer.parameters())
+        if input_ids is None:
+            words = torch.zeros(1, 1, self.scorer.word_embedding.in_features, device=parameter.device)
+            mask = torch.zeros(1, 1, dtype=torch.long, device=parameter.device)
+        else:
+            ids = torch.as_tensor(input_ids).reshape(1, -1).long().to(parameter.device)
+            mask = torch.as_tensor(attention_mask).reshape(1, -1).long().to(parameter.device)
+            words = self.text_encoder(ids, mask)[0].to(parameter.dtype)
+        candidates = torch.as_tensor(features, dtype=parameter.dtype, device=parameter.device)[None]
+        present = torch.ones(candidates.shape[:2], dtype=torch.bool, device=parameter.device)
+        logits, none = self.scorer(candidates, present, words, mask.bool())
+        return logits[0].sigmoid().cpu().numpy(), float(none[0].sigmoid())
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        candidates = d.get(self.candidates_key)
+        if candidates is None:
+            raise ReferralInputError(
+                f"The learned referral needs the lesion candidates ({self.candidates_key!r}), which come from the "
+                "network's text-free all-lesion output: this network has none (out_channels 1). Use --out_channels 3 "
+                "weights, or --referral#method rule."
+            )
+        candidate_map = _array(candidates["map"])
+        for key in self.key_iterator(d):
+            probabilities = d[key]
+            evidence = candidate_evidence(candidate_map, _array(probabilities)[0], self.evidence_threshold)
+            features = (
+                np.stack(
+                    [
+                        candidate_features(attributes, {**item, "detection_mean": detection})
+                        for attributes, item, detection in zip(
+                            candidates["attributes"], evidence, candidates["detection"]
+                        )
+                    ]
+                )
+                if evidence
+                else np.zeros((0, len(FEATURE_NAMES)), np.float32)
+            )
+            text = (d[self.input_ids_key], d[self.attention_mask_key]) if self.input_ids_key else ()
+            scores, none_probability = self.score(features, *text)
+            chosen = choose_candidates(scores, none_probability, self.none_threshold, self.select_threshold)
+            mask = np.isin(candidate_map, chosen + 1)
+            found = bool(chosen.size)
+            voxel_ml = abs(float(np.linalg.det(_affine(probabilities)[:3, :3]))) / 1000.0
+            d[self.decision_key] = {
+                "found": found,
+                "confidence": float(1.0 - none_probability if found else none_probability),
+                "features": {
+                    "none_probability": none_probability,
+                    "max_probability": float(_array(probabilities)[0][mask].max()) if found else 0.0,
+                    "volume_ml": float(mask.sum() * voxel_ml),
+                },
+                "rule": {"none_threshold": self.none_threshold, "select_threshold": self.select_threshold},
+            }
+            d[self.referral_key] = {
+                "method": "candidate scorer",
+                "none_probability": round(none_probability, 4),
+                "candidates": [
+                    {
+                        "candidate": index + 1,
+                        "score": round(float(score), 4),
+                        "chosen": bool(index in chosen),
+                        "volume_ml": round(float(attributes["volume_ml"]), 3),
+                        "centroid_ras_mm": attributes["centroid_ras_mm"],
+                        "density": attributes.get("density"),
+                        "lobe": attributes.get("lobe"),
+                        "segment": attributes.get("segment"),
+                    }
+                    for index, (score, attributes) in enumerate(zip(scores, candidates["attributes"]))
+                ],
+            }
+            d[key] = convert_to_dst_type(mask[None].astype(np.float32), probabilities, dtype=torch.float32)[0]
+        return d
+
+
+def load_scorer(path: str | Path, text_dim: int = 384) -> CandidateScorer:
+    """The referral scorer saved at ``path`` (``state_dict``, its ``settings`` and ``feature_names``), in eval mode.
+
+    Raises :class:`ScorerFileError` when the file is missing, is not such a file, or was trained on other features.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ScorerFileError(
+            f"The referral scorer file {path} does not exist. Train one with `python -m custom.referral_training`, "
+            "or pass --referral_scorer with the path of a trained one."
+        )
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        names = tuple(saved["feature_names"])
+    except Exception as err:
+        raise ScorerFileError(
+            f"{path} is not a referral scorer file ({type(err).__name__}). Give the file "
+            "`python -m custom.referral_training` writes."
+        ) from err
+    if names != FEATURE_NAMES:
+        raise ScorerFileError(
+            f"{path} was trained on the candidate features {list(names)}, this version computes {list(FEATURE_NAMES)}; "
+            "retrain it with `python -m custom.referral_training`."
+        )
+    try:
+        scorer = CandidateScorer(len(names), text_dim, **saved["settings"])
+        scorer.load_state_dict(saved["state_dict"])
+    except Exception as err:
+        raise ScorerFileError(
+            f"{path} does not fit the referral scorer ({type(err).__name__}). Give the file "
+            "`python -m custom.referral_training` writes."
+        ) from err
+    return scorer.eval()
