@@ -10,7 +10,7 @@ repository root. In one run it prints
   ``python -m monai.bundle run inference`` with one prompt and with ``--prompts`` prompts on the same volume (one
   ``--datalist``), each in a fresh process, and the seconds inside the workflow;
 - the time of each stage of the one-prompt run (load, resample, window and tokenise, text-free pass, referring
-  pass, liver region, referral, writing), measured in-process on the same inputs.
+  pass, liver region, lesion candidates, referral, writing), measured in-process on the same inputs.
 
 Figures depend on the machine and on what else runs on it: compare the rows of one run.
 """
@@ -185,6 +185,8 @@ def stage_rows(image: Path, folder: Path) -> list[str]:
         "Activationsd": "un-resample",
         "Invertd": "un-resample",
         "LiverRegiond": "liver region",
+        "LesionCandidatesd": "lesion candidates",
+        "CandidateReferrald": "referral",
         "SelectReferredComponentsd": "referral",
         "SaveReferringOutputsd": "writing",
     }

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     print(report(results))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(results, indent=4) + "\n")
     if args.expressions_csv:
         Path(args.expressions_csv).parent.mkdir(parents=True, exist_ok=True)
         write_csv(Path(args.expressions_csv), results["expressions"])

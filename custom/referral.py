@@ -121,7 +121,7 @@ class CandidateReferrald(MapTransform):
         self,
         keys: KeysCollection,
         scorer: CandidateScorer | None,
-        text_encoder: torch.nn.Module,
+        text_encoder: torch.nn.Module | None,
         candidates_key: str = "lesion_candidates",
         input_ids_key: str | None = "input_ids",
         attention_mask_key: str = "attention_mask",
@@ -152,6 +152,11 @@ class CandidateReferrald(MapTransform):
             words = torch.zeros(1, 1, self.scorer.word_embedding.in_features, device=parameter.device)
             mask = torch.zeros(1, 1, dtype=torch.long, device=parameter.device)
         else:
+            if self.text_encoder is None:
+                raise ReferralInputError(
+                    "The learned referral reads the expression through the network's text encoder, and this network "
+                    "has none. Use an LSMS network, or --referral#method rule."
+                )
             ids = torch.as_tensor(input_ids).reshape(1, -1).long().to(parameter.device)
             mask = torch.as_tensor(attention_mask).reshape(1, -1).long().to(parameter.device)
             words = self.text_encoder(ids, mask)[0].to(parameter.dtype)
@@ -222,6 +227,12 @@ class CandidateReferrald(MapTransform):
         return d
 
 
+def text_encoder_of(network: torch.nn.Module) -> torch.nn.Module | None:
+    """The text encoder of an LSMS network, looking through a ``DistributedDataParallel`` wrapper; None for a
+    network without one (a plain segmentation network of the ablations)."""
+    return getattr(getattr(network, "module", network), "text_encoder", None)
+
+
 def load_scorer(path: str | Path, text_dim: int = 384) -> CandidateScorer:
     """The referral scorer saved at ``path`` (``state_dict``, its ``settings`` and ``feature_names``), in eval mode.
 
@@ -231,7 +242,7 @@ def load_scorer(path: str | Path, text_dim: int = 384) -> CandidateScorer:
     if not path.is_file():
         raise ScorerFileError(
             f"The referral scorer file {path} does not exist. Train one with `python -m custom.referral_training`, "
-            "or pass --referral_scorer with the path of a trained one."
+            "or pass --referral_scorer_path with the path of a trained one."
         )
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)

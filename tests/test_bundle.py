@@ -278,8 +278,8 @@ def test_dicom_series_gives_the_same_mask_as_its_nifti_twin(tmp_path):
     np.testing.assert_array_equal(dicom_ras, nifti_ras)
     records = [json.loads(next((tmp_path / "out" / n).rglob("*.json")).read_text()) for n in ("nifti", "dicom")]
     assert records[0]["found"] == records[1]["found"]
-    volumes = [[round(lesion["volume_ml"], 3) for lesion in record["lesions"]] for record in records]
-    assert volumes[0] == volumes[1]
+    volumes = [[lesion["volume_ml"] for lesion in record["lesions"]] for record in records]
+    assert volumes[0] == pytest.approx(volumes[1], abs=2e-3)  # same voxels; DICOM keeps the spacing as decimal text
 
 
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="needs the shipped weights bundle/models/model.pt")
