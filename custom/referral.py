@@ -23,10 +23,13 @@ from custom.errors import InputError
 from custom.networks.scorer import CandidateScorer
 
 __all__ = [
+    "bounding_box",
+    "full_candidate_map",
     "LesionCandidatesd",
     "CandidateReferrald",
     "choose_candidates",
     "load_scorer",
+    "text_encoder_of",
     "ScorerFileError",
     "ReferralInputError",
 ]
@@ -48,15 +51,37 @@ def _affine(value) -> np.ndarray:
     return np.asarray(value.affine, dtype=np.float64) if hasattr(value, "affine") else np.eye(4)
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (one slice per axis) holding every True voxel of ``mask``, or None when there is none."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
+def full_candidate_map(candidates: Mapping, shape: tuple[int, ...]) -> np.ndarray:
+    """The (X, Y, Z) int32 candidate map of :class:`LesionCandidatesd`'s output on the whole grid of ``shape``."""
+    full = np.zeros(shape, np.int32)
+    box = tuple(slice(start, stop) for start, stop in candidates["box"])
+    full[box] = _array(candidates["map"])
+    return full
+
+
 class LesionCandidatesd(MapTransform):
     """The lesion candidates of a volume, once per volume.
 
     ``keys``: the text-free all-lesion probabilities (1, X, Y, Z), already restricted to the liver region, on the
     grid of ``image_key`` (1, X, Y, Z) Hounsfield units and ``liver_key`` (1, X, Y, Z) liver probabilities; the
-    affine comes from the lesion probabilities (a MetaTensor). Stored under ``candidates_key``: ``map`` (int32 (X, Y,
-    Z), 0 background and 1..K by decreasing volume), ``attributes`` (one dict per candidate,
-    :func:`custom.candidates.lesion_candidates`) and ``detection`` (the mean all-lesion probability over each
-    candidate). Data that hold ``candidates_key`` already (an earlier expression on the same volume) keep it.
+    affine comes from the lesion probabilities (a MetaTensor). The work is done inside the box that holds the liver
+    and the lesion voxels (everything outside is background), so it costs what the liver's size costs, not the whole
+    CT. Stored under ``candidates_key``: ``box`` ([start, stop] per axis), ``map`` (int32 candidate map of that box, 0
+    background and 1..K by decreasing volume; :func:`full_candidate_map` gives it on the whole grid), ``attributes``
+    (one dict per candidate, :func:`custom.candidates.lesion_candidates`) and ``detection`` (the mean all-lesion
+    probability over each candidate). Data that hold ``candidates_key`` already (an earlier expression on the same
+    volume) keep it.
     """
 
     def __init__(
@@ -80,11 +105,16 @@ class LesionCandidatesd(MapTransform):
             lesions = d[key]
             probability = _array(lesions)[0]
             liver = _array(d[self.liver_key])[0] >= 0.5 if self.liver_key in d else np.ones(probability.shape, bool)
+            box = bounding_box(liver | (probability >= self.threshold)) or tuple(slice(0, 1) for _ in liver.shape)
+            affine = _affine(lesions).copy()
+            affine[:3, 3] += affine[:3, :3] @ np.array([b.start for b in box], dtype=np.float64)
+            probability = probability[box]
             candidates, attributes, _ = lesion_candidates(
-                probability, _affine(lesions), _array(d[self.image_key])[0], liver, self.threshold, self.min_voxels
+                probability, affine, _array(d[self.image_key])[0][box], liver[box], self.threshold, self.min_voxels
             )
             detection = [item["evidence_mean"] for item in candidate_evidence(candidates, probability)]
             d[self.candidates_key] = {
+                "box": [[b.start, b.stop] for b in box],
                 "map": torch.as_tensor(candidates),
                 "attributes": attributes,
                 "detection": detection,
@@ -175,9 +205,11 @@ class CandidateReferrald(MapTransform):
                 "weights, or --referral#method rule."
             )
         candidate_map = _array(candidates["map"])
+        box = tuple(slice(start, stop) for start, stop in candidates["box"])
         for key in self.key_iterator(d):
             probabilities = d[key]
-            evidence = candidate_evidence(candidate_map, _array(probabilities)[0], self.evidence_threshold)
+            probability = _array(probabilities)[0][box]
+            evidence = candidate_evidence(candidate_map, probability, self.evidence_threshold)
             features = (
                 np.stack(
                     [
@@ -193,7 +225,7 @@ class CandidateReferrald(MapTransform):
             text = (d[self.input_ids_key], d[self.attention_mask_key]) if self.input_ids_key else ()
             scores, none_probability = self.score(features, *text)
             chosen = choose_candidates(scores, none_probability, self.none_threshold, self.select_threshold)
-            mask = np.isin(candidate_map, chosen + 1)
+            chosen_mask = np.isin(candidate_map, chosen + 1)
             found = bool(chosen.size)
             voxel_ml = abs(float(np.linalg.det(_affine(probabilities)[:3, :3]))) / 1000.0
             d[self.decision_key] = {
@@ -201,8 +233,8 @@ class CandidateReferrald(MapTransform):
                 "confidence": float(1.0 - none_probability if found else none_probability),
                 "features": {
                     "none_probability": none_probability,
-                    "max_probability": float(_array(probabilities)[0][mask].max()) if found else 0.0,
-                    "volume_ml": float(mask.sum() * voxel_ml),
+                    "max_probability": float(probability[chosen_mask].max()) if found else 0.0,
+                    "volume_ml": float(chosen_mask.sum() * voxel_ml),
                 },
                 "rule": {"none_threshold": self.none_threshold, "select_threshold": self.select_threshold},
             }
@@ -223,7 +255,9 @@ class CandidateReferrald(MapTransform):
                     for index, (score, attributes) in enumerate(zip(scores, candidates["attributes"]))
                 ],
             }
-            d[key] = convert_to_dst_type(mask[None].astype(np.float32), probabilities, dtype=torch.float32)[0]
+            mask = torch.zeros(probabilities.shape, dtype=torch.float32)
+            mask[(0, *box)] = torch.as_tensor(chosen_mask, dtype=torch.float32)
+            d[key] = convert_to_dst_type(mask, probabilities, dtype=torch.float32)[0]
         return d
 
 

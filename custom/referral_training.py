@@ -51,7 +51,7 @@ from custom.networks import ShippedWeights
 from custom.networks.scorer import CandidateScorer
 from custom.networks.weights import check_checkpoint
 from custom.postprocessing import PerVolumeOutputsd
-from custom.referral import LesionCandidatesd, choose_candidates
+from custom.referral import LesionCandidatesd, choose_candidates, full_candidate_map
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORER_SETTINGS = {"dim": 128, "heads": 4, "layers": 2, "dropout": 0.1}
@@ -74,8 +74,8 @@ def collect_case(case: dict, parts: dict) -> list[dict]:
         text_free = inferer(item["image"][None].to(device), network)
     outputs = parts["per_volume"]({**item, "pred": text_free[0].cpu()})
     candidates = outputs[parts["candidates_key"]]
-    candidate_map = np.asarray(candidates["map"])
     instance_map = np.asarray(item["lesions"][0]).astype(np.int32)
+    candidate_map = full_candidate_map(candidates, instance_map.shape)
     lesions_prob = np.asarray(outputs["lesions_prob"][0])
     liver = np.asarray(outputs["liver_prob"][0]) >= 0.5
     affine = np.asarray(outputs["lesions_prob"].affine, dtype=np.float64)

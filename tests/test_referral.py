@@ -12,7 +12,14 @@ from monai.data import MetaTensor
 from custom.candidates import FEATURE_NAMES
 from custom.networks import BertTextEncoder
 from custom.networks.scorer import CandidateScorer
-from custom.referral import CandidateReferrald, LesionCandidatesd, ScorerFileError, choose_candidates, load_scorer
+from custom.referral import (
+    CandidateReferrald,
+    LesionCandidatesd,
+    ScorerFileError,
+    choose_candidates,
+    full_candidate_map,
+    load_scorer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])
@@ -54,7 +61,8 @@ def test_candidates_are_found_once_and_kept_for_later_expressions(volume):
     data, large, small = volume
     finder = LesionCandidatesd()
     found = finder(dict(data))["lesion_candidates"]
-    candidate_map = np.asarray(found["map"])
+    assert found["box"] == [[4, 36], [4, 26], [2, 18]]  # the liver's box: the work stays inside it
+    candidate_map = full_candidate_map(found, large.shape)
     assert (
         candidate_map.max() == 2
         and np.array_equal(candidate_map == 1, large)
