@@ -77,7 +77,8 @@ class LesionCandidatesd(MapTransform):
     grid of ``image_key`` (1, X, Y, Z) Hounsfield units and ``liver_key`` (1, X, Y, Z) liver probabilities; the
     affine comes from the lesion probabilities (a MetaTensor). The work is done inside the box that holds the liver
     and the lesion voxels (everything outside is background), so it costs what the liver's size costs, not the whole
-    CT. Stored under ``candidates_key``: ``box`` ([start, stop] per axis), ``map`` (int32 candidate map of that box, 0
+    CT. Stored under ``candidates_key``: ``box`` ([start, stop] per axis of the box holding the candidates), ``map``
+    (int32 candidate map of that box, 0
     background and 1..K by decreasing volume; :func:`full_candidate_map` gives it on the whole grid), ``attributes``
     (one dict per candidate, :func:`custom.candidates.lesion_candidates`) and ``detection`` (the mean all-lesion
     probability over each candidate). Data that hold ``candidates_key`` already (an earlier expression on the same
@@ -112,6 +113,9 @@ class LesionCandidatesd(MapTransform):
             candidates, attributes, _ = lesion_candidates(
                 probability, affine, _array(d[self.image_key])[0][box], liver[box], self.threshold, self.min_voxels
             )
+            inner = bounding_box(candidates > 0) or tuple(slice(0, 1) for _ in candidates.shape)
+            candidates, probability = candidates[inner], probability[inner]  # later steps need the candidates' box only
+            box = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
             detection = [item["evidence_mean"] for item in candidate_evidence(candidates, probability)]
             d[self.candidates_key] = {
                 "box": [[b.start, b.stop] for b in box],
