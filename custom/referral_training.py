@@ -21,7 +21,8 @@ evaluation and inference configs, or write it over ``bundle/models/referral_scor
    the best validation Dice is printed, for ``referral#none_threshold`` in the configs.
 
 Written: the scorer's ``state_dict`` with its ``settings`` and ``feature_names`` (:func:`custom.referral.load_scorer`
-reads it). Printed: the cost, and validation 3D Dice, negatives answered empty and positives hit.
+reads it). Printed: the cost, validation 3D Dice, negatives answered empty and positives hit, and the validation 3D
+Dice of choosing exactly the candidates that stand for referred lesions (the ceiling these candidates allow).
 """
 
 from __future__ import annotations
@@ -249,6 +250,16 @@ def answer_scores(
     }
 
 
+def matched_ceiling(samples: list[dict]) -> dict:
+    """:func:`answer_scores` of the answer that chooses exactly the candidates standing for referred lesions (and
+    "not present" when there is none): what the referral could reach with these candidates."""
+    count = max([len(s["targets"]) for s in samples] + [1])
+    chosen = np.zeros((len(samples), count))
+    for index, sample in enumerate(samples):
+        chosen[index, : len(sample["targets"])] = sample["targets"]
+    return answer_scores(samples, chosen, (chosen.sum(1) == 0).astype(float), 0.5)
+
+
 def best_none_threshold(samples: list[dict], probabilities: np.ndarray, none: np.ndarray) -> tuple[float, dict]:
     """The "none" threshold (0.05 steps) with the best 3D Dice on ``samples``; ties go to 0.5's side."""
     grid = np.round(np.arange(0.05, 1.0, 0.05), 2)
@@ -331,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.epochs}; samples {collected - start:.0f} s, training {time.perf_counter() - collected:.0f} s\n"
         f"validation (detected candidates, none threshold {none_threshold}): 3D Dice {result['dice_3d']:.4f}; "
         f"negatives empty {result['negatives_empty']:.3f}; positives hit {result['positives_hit']:.3f}; {kinds}\n"
+        f"validation, choosing exactly the candidates that stand for referred lesions: 3D Dice "
+        f"{matched_ceiling(validation_samples)['dice_3d']:.4f}\n"
         f"written: {args.out}"
     )
 
