@@ -23,6 +23,7 @@ __all__ = [
     "with_liver_fractions",
     "candidate_evidence",
     "candidate_features",
+    "candidate_feature_table",
     "match_candidates",
 ]
 
@@ -140,6 +141,13 @@ def candidate_features(attributes: dict, evidence: dict | None = None) -> np.nda
         fractions = (float(attributes[k]) for k in ("lateral", "vertical", "anterior"))
         segment[segment_of_fractions(*fractions) - 2] = 1.0
     return np.concatenate([np.asarray(values, dtype=np.float32), segment])
+
+
+def candidate_feature_table(attributes: list[dict], evidence: list[dict], detection: list[float]) -> np.ndarray:
+    """(K, len(FEATURE_NAMES)) float32 features of K candidates (or lesions) from their attributes, their
+    :func:`candidate_evidence` and their mean all-lesion (detection) probabilities, all in the same order."""
+    rows = [candidate_features(a, {**e, "detection_mean": p}) for a, e, p in zip(attributes, evidence, detection)]
+    return np.stack(rows) if rows else np.zeros((0, len(FEATURE_NAMES)), np.float32)
 
 
 def match_candidates(candidates: np.ndarray, instance_map: np.ndarray, min_overlap: float = 0.5) -> list[int]:

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+from monai.transforms.utils import generate_spatial_bounding_box
 from monai.utils import convert_to_dst_type
 
-from custom.candidates import FEATURE_NAMES, candidate_evidence, candidate_features, lesion_candidates
+from custom.candidates import FEATURE_NAMES, candidate_evidence, candidate_feature_table, lesion_candidates
+from custom.clinical.measurements import voxel_volume_ml
 from custom.errors import InputError
 from custom.networks.scorer import CandidateScorer
 
@@ -51,15 +53,13 @@ def _affine(value) -> np.ndarray:
     return np.asarray(value.affine, dtype=np.float64) if hasattr(value, "affine") else np.eye(4)
 
 
-def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest box (one slice per axis) holding every True voxel of ``mask``, or None when there is none."""
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hits.size == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box (one slice per axis) holding every True voxel of ``mask`` (MONAI's
+    ``generate_spatial_bounding_box``); a one-voxel box at the origin when there is none."""
+    start, end = generate_spatial_bounding_box(np.asarray(mask)[None])
+    if all(a == b for a, b in zip(start, end)):
+        return tuple(slice(0, 1) for _ in start)
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, end))
 
 
 def full_candidate_map(candidates: Mapping, shape: tuple[int, ...]) -> np.ndarray:
@@ -106,14 +106,14 @@ class LesionCandidatesd(MapTransform):
             lesions = d[key]
             probability = _array(lesions)[0]
             liver = _array(d[self.liver_key])[0] >= 0.5 if self.liver_key in d else np.ones(probability.shape, bool)
-            box = bounding_box(liver | (probability >= self.threshold)) or tuple(slice(0, 1) for _ in liver.shape)
+            box = bounding_box(liver | (probability >= self.threshold))
             affine = _affine(lesions).copy()
             affine[:3, 3] += affine[:3, :3] @ np.array([b.start for b in box], dtype=np.float64)
             probability = probability[box]
             candidates, attributes, _ = lesion_candidates(
                 probability, affine, _array(d[self.image_key])[0][box], liver[box], self.threshold, self.min_voxels
             )
-            inner = bounding_box(candidates > 0) or tuple(slice(0, 1) for _ in candidates.shape)
+            inner = bounding_box(candidates > 0)
             candidates, probability = candidates[inner], probability[inner]  # later steps need the candidates' box only
             box = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
             detection = [item["evidence_mean"] for item in candidate_evidence(candidates, probability)]
@@ -214,31 +214,19 @@ class CandidateReferrald(MapTransform):
             probabilities = d[key]
             probability = _array(probabilities)[0][box]
             evidence = candidate_evidence(candidate_map, probability, self.evidence_threshold)
-            features = (
-                np.stack(
-                    [
-                        candidate_features(attributes, {**item, "detection_mean": detection})
-                        for attributes, item, detection in zip(
-                            candidates["attributes"], evidence, candidates["detection"]
-                        )
-                    ]
-                )
-                if evidence
-                else np.zeros((0, len(FEATURE_NAMES)), np.float32)
-            )
+            features = candidate_feature_table(candidates["attributes"], evidence, candidates["detection"])
             text = (d[self.input_ids_key], d[self.attention_mask_key]) if self.input_ids_key else ()
             scores, none_probability = self.score(features, *text)
             chosen = choose_candidates(scores, none_probability, self.none_threshold, self.select_threshold)
             chosen_mask = np.isin(candidate_map, chosen + 1)
             found = bool(chosen.size)
-            voxel_ml = abs(float(np.linalg.det(_affine(probabilities)[:3, :3]))) / 1000.0
             d[self.decision_key] = {
                 "found": found,
                 "confidence": float(1.0 - none_probability if found else none_probability),
                 "features": {
                     "none_probability": none_probability,
                     "max_probability": float(probability[chosen_mask].max()) if found else 0.0,
-                    "volume_ml": float(chosen_mask.sum() * voxel_ml),
+                    "volume_ml": float(chosen_mask.sum() * voxel_volume_ml(_affine(probabilities))),
                 },
                 "rule": {"none_threshold": self.none_threshold, "select_threshold": self.select_threshold},
             }

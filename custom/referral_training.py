@@ -41,7 +41,7 @@ from monai.transforms import Compose
 from custom.candidates import (
     FEATURE_NAMES,
     candidate_evidence,
-    candidate_features,
+    candidate_feature_table,
     match_candidates,
     with_liver_fractions,
 )
@@ -56,11 +56,6 @@ from custom.referral import LesionCandidatesd, choose_candidates, full_candidate
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORER_SETTINGS = {"dim": 128, "heads": 4, "layers": 2, "dropout": 0.1}
-
-
-def _features(attributes: list[dict], evidence: list[dict], detection: list[float]) -> np.ndarray:
-    rows = [candidate_features(a, {**e, "detection_mean": p}) for a, e, p in zip(attributes, evidence, detection)]
-    return np.stack(rows) if rows else np.zeros((0, len(FEATURE_NAMES)), np.float32)
 
 
 def _means(labels: np.ndarray, values: np.ndarray) -> list[float]:
@@ -107,7 +102,7 @@ def collect_case(case: dict, parts: dict) -> list[dict]:
             {
                 **common,
                 "source": "detected",
-                "features": _features(
+                "features": candidate_feature_table(
                     candidates["attributes"], candidate_evidence(candidate_map, referred), candidates["detection"]
                 ),
                 "targets": np.isin(matches, sorted(targets)).astype(np.float32) if targets else np.zeros(len(matches)),
@@ -120,7 +115,9 @@ def collect_case(case: dict, parts: dict) -> list[dict]:
             {
                 **common,
                 "source": "ground_truth",
-                "features": _features(truth, _evidence_by_id(instance_map, referred, truth_ids), truth_detection),
+                "features": candidate_feature_table(
+                    truth, _evidence_by_id(instance_map, referred, truth_ids), truth_detection
+                ),
                 "targets": np.asarray([float(i in targets) for i in truth_ids], np.float32),
                 "sizes": truth_sizes[np.asarray(truth_ids, int) - 1].astype(np.float64) if truth_ids else np.zeros(0),
                 "overlaps": np.asarray([truth_sizes[i - 1] if i in targets else 0.0 for i in truth_ids], np.float64),

@@ -294,18 +294,23 @@ NEGATIVE_DIAMETER_PHRASES = ("a {k} cm {n}{pp}", "the {k} cm {n}{pp}", "a {n}{pp
 COMMANDS = ("", "", "", "segment ", "find ", "show ", "locate ", "highlight ")
 
 
-def _noun(query: Query, rng: np.random.Generator) -> tuple[str, str]:
+def _noun(query: Query, rng: np.random.Generator, nouns: dict = NOUNS) -> tuple[str, str]:
     key = ("kind", query.kind) if query.kind else ("density", query.density) if query.density else None
-    options = NOUNS[key]
+    options = nouns[key]
     return options[int(rng.integers(len(options)))]
 
 
-def _place(query: Query, rng: np.random.Generator) -> str:
+def _place(
+    query: Query,
+    rng: np.random.Generator,
+    segment_phrases: tuple[str, ...] = SEGMENT_PHRASES,
+    lobe_phrases: tuple[str, ...] = LOBE_PHRASES,
+) -> str:
     if query.segment is not None:
-        template = SEGMENT_PHRASES[int(rng.integers(len(SEGMENT_PHRASES)))]
+        template = segment_phrases[int(rng.integers(len(segment_phrases)))]
         return " " + template.format(number=query.segment, roman=ROMAN[query.segment])
     if query.lobe is not None:
-        return " " + LOBE_PHRASES[int(rng.integers(len(LOBE_PHRASES)))].format(side=query.lobe)
+        return " " + lobe_phrases[int(rng.integers(len(lobe_phrases)))].format(side=query.lobe)
     return ""
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from .datalist import load_datalist
 from .default_dataset import ensure_default_dataset
-from .expressions import NUMBER_WORDS, ROMAN
+from .expressions import NUMBER_WORDS, Query, _choose, _noun, _place
 
 __all__ = ["paraphrase", "paraphrase_cases"]
 
@@ -95,19 +95,6 @@ NEGATIVE_DIAMETER_PHRASES = ("is there a {k}-cm {n}{pp}?", "look for a {mm} mm {
 COMMANDS = ("", "", "please outline ", "mark ", "delineate ", "contour ", "identify ")
 
 
-def _choose(options, rng: np.random.Generator):
-    return options[int(rng.integers(len(options)))]
-
-
-def _place(query: dict, rng: np.random.Generator) -> str:
-    if query.get("segment") is not None:
-        number = int(query["segment"])
-        return " " + _choose(SEGMENT_PHRASES, rng).format(number=number, roman=ROMAN[number])
-    if query.get("lobe") is not None:
-        return " " + _choose(LOBE_PHRASES, rng).format(side=query["lobe"])
-    return ""
-
-
 def _indefinite(text: str) -> str:
     words = text.split(" ")
     for index, word in enumerate(words[:-1]):
@@ -119,15 +106,9 @@ def _indefinite(text: str) -> str:
 def paraphrase(query: dict, targets: list[int], rng: np.random.Generator) -> str:
     """The expression of ``query`` (``Query.to_dict()``) whose evaluated targets are ``targets``, in the second
     grammar."""
-    key = (
-        ("kind", query["kind"])
-        if query.get("kind")
-        else ("density", query["density"])
-        if query.get("density")
-        else None
-    )
-    singular, plural = _choose(NOUNS[key], rng)
-    pp = _place(query, rng)
+    meaning = Query.from_dict(query)
+    singular, plural = _noun(meaning, rng, NOUNS)
+    pp = _place(meaning, rng, SEGMENT_PHRASES, LOBE_PHRASES)
     select = query.get("select", "only")
     diameter = query.get("diameter_cm")
     if select == "all":
