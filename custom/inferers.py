@@ -6,12 +6,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 from scipy import ndimage
 
 from custom.postprocessing import largest_component
 
-__all__ = ["ReferringSliceInferer", "liver_box"]
+__all__ = ["ReferringSliceInferer", "liver_box", "slice_context"]
 
 #: Logit given to the referred-lesion channel outside the liver region (sigmoid ~ 2e-9): no answer there.
 OUTSIDE_LOGIT = -20.0
@@ -25,6 +26,23 @@ def liver_box(liver: np.ndarray, margin: tuple[int, int, int] = (7, 7, 1)) -> tu
         return None
     extent = ndimage.find_objects(largest.astype(np.int32))[0]
     return tuple(slice(max(e.start - m, 0), min(e.stop + m, n)) for e, m, n in zip(extent, margin, liver.shape))  # type: ignore[return-value]
+
+
+def slice_context(volume: torch.Tensor, context_slices: int) -> torch.Tensor:
+    """Each axial slice with its ``n = context_slices`` neighbours on either side as extra channels, the layout
+    training gives (``ReferringSlicesd``): ``(B, C, H, W, D) -> (B, C * (2n + 1), H, W, D)``, channel
+    ``c * (2n + 1) + k`` is input channel ``c`` at slice offset ``k - n``; the first and last slices replicate."""
+    if context_slices == 0:
+        return volume
+    batch, channels, height, width, depth = volume.shape
+    offsets = torch.arange(-context_slices, context_slices + 1, device=volume.device)
+    index = (torch.arange(depth, device=volume.device)[None] + offsets[:, None]).clamp(0, depth - 1)  # (K, D)
+    plain = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
+    stacked = plain[..., index].permute(0, 1, 4, 2, 3, 5)  # (B, C, K, H, W, D)
+    expanded = stacked.reshape(batch, channels * len(offsets), height, width, depth)
+    if isinstance(volume, MetaTensor):
+        return MetaTensor(expanded, meta=volume.meta, applied_operations=volume.applied_operations)
+    return expanded
 
 
 class ReferringSliceInferer(SliceInferer):
@@ -44,6 +62,9 @@ class ReferringSliceInferer(SliceInferer):
     channel 0 is :data:`OUTSIDE_LOGIT` (nothing is answered there, nor anywhere when no liver is found). Without text
     channel 0 is the text-free answer (all lesions) inside the box. The last text-free pass is kept and reused when
     the next call has the same volume (several expressions of one case).
+
+    ``context_slices`` n > 0: the network sees each slice with its n neighbours on either side as channels
+    (:func:`slice_context`), as it was trained; ``inputs`` keep their own C channels.
     """
 
     def __init__(
@@ -52,18 +73,30 @@ class ReferringSliceInferer(SliceInferer):
         focus_channel: int | None = None,
         focus_threshold: float = 0.5,
         focus_margin: tuple[int, int, int] = (7, 7, 1),
+        context_slices: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if int(context_slices) < 0:
+            raise ValueError(f"context_slices must be >= 0, got {context_slices}.")
+        self.context_slices = int(context_slices)
         self.focus_channel = focus_channel
         self.focus_threshold = float(focus_threshold)
         self.focus_margin = tuple(int(m) for m in focus_margin)
         self._last: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def _slide(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Slide over ``inputs`` already holding their context channels."""
         if not (args or kwargs):
             return super().__call__(inputs, network)
         return super().__call__(inputs, lambda slices: network(slices, *args, **kwargs))
+
+    def _region_with_context(self, inputs: torch.Tensor, box: tuple[slice, slice, slice]) -> torch.Tensor:
+        """``inputs[..., box]`` with the context channels of its slices, taken from slices outside the box too."""
+        n, depth = self.context_slices, inputs.shape[-1]
+        start, stop = max(box[2].start - n, 0), min(box[2].stop + n, depth)
+        slab = slice_context(inputs[..., box[0], box[1], start:stop], n)
+        return slab[..., box[2].start - start : box[2].stop - start]
 
     def text_free(self, inputs: torch.Tensor, network) -> torch.Tensor:
         """The text-free pass over every slice, ``(1, C, H, W, D) -> (1, K, H, W, D)``, reused while the volume and
@@ -72,13 +105,13 @@ class ReferringSliceInferer(SliceInferer):
         last = self._last
         if last is not None and last[0] == weights and last[1].shape == inputs.shape and torch.equal(last[1], inputs):
             return last[2]
-        output = self._slide(inputs, network)
+        output = self._slide(slice_context(inputs, self.context_slices), network)
         self._last = (weights, inputs.detach().clone(), output)
         return output
 
     def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any):
         if self.focus_channel is None:
-            return self._slide(inputs, network, *args, **kwargs)
+            return self._slide(slice_context(inputs, self.context_slices), network, *args, **kwargs)
         text_free = self.text_free(inputs, network)
         liver = (torch.sigmoid(text_free[0, self.focus_channel].float()) >= self.focus_threshold).cpu().numpy()
         box = liver_box(liver, self.focus_margin)
@@ -87,6 +120,9 @@ class ReferringSliceInferer(SliceInferer):
         if box is None:
             return output
         region = (slice(None), slice(None), *box)
-        referred = self._slide(inputs[region], network, *args, **kwargs) if (args or kwargs) else text_free[region]
+        if args or kwargs:
+            referred = self._slide(self._region_with_context(inputs, box), network, *args, **kwargs)
+        else:
+            referred = text_free[region]
         output[(slice(None), 0, *box)] = referred[:, 0]
         return output

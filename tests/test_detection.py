@@ -8,7 +8,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from custom.inferers import OUTSIDE_LOGIT, ReferringSliceInferer, liver_box
+from custom.inferers import OUTSIDE_LOGIT, ReferringSliceInferer, liver_box, slice_context
 from custom.losses import LSMSLoss
 from custom.metrics import match_detections, summarize_detection
 from custom.networks import BertTextEncoder, lsms_tiny
@@ -171,6 +171,42 @@ def test_liver_focus_answers_inside_the_liver_box_only_and_shares_the_text_free_
     empty = inferer(torch.zeros(1, 1, 16, 16, 6), network, **text)
     assert (empty[0, 0] == OUTSIDE_LOGIT).all()
     assert liver_box(np.zeros((3, 3, 3), bool)) is None
+
+
+class ContextNetwork(torch.nn.Module):
+    """Channel 0 the slice's own (centre) first window, so the output shows which slice sat in the centre; the liver
+    channel from the same centre slice; records the channel count it saw."""
+
+    def __init__(self, context_slices: int) -> None:
+        super().__init__()
+        self.centre = context_slices
+        self.channels = set()
+
+    def forward(self, image, input_ids=None, attention_mask=None):
+        self.channels.add(image.shape[1])
+        centre = image[:, self.centre : self.centre + 1]
+        return torch.cat([centre, centre * 20 - 10, torch.zeros_like(centre)], 1)
+
+
+def test_context_slices_at_inference_are_the_training_layout_also_inside_the_liver_box():
+    volume = torch.arange(2 * 3 * 3 * 5, dtype=torch.float32).reshape(1, 2, 3, 3, 5)
+    expanded = slice_context(volume, 1)
+    training = ReferringSlicesd(keys=["image"], label_key="label", context_slices=1)
+    for z in range(5):
+        assert torch.equal(expanded[0, ..., z], training._slice(volume[0], z, 1))
+    assert torch.equal(slice_context(volume, 0), volume)
+
+    image = torch.zeros(1, 2, 16, 16, 8)
+    image[0, 0, 4:8, 5:9, 2:5] = torch.tensor([0.6, 0.7, 0.8])  # the liver, each slice its own value
+    network = ContextNetwork(context_slices=1)
+    inferer = ReferringSliceInferer(
+        roi_size=(-1, -1), sw_batch_size=4, spatial_dim=2, focus_channel=1, focus_margin=(1, 1, 0), context_slices=1
+    )
+    text = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    output = inferer(image, network, **text)
+    assert network.channels == {6}
+    assert torch.equal(output[0, 0, 4:8, 5:9, 2:5], image[0, 0, 4:8, 5:9, 2:5])  # each slice in the centre
+    assert (output[0, 0, :, :, [0, 1, 5, 6, 7]] == OUTSIDE_LOGIT).all()
 
 
 def test_detection_matches_lesions_counts_false_positives_and_summarizes_by_size_and_density():
