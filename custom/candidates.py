@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
 
 from custom.data.geometry import LiverFrame, measure_lesions, segment_of_fractions
 
 __all__ = [
     "FEATURE_NAMES",
     "lesion_candidates",
+    "split_touching",
     "with_liver_fractions",
     "candidate_evidence",
     "candidate_features",
@@ -45,6 +48,30 @@ FEATURE_NAMES = (
 )
 
 
+def split_touching(components: np.ndarray, spacing_mm, depth_mm: float) -> np.ndarray:
+    """Split components that are touching round lesions at their narrowing.
+
+    ``components`` (X, Y, Z) int labels (0 background); ``spacing_mm`` the voxel size per axis. Inside each
+    component the distance to its border (mm) has one maximum per lesion centre; maxima that stand at least
+    ``depth_mm`` above the saddle between them (``skimage.morphology.h_maxima``) seed a watershed of the negative
+    distance, confined to the component. A component with one such maximum is left whole. Returns the split
+    labels (X, Y, Z) int32, 0 background, in no particular order.
+    """
+    components = np.asarray(components)
+    foreground = components > 0
+    if not foreground.any():
+        return np.zeros(components.shape, np.int32)
+    distance = ndimage.distance_transform_edt(foreground, sampling=spacing_mm).astype(np.float32)
+    seeds, count = ndimage.label(h_maxima(distance, depth_mm), structure=np.ones((3, 3, 3), bool))
+    split = watershed(-distance, seeds, mask=foreground, connectivity=3)
+    # components thinner than 2 * depth_mm hold no seed: they stay whole
+    unseeded = foreground & (split == 0)
+    if unseeded.any():
+        extra, _ = ndimage.label(unseeded, structure=np.ones((3, 3, 3), bool))
+        split = np.where(unseeded, extra + split.max(), split)
+    return split.astype(np.int32)
+
+
 def lesion_candidates(
     lesion_probability: np.ndarray,
     affine: np.ndarray,
@@ -52,6 +79,7 @@ def lesion_candidates(
     liver: np.ndarray,
     threshold: float = 0.5,
     min_voxels: int = 3,
+    split_depth_mm: float | None = None,
 ) -> tuple[np.ndarray, list[dict], dict]:
     """The lesion candidates of one volume.
 
@@ -62,6 +90,7 @@ def lesion_candidates(
         liver: (X, Y, Z) liver mask (probability >= 0.5 or a label); its largest component is the liver.
         threshold: probability at which a voxel belongs to a candidate.
         min_voxels: smaller components are left out.
+        split_depth_mm: when given, touching lesions are split at their narrowing (:func:`split_touching`).
 
     Returns:
         (int32 (X, Y, Z) candidate map, 0 background and 1..K, the attribute dicts of the candidates in id order
@@ -70,6 +99,10 @@ def lesion_candidates(
     """
     foreground = np.asarray(lesion_probability) >= threshold
     components, count = ndimage.label(foreground, structure=np.ones((3, 3, 3), bool))
+    if split_depth_mm is not None and count:
+        spacing = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
+        components = split_touching(components, spacing, split_depth_mm)
+        count = int(components.max())
     sizes = ndimage.sum_labels(foreground, components, np.arange(1, count + 1)) if count else np.zeros(0)
     kept = [int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_voxels]
     relabel = np.zeros(count + 1, np.int32)

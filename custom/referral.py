@@ -78,11 +78,11 @@ class LesionCandidatesd(MapTransform):
     affine comes from the lesion probabilities (a MetaTensor). The work is done inside the box that holds the liver
     and the lesion voxels (everything outside is background), so it costs what the liver's size costs, not the whole
     CT. Stored under ``candidates_key``: ``box`` ([start, stop] per axis of the box holding the candidates), ``map``
-    (int32 candidate map of that box, 0
-    background and 1..K by decreasing volume; :func:`full_candidate_map` gives it on the whole grid), ``attributes``
-    (one dict per candidate, :func:`custom.candidates.lesion_candidates`) and ``detection`` (the mean all-lesion
-    probability over each candidate). Data that hold ``candidates_key`` already (an earlier expression on the same
-    volume) keep it.
+    (int32 candidate map of that box, 0 background and 1..K by decreasing volume; :func:`full_candidate_map` gives
+    it on the whole grid), ``attributes`` (one dict per candidate, :func:`custom.candidates.lesion_candidates`) and
+    ``detection`` (the mean all-lesion probability over each candidate). ``split_depth_mm``: touching lesions are
+    split at their narrowing (:func:`custom.candidates.split_touching`; ``None`` keeps whole components). Data that
+    hold ``candidates_key`` already (an earlier expression on the same volume) keep it.
     """
 
     def __init__(
@@ -93,10 +93,12 @@ class LesionCandidatesd(MapTransform):
         candidates_key: str = "lesion_candidates",
         threshold: float = 0.5,
         min_voxels: int = 3,
+        split_depth_mm: float | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.liver_key, self.image_key, self.candidates_key = liver_key, image_key, candidates_key
         self.threshold, self.min_voxels = float(threshold), int(min_voxels)
+        self.split_depth_mm = None if split_depth_mm is None else float(split_depth_mm)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -111,7 +113,13 @@ class LesionCandidatesd(MapTransform):
             affine[:3, 3] += affine[:3, :3] @ np.array([b.start for b in box], dtype=np.float64)
             probability = probability[box]
             candidates, attributes, _ = lesion_candidates(
-                probability, affine, _array(d[self.image_key])[0][box], liver[box], self.threshold, self.min_voxels
+                probability,
+                affine,
+                _array(d[self.image_key])[0][box],
+                liver[box],
+                self.threshold,
+                self.min_voxels,
+                self.split_depth_mm,
             )
             inner = bounding_box(candidates > 0)
             candidates, probability = candidates[inner], probability[inner]  # later steps need the candidates' box only

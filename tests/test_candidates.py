@@ -72,3 +72,24 @@ def test_a_candidate_spread_over_two_lesions_or_none_stands_for_no_lesion():
     candidates[5, :, 1] = 2  # touches no lesion
     assert match_candidates(candidates, instances, min_overlap=0.6) == [0, 0]
     assert match_candidates(candidates, instances, min_overlap=0.5) == [1, 0]
+
+
+def test_touching_lesions_are_split_at_their_narrowing_and_one_round_lesion_is_not():
+    shape = (50, 30, 20)
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    instances = np.zeros(shape, np.int32)
+    instances[ball((50, 30, 20), (14, 15, 10), 8)] = 1
+    instances[ball((50, 30, 20), (28, 15, 10), 6.5) & (instances == 0)] = 2  # touches lesion 1
+    liver = np.ones(shape, bool)
+    image = np.where(instances > 0, 10.0, 60.0)
+    detected = (instances > 0).astype(np.float32)
+    whole, _, _ = lesion_candidates(detected, affine, image, liver)
+    assert whole.max() == 1  # one component
+    split, attributes, _ = lesion_candidates(detected, affine, image, liver, split_depth_mm=2.0)
+    assert split.max() == 2 and match_candidates(split, instances) == [1, 2]
+    for candidate in (1, 2):
+        lesion = match_candidates(split, instances)[candidate - 1]
+        overlap = np.logical_and(split == candidate, instances == lesion).sum()
+        assert 2 * overlap / ((split == candidate).sum() + (instances == lesion).sum()) > 0.9
+    one, _, _ = lesion_candidates((instances == 1).astype(np.float32), affine, image, liver, split_depth_mm=2.0)
+    assert one.max() == 1  # a round lesion stays one candidate
