@@ -33,10 +33,19 @@ from monai.transforms import Compose, LoadImage
 
 from custom.data.datalist import load_datalist
 from custom.handlers import write_csv
-from custom.metrics import SIZE_BINS, dice_3d, match_detections, score_expression, summarize, summarize_detection
+from custom.metrics import (
+    SIZE_BINS,
+    dice_3d,
+    match_candidate_detections,
+    match_detections,
+    score_expression,
+    summarize,
+    summarize_detection,
+)
 from custom.networks import ShippedWeights
 from custom.networks.weights import check_checkpoint
 from custom.postprocessing import LiverRegiond, PerVolumeOutputsd, largest_component
+from custom.referral import full_candidate_map
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,6 +109,7 @@ def evaluate_split(
     loader = LoadImage(image_only=True, ensure_channel_first=True)
 
     lesions_found, false_positives, liver_dice, liver_dice_largest, scores = [], [], [], [], []
+    by_candidates, candidate_false_positives = [], []
     start = time.perf_counter()
     cases = load_datalist(parser.get_parsed_content("datalist"), split)[:max_cases]
     for case in cases:
@@ -119,6 +129,11 @@ def evaluate_split(
             for lesion in lesions
         ]
         false_positives.append(false_positive_count)
+        if outputs.get("lesion_candidates") is not None:
+            candidate_map = full_candidate_map(outputs["lesion_candidates"], instance_map.shape)
+            lesions, false_positive_count = match_candidate_detections(candidate_map, instance_map, voxel_ml)
+            by_candidates += [{**lesion, "density": density.get(lesion["id"], "unknown")} for lesion in lesions]
+            candidate_false_positives.append(false_positive_count)
         if case.get("liver") and "liver_prob" in outputs:
             liver = np.asarray(loader(case["liver"])[0]) > 0
             predicted = np.asarray(outputs["liver_prob"][0]) >= 0.5
@@ -160,10 +175,24 @@ def evaluate_split(
         "seconds": seconds,
         "detection": summarize_detection(lesions_found, false_positives, liver_dice),
         "liver_dice_largest_component": float(np.mean(liver_dice_largest)) if liver_dice_largest else float("nan"),
+        "candidates": summarize_detection(by_candidates, candidate_false_positives, liver_dice)
+        if candidate_false_positives
+        else None,
         "lesions": lesions_found,
         "referring": summarize(scores) if referring else None,
         "expressions": [score.row() for score in scores],
     }
+
+
+def detection_rows(summary: dict) -> list[str]:
+    """Recall and mean per-lesion Dice by density and size, as a markdown table."""
+    lines = ["| density | size | lesions | recall (Dice >= 0.1) | mean per-lesion Dice |", "|---|---|---|---|---|"]
+    for density, groups in summary["by_density_and_size"].items():
+        for size in ["all", *(name for name, _, _ in SIZE_BINS), ">=1ml"]:
+            g = groups[size]
+            if g["lesions"]:
+                lines.append(f"| {density} | {size} | {g['lesions']} | {g['recall']:.3f} | {g['mean_dice']:.3f} |")
+    return lines
 
 
 def report(results: dict) -> str:
@@ -172,20 +201,22 @@ def report(results: dict) -> str:
         f"split {results['split']}: {detection['cases']} cases, evaluated in {results['seconds']:.1f} s "
         f"({results['seconds'] / 60:.2f} min)",
         "",
-        "| density | size | lesions | recall (Dice >= 0.1) | mean per-lesion Dice |",
-        "|---|---|---|---|---|",
-    ]
-    for density, groups in detection["by_density_and_size"].items():
-        for size in ["all", *(name for name, _, _ in SIZE_BINS), ">=1ml"]:
-            g = groups[size]
-            if g["lesions"]:
-                lines.append(f"| {density} | {size} | {g['lesions']} | {g['recall']:.3f} | {g['mean_dice']:.3f} |")
-    lines += [
+        *detection_rows(detection),
         "",
         f"false-positive components per case: {detection['false_positives_per_case']:.2f}",
         f"liver Dice: {detection['liver_dice']:.4f} (its largest component, the liver the region is built from: "
         f"{results['liver_dice_largest_component']:.4f})",
     ]
+    candidates = results.get("candidates")
+    if candidates:
+        lines += [
+            "",
+            "By lesion candidates (the instances the referral chooses from; a candidate spread over two lesions "
+            "stands for one of them at most):",
+            *detection_rows(candidates),
+            f"candidates standing for no lesion per case: {candidates['false_positives_per_case']:.2f}",
+            "",
+        ]
     referring = results.get("referring")
     if referring:
         overall = referring["overall"]

@@ -14,6 +14,7 @@ import torch
 from monai.metrics import compute_dice
 from scipy import ndimage
 
+from custom.candidates import match_candidates
 from custom.clinical.measurements import axial_axis
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "summarize",
     "SIZE_BINS",
     "match_detections",
+    "match_candidate_detections",
     "summarize_detection",
 ]
 
@@ -225,6 +227,30 @@ def match_detections(
         return lesions, 0
     touches_lesion = ndimage.maximum(instance_map > 0, components, np.arange(1, count + 1))
     return lesions, int(np.sum(np.asarray(touches_lesion) == 0))
+
+
+def match_candidate_detections(
+    candidates: np.ndarray, instance_map: np.ndarray, voxel_ml: float, min_dice: float = HIT_DICE
+) -> tuple[list[dict], int]:
+    """Lesion detection of one case by lesion candidates (instances, as the referral sees them).
+
+    Each candidate stands for the lesion holding at least half of its voxels, or for none
+    (:func:`custom.candidates.match_candidates`); a lesion's Dice is taken with the union of the candidates standing
+    for it, so a candidate that merges two lesions serves one of them only. Returns the dicts of
+    :func:`match_detections` and the number of candidates that stand for no lesion.
+    """
+    candidates = np.asarray(candidates)
+    instance_map = np.asarray(instance_map).astype(np.int64)
+    matches = np.asarray([0, *match_candidates(candidates, instance_map)])
+    standing_for = matches[candidates]  # (X, Y, Z) the lesion id each candidate voxel stands for
+    lesions = []
+    for lesion_id in (int(v) for v in np.unique(instance_map) if v != 0):
+        lesion = instance_map == lesion_id
+        predicted = standing_for == lesion_id
+        size = int(lesion.sum())
+        dice = 2.0 * float(np.logical_and(lesion, predicted).sum()) / float(size + predicted.sum())
+        lesions.append({"id": lesion_id, "volume_ml": size * voxel_ml, "dice": dice, "found": dice >= min_dice})
+    return lesions, int(np.sum(matches[1:] == 0))
 
 
 def summarize_detection(lesions: Sequence[dict], false_positives: Sequence[int], liver_dice: Sequence[float]) -> dict:

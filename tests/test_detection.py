@@ -10,7 +10,7 @@ from monai.transforms import MapTransform
 
 from custom.inferers import OUTSIDE_LOGIT, ReferringSliceInferer, liver_box, slice_context
 from custom.losses import LSMSLoss
-from custom.metrics import match_detections, summarize_detection
+from custom.metrics import match_candidate_detections, match_detections, summarize_detection
 from custom.networks import BertTextEncoder, lsms_tiny
 from custom.postprocessing import LiverRegiond, SplitOutputsd, liver_region
 from custom.transforms import RandDropTextd, ReferredMaskd, ReferringSlicesd
@@ -230,6 +230,25 @@ def test_detection_matches_lesions_counts_false_positives_and_summarizes_by_size
     assert groups["hypodense"]["1-5ml"]["recall"] == 1.0 and groups["hyperdense"]["<1ml"]["recall"] == 0.0
     assert groups["hyperdense"][">=1ml"]["lesions"] == 0
     assert summary["false_positives_per_case"] == 0.5 and summary["liver_dice"] == pytest.approx(0.95)
+
+
+def test_candidate_detection_gives_a_merged_candidate_to_one_lesion_only():
+    instances = np.zeros((12, 4, 2), np.int64)
+    instances[0:6, :, 0], instances[6:8, :, 0] = 1, 2  # 24 and 8 voxels, touching
+    instances[10:12, :, 1] = 3
+    merged = np.zeros_like(instances, np.int32)
+    merged[0:8, :, 0] = 1  # one candidate over lesions 1 and 2: it stands for lesion 1
+    merged[10:12, :, 0] = 2  # next to lesion 3, touching nothing
+    lesions, unmatched = match_candidate_detections(merged, instances, voxel_ml=0.1)
+    assert unmatched == 1
+    assert lesions[0]["dice"] == pytest.approx(2 * 24 / (24 + 32)) and lesions[0]["found"]
+    assert lesions[1]["dice"] == 0.0 and not lesions[1]["found"] and not lesions[2]["found"]
+    components, _ = match_detections(merged > 0, instances, voxel_ml=0.1)
+    assert components[1]["found"]  # as a binary component, the merged one finds both lesions
+    split = merged.copy()
+    split[6:8, :, 0] = 3
+    lesions, _ = match_candidate_detections(split, instances, voxel_ml=0.1)
+    assert lesions[0]["dice"] == 1.0 and lesions[1]["dice"] == 1.0
 
 
 class ChannelCounter:
