@@ -184,6 +184,7 @@ def stage_rows(image: Path, folder: Path) -> list[str]:
         "Tokenized": "window and tokenise",
         "Activationsd": "un-resample",
         "Invertd": "un-resample",
+        "BoxInvertd": "un-resample",
         "LiverRegiond": "liver region",
         "LesionCandidatesd": "lesion candidates",
         "CandidateReferrald": "referral",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Mapping
+from copy import deepcopy
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import Compose, MapTransform
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd, MapTransform, SpatialResample
 from monai.utils import convert_to_dst_type
 from scipy import ndimage
 
@@ -16,6 +19,7 @@ __all__ = [
     "SelectReferredComponentsd",
     "ApplyNotPresentRuled",
     "SplitOutputsd",
+    "BoxInvertd",
     "largest_component",
     "liver_region",
     "LiverRegiond",
@@ -133,6 +137,110 @@ class SplitOutputsd(MapTransform):
             output = d[key]
             for channel, name in enumerate(self.names[: output.shape[0]]):
                 d[name] = output[channel : channel + 1]
+        return d
+
+
+class BoxInvertd(MapTransform):
+    """MONAI ``Invertd`` back to the input grid, resampling only the box where a channel is not constant.
+
+    The referred-lesion channel holds one value outside the liver's box (the inferer's outside logit after the
+    activation), so resampling the whole grid for it is wasted work: for each channel of ``box_channels`` the box
+    of voxels that differ from the channel's corner value, grown by one voxel, is resampled onto the input-grid box
+    it covers and the rest of the input grid takes that value, which is what the whole-grid resampling gives (equal
+    within float rounding). Other channels, and preprocessing other than ``Orientationd`` then ``Spacingd``, go
+    through ``Invertd`` whole.
+
+    ``keys`` (K, X, Y, Z) outputs on the network grid -> (K, X', Y', Z') on the grid of ``orig_keys`` as loaded.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        transform,
+        orig_keys: str = "image",
+        box_channels: tuple[int, ...] = (0,),
+    ) -> None:
+        super().__init__(keys)
+        self.invert = Invertd(keys, transform, orig_keys=orig_keys, nearest_interp=False, to_tensor=True)
+        self.orig_key = orig_keys
+        self.box_channels = tuple(int(c) for c in box_channels)
+
+    def _resampling(self, image) -> dict | None:
+        """Input grid and resampling of ``Orientationd`` + ``Spacingd`` as recorded on ``image``; ``None`` for any
+        other preprocessing."""
+        operations = getattr(image, "applied_operations", [])
+        if len(operations) != 2 or operations[0]["class"] != "Orientation":
+            return None
+        orientation, spacing = operations
+        if spacing["class"] != "SpatialResample":
+            return None
+        extra = spacing["extra_info"]
+        return {
+            "affine": torch.as_tensor(orientation["extra_info"]["original_affine"], dtype=torch.float64),
+            "shape": tuple(int(n) for n in orientation["orig_size"]),
+            "resample": {k: extra[k] for k in ("mode", "padding_mode", "align_corners", "dtype")},
+        }
+
+    def _invert_box(self, channel: torch.Tensor, source_affine: torch.Tensor, grid: dict) -> torch.Tensor | None:
+        """(X, Y, Z) network-grid channel -> (X', Y', Z') input-grid channel, resampling its box only."""
+        fill = channel[0, 0, 0]
+        varying = (channel != fill).cpu().numpy()
+        if not varying.any():
+            return torch.full(grid["shape"], float(fill), dtype=channel.dtype)
+        found = ndimage.find_objects(varying.astype(np.uint8))[0]
+        box = [slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(found, channel.shape)]
+        start = torch.tensor([b.start for b in box] + [1], dtype=torch.float64)
+        crop_affine = source_affine.clone()
+        crop_affine[:, 3] = source_affine @ start
+        # the input-grid voxels whose samples come from inside the crop
+        corners = torch.tensor(
+            [
+                [*(b.stop - 1 if pick else b.start for b, pick in zip(box, picks)), 1]
+                for picks in itertools.product((0, 1), repeat=3)
+            ],
+            dtype=torch.float64,
+        )
+        target = torch.linalg.solve(grid["affine"], source_affine @ corners.T)[:3]
+        low = np.maximum(np.floor(target.min(1).values.numpy()).astype(int), 0)
+        high = np.minimum(np.ceil(target.max(1).values.numpy()).astype(int) + 1, grid["shape"])
+        if (high <= low).any():
+            return torch.full(grid["shape"], float(fill), dtype=channel.dtype)
+        target_affine = grid["affine"].clone()
+        target_affine[:, 3] = grid["affine"] @ torch.tensor([*low.tolist(), 1], dtype=torch.float64)
+        crop = MetaTensor(channel[tuple(box)][None], affine=crop_affine)
+        resampled = SpatialResample(**grid["resample"])(
+            crop, dst_affine=target_affine, spatial_size=tuple((high - low).tolist())
+        )
+        output = torch.full(grid["shape"], float(fill), dtype=channel.dtype)
+        output[tuple(slice(a, b) for a, b in zip(low, high))] = torch.as_tensor(resampled[0]).to(channel.dtype)
+        return output
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        image = d.get(self.orig_key)
+        grid = self._resampling(image) if isinstance(image, MetaTensor) else None
+        for key in self.key_iterator(d):
+            output = d[key]
+            boxed = [c for c in self.box_channels if c < output.shape[0]]
+            if grid is None or not boxed or not isinstance(output, torch.Tensor):
+                d[key] = self.invert(d)[key]
+                continue
+            source_affine = torch.as_tensor(image.affine, dtype=torch.float64)
+            plain = output.as_tensor() if isinstance(output, MetaTensor) else output
+            channels = {c: self._invert_box(plain[c], source_affine, grid) for c in boxed}
+            rest = [c for c in range(output.shape[0]) if c not in channels]
+            if rest:
+                inverted = self.invert({**d, key: output[rest]})[key]
+                channels.update({c: inverted[i] for i, c in enumerate(rest)})
+            stacked = torch.stack(
+                [
+                    channels[c].as_tensor() if isinstance(channels[c], MetaTensor) else channels[c]
+                    for c in sorted(channels)
+                ]
+            )
+            meta = deepcopy(image.meta)
+            meta["affine"] = grid["affine"]
+            d[key] = MetaTensor(stacked, meta=meta)
         return d
 
 

@@ -325,3 +325,29 @@ def test_per_volume_work_is_done_once_and_every_expression_gets_the_same_results
 
     other = shared_pre({"image": "other.nii.gz", "text": "the cyst"})  # another volume is loaded anew
     assert load.loaded[-1] == "other.nii.gz" and other["text"] == "the cyst"
+
+
+@pytest.mark.parametrize("box_at_corner", [False, True])
+def test_box_inversion_equals_inverting_the_whole_grid(box_at_corner):
+    from monai.transforms import Compose, Invertd, Orientationd, Spacingd
+
+    from custom.postprocessing import BoxInvertd
+
+    affine = np.array([[-0.7, 0, 0, 10.0], [0, -0.8, 0, 20.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])  # LPS-like
+    preprocessing = Compose([Orientationd("image", "RAS"), Spacingd("image", pixdim=[1.5, 1.5, -1], mode="bilinear")])
+    image = preprocessing({"image": MetaTensor(torch.zeros(1, 60, 50, 14), affine=torch.as_tensor(affine))})["image"]
+    generator = torch.Generator().manual_seed(0)
+    output = torch.rand(3, *image.shape[1:], generator=generator)
+    referred = torch.full(image.shape[1:], torch.sigmoid(torch.tensor(OUTSIDE_LOGIT)).item())
+    box = (slice(0, 12), slice(0, 9), slice(0, 5)) if box_at_corner else (slice(8, 20), slice(5, 14), slice(3, 9))
+    referred[box] = torch.rand(referred[box].shape, generator=generator)
+    output[0] = referred
+    data = {"image": image, "pred": MetaTensor(output, affine=image.affine)}
+
+    whole = Invertd("pred", preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True)(data)["pred"]
+    boxed = BoxInvertd("pred", preprocessing, orig_keys="image")(data)["pred"]
+    assert boxed.shape == whole.shape == (3, 60, 50, 14)
+    assert torch.allclose(boxed.as_tensor(), whole.as_tensor(), atol=1e-6)
+    assert np.allclose(boxed.affine.numpy(), affine) and np.allclose(whole.affine.numpy(), affine)
+    one_channel = BoxInvertd("pred", preprocessing, orig_keys="image")({**data, "pred": data["pred"][:1]})["pred"]
+    assert torch.allclose(one_channel.as_tensor(), whole.as_tensor()[:1], atol=1e-6)
