@@ -24,7 +24,7 @@ def liver_box(liver: np.ndarray, margin: tuple[int, int, int] = (7, 7, 1)) -> tu
     largest = largest_component(liver)
     if largest is None:
         return None
-    extent = ndimage.find_objects(largest.astype(np.int32))[0]
+    extent = ndimage.find_objects(largest.view(np.uint8))[0]
     return tuple(slice(max(e.start - m, 0), min(e.stop + m, n)) for e, m, n in zip(extent, margin, liver.shape))  # type: ignore[return-value]
 
 

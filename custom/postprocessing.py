@@ -187,7 +187,7 @@ class BoxInvertd(MapTransform):
         varying = (channel != fill).cpu().numpy()
         if not varying.any():
             return torch.full(grid["shape"], float(fill), dtype=channel.dtype)
-        found = ndimage.find_objects(varying.astype(np.uint8))[0]
+        found = ndimage.find_objects(varying.view(np.uint8))[0]
         box = [slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(found, channel.shape)]
         start = torch.tensor([b.start for b in box] + [1], dtype=torch.float64)
         crop_affine = source_affine.clone()
@@ -249,7 +249,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray | None:
     components, count = ndimage.label(mask)
     if count == 0:
         return None
-    sizes = ndimage.sum_labels(mask, components, np.arange(1, count + 1))
+    sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
     return components == (int(np.argmax(sizes)) + 1)
 
 
@@ -265,7 +265,7 @@ def liver_region(
     largest = largest_component(liver)
     if largest is None:
         return np.zeros_like(liver), {"liver_found": False}
-    extent = ndimage.find_objects(largest.astype(np.int32))[0]
+    extent = ndimage.find_objects(largest.view(np.uint8))[0]
     # the distance transform only needs the liver's box grown by the margin
     grown = tuple(
         slice(max(e.start - int(np.ceil(margin_mm / s)), 0), min(e.stop + int(np.ceil(margin_mm / s)), n))
