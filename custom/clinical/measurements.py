@@ -240,11 +240,17 @@ def measure_lesions(
     for name, array in (("hu_ras", hu), ("probabilities", probs)):
         if array is not None and array.shape != mask.shape:
             raise ValueError(f"{name} has shape {array.shape} but the mask has shape {mask.shape}.")
+    if not mask.any():
+        return []
+    # the lesions' box only: the same components, in the same order, for a fraction of a whole-CT labelling
+    extent = ndimage.find_objects(mask.view(np.uint8))[0]
+    mask, hu = mask[extent], hu[extent]
+    probs = None if probs is None else probs[extent]
     labels, count = label_lesions(mask)
     indexer = _SliceIndexer(affine, source_affine, slice_numbers)
     lesions = []
     for n, box in enumerate(ndimage.find_objects(labels), start=1):
-        offset = np.array([b.start for b in box])
+        offset = np.array([b.start + e.start for b, e in zip(box, extent)])
         cropped_probs = None if probs is None else probs[box]
         lesions.append(_lesion_record(labels[box] == n, hu[box], affine, cropped_probs, indexer, offset))
     lesions.sort(key=lambda lesion: -lesion["voxel_count"])
