@@ -46,18 +46,9 @@ from custom.networks import ShippedWeights
 from custom.networks.weights import check_checkpoint
 from custom.postprocessing import LiverRegiond, PerVolumeOutputsd, largest_component
 from custom.referral import full_candidate_map
+from custom.user_inputs import parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _parse_override(text: str) -> tuple[str, object]:
-    key, _, value = text.partition("=")
-    if not key or not _:
-        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE (VALUE as JSON), got {text!r}.")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def build(config_file: str, overrides: dict) -> ConfigParser:
@@ -236,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default=None, help="weights (default: the config's, the shipped model.pt)")
     parser.add_argument("--dataset_dir", default=None, help="a dataset folder with datalist.json (default: generated)")
     parser.add_argument(
-        "--set", dest="overrides", type=_parse_override, action="append", default=[], metavar="KEY=VALUE"
+        "--set", dest="overrides", type=parse_override, action="append", default=[], metavar="KEY=VALUE"
     )
     parser.add_argument("--no_referring", action="store_true", help="text-free detection only")
     parser.add_argument("--max_cases", type=int, default=None, help="the first N cases of the split only")

@@ -1,7 +1,7 @@
 """Train the referral scorer on the detector's own candidates and on the ground-truth lesions.
 
 Usage: ``python -m custom.referral_training [--out runs/referral/referral_scorer.pt] [--extra_cases 96] [--epochs 80]
-[--seed 0]`` from the repository root; evaluate the result with ``--referral_scorer_path <file>`` on the
+[--seed 0] [--checkpoint <weights>] [--set KEY=VALUE ...]`` from the repository root; evaluate the result with ``--referral_scorer_path <file>`` on the
 evaluation and inference configs, or write it over ``bundle/models/referral_scorer.pt`` to ship it.
 
 1. **Samples.** Every case of the training and validation splits of the default dataset (and ``--extra_cases``
@@ -12,7 +12,7 @@ evaluation and inference configs, or write it over ``bundle/models/referral_scor
    candidate is referred when it stands for a referred lesion, :func:`custom.candidates.match_candidates`), so the
    scorer learns the detector's mistakes, and the ground-truth lesions measured the same way (the same predicted
    liver, the same evidence maps), so it learns what the words mean on clean sets. Samples are cached under
-   ``--cache_dir``/referral_samples, keyed by the weights and the split.
+   ``--cache_dir``/referral_samples, keyed by the weights, the candidate settings and the split.
 2. **Training.** :class:`custom.networks.scorer.CandidateScorer` with binary cross-entropy on every candidate and
    on the "none of them" output, AdamW and a cosine schedule.
 3. **Selection.** After every epoch the validation split's detector samples are answered as the bundle answers
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -53,9 +54,11 @@ from custom.networks.scorer import CandidateScorer
 from custom.networks.weights import check_checkpoint
 from custom.postprocessing import PerVolumeOutputsd
 from custom.referral import LesionCandidatesd, choose_candidates, full_candidate_map
+from custom.user_inputs import parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORER_SETTINGS = {"dim": 128, "heads": 4, "layers": 2, "dropout": 0.1}
+DEFAULT_SAMPLE_SETTINGS = {"candidate_threshold": 0.5, "min_voxels": 3, "split_depth_mm": None, "context_slices": 0}
 
 
 def _means(labels: np.ndarray, values: np.ndarray) -> list[float]:
@@ -148,16 +151,24 @@ def pipeline_parts(config_file: str, checkpoint: str | None, overrides: dict | N
             "error: the evaluation config has no per_volume_outputs (custom.postprocessing.PerVolumeOutputsd holding "
             "a custom.referral.LesionCandidatesd step). Use bundle/configs/evaluate.json or a config derived from it."
         )
+    finder, inferer = finders[0], parser.get_parsed_content("inferer")
+    settings = {  # what the samples depend on besides the weights (the defaults keep the earlier cache names)
+        "candidate_threshold": finder.threshold,
+        "min_voxels": finder.min_voxels,
+        "split_depth_mm": finder.split_depth_mm,
+        "context_slices": getattr(inferer, "context_slices", 0),
+    }
     return {
         "parser": parser,
         "checkpoint": str(checkpoint),
+        "settings": settings if settings != DEFAULT_SAMPLE_SETTINGS else None,
         "network": network.eval().to(parser.get_parsed_content("device")),
         "device": parser.get_parsed_content("device"),
-        "inferer": parser.get_parsed_content("inferer"),
+        "inferer": inferer,
         "volume_preprocessing": Compose(parser.get_parsed_content("volume_preprocessing")),
         "expression_preprocessing": Compose(parser.get_parsed_content("expression_preprocessing")),
         "per_volume": per_volume,
-        "candidates_key": finders[0].candidates_key,
+        "candidates_key": finder.candidates_key,
         "datalist": parser.get_parsed_content("datalist"),
         "max_tokens": parser.get_parsed_content("max_tokens"),
     }
@@ -165,8 +176,11 @@ def pipeline_parts(config_file: str, checkpoint: str | None, overrides: dict | N
 
 def collect_split(parts: dict, split: str, cache_dir: Path, extra_cases: int = 0) -> list[dict]:
     """The samples of every case of ``split`` (``"extra"``: the ``extra_cases`` generated with another seed, as the
-    training recipe adds them), from the cache when the same weights made them."""
-    digest = hashlib.sha256(Path(parts["checkpoint"]).read_bytes()).hexdigest()[:12]
+    training recipe adds them), from the cache when the same weights and candidate settings made them."""
+    hasher = hashlib.sha256(Path(parts["checkpoint"]).read_bytes())
+    if parts.get("settings"):
+        hasher.update(json.dumps(parts["settings"], sort_keys=True).encode())
+    digest = hasher.hexdigest()[:12]
     name = f"extra{extra_cases}" if split == "extra" else split
     path = cache_dir / "referral_samples" / f"{name}_{digest}.pt"
     if path.is_file():
@@ -309,10 +323,19 @@ def main(argv: list[str] | None = None) -> None:
         "--extra_cases", type=int, default=96, help="cases of a dataset generated with another seed, added to training"
     )
     parser.add_argument("--epochs", type=int, default=80)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        type=parse_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="evaluation-config overrides, e.g. --set context_slices=1 --set referral#split_depth_mm=2.0",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    parts = pipeline_parts(args.config_file, args.checkpoint, {"cache_dir": args.cache_dir})
+    parts = pipeline_parts(args.config_file, args.checkpoint, {"cache_dir": args.cache_dir, **dict(args.overrides)})
     samples = {split: collect_split(parts, split, Path(args.cache_dir)) for split in ("training", "validation")}
     if args.extra_cases:
         samples["training"] = samples["training"] + collect_split(

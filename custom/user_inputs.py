@@ -46,6 +46,7 @@ __all__ = [
     "command_line_options",
     "guard_overrides",
     "install_error_hook",
+    "parse_override",
     "pin",
     "running_parser",
 ]
@@ -178,6 +179,17 @@ def _default_of(config: Mapping, id: str) -> Any:
     for key in ReferenceResolver.split_id(id):
         node = node.get(key) if isinstance(node, dict) else node[int(key)]
     return node
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of a developer command's ``--set`` (a config id and its value, read as JSON when it parses)."""
+    key, separator, value = text.partition("=")
+    if not key or not separator:
+        raise ValueError(f"--set takes KEY=VALUE (VALUE as JSON), got {text!r}.")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def _typed(value: Any, default: Any, name: str) -> Any:
