@@ -1,8 +1,9 @@
 """Train the referral scorer on the detector's own candidates and on the ground-truth lesions.
 
 Usage: ``python -m custom.referral_training [--out runs/referral/referral_scorer.pt] [--extra_cases 96] [--epochs 80]
-[--seed 0] [--checkpoint <weights>] [--set KEY=VALUE ...]`` from the repository root; evaluate the result with ``--referral_scorer_path <file>`` on the
-evaluation and inference configs, or write it over ``bundle/models/referral_scorer.pt`` to ship it.
+[--seed 0] [--checkpoint <weights>] [--set KEY=VALUE ...]`` from the repository root; evaluate the result with
+``--referral_scorer_path <file>`` on the evaluation and inference configs, or write it over
+``bundle/models/referral_scorer.pt`` to ship it.
 
 1. **Samples.** Every case of the training and validation splits of the default dataset (and ``--extra_cases``
    cases generated with another seed, as the segmentation training recipe adds them) goes through the
