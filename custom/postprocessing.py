@@ -181,18 +181,19 @@ class BoxInvertd(MapTransform):
             "resample": {k: extra[k] for k in ("mode", "padding_mode", "align_corners", "dtype")},
         }
 
-    def _invert_box(self, channel: torch.Tensor, source_affine: torch.Tensor, grid: dict) -> torch.Tensor | None:
-        """(X, Y, Z) network-grid channel -> (X', Y', Z') input-grid channel, resampling its box only."""
+    def _invert_box(self, channel: torch.Tensor, source_affine: torch.Tensor, grid: dict, out: torch.Tensor) -> None:
+        """Write the (X', Y', Z') input-grid form of the (X, Y, Z) network-grid ``channel`` into ``out``, resampling
+        its box only."""
         fill = channel[0, 0, 0]
+        out.fill_(float(fill))
         varying = (channel != fill).cpu().numpy()
         if not varying.any():
-            return torch.full(grid["shape"], float(fill), dtype=channel.dtype)
+            return
         found = ndimage.find_objects(varying.view(np.uint8))[0]
         box = [slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(found, channel.shape)]
-        start = torch.tensor([b.start for b in box] + [1], dtype=torch.float64)
         crop_affine = source_affine.clone()
-        crop_affine[:, 3] = source_affine @ start
-        # the input-grid voxels whose samples come from inside the crop
+        crop_affine[:, 3] = source_affine @ torch.tensor([b.start for b in box] + [1], dtype=torch.float64)
+        # the input-grid box whose voxels sample inside the crop; beyond it every sample sees the fill value only
         corners = torch.tensor(
             [
                 [*(b.stop - 1 if pick else b.start for b, pick in zip(box, picks)), 1]
@@ -204,16 +205,14 @@ class BoxInvertd(MapTransform):
         low = np.maximum(np.floor(target.min(1).values.numpy()).astype(int), 0)
         high = np.minimum(np.ceil(target.max(1).values.numpy()).astype(int) + 1, grid["shape"])
         if (high <= low).any():
-            return torch.full(grid["shape"], float(fill), dtype=channel.dtype)
+            return
         target_affine = grid["affine"].clone()
         target_affine[:, 3] = grid["affine"] @ torch.tensor([*low.tolist(), 1], dtype=torch.float64)
         crop = MetaTensor(channel[tuple(box)][None], affine=crop_affine)
         resampled = SpatialResample(**grid["resample"])(
             crop, dst_affine=target_affine, spatial_size=tuple((high - low).tolist())
         )
-        output = torch.full(grid["shape"], float(fill), dtype=channel.dtype)
-        output[tuple(slice(a, b) for a, b in zip(low, high))] = torch.as_tensor(resampled[0]).to(channel.dtype)
-        return output
+        out[tuple(slice(a, b) for a, b in zip(low, high))] = torch.as_tensor(resampled[0]).to(out.dtype)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -227,20 +226,15 @@ class BoxInvertd(MapTransform):
                 continue
             source_affine = torch.as_tensor(image.affine, dtype=torch.float64)
             plain = output.as_tensor() if isinstance(output, MetaTensor) else output
-            channels = {c: self._invert_box(plain[c], source_affine, grid) for c in boxed}
-            rest = [c for c in range(output.shape[0]) if c not in channels]
+            result = torch.empty((output.shape[0], *grid["shape"]), dtype=plain.dtype)
+            for c in boxed:
+                self._invert_box(plain[c], source_affine, grid, result[c])
+            rest = [c for c in range(output.shape[0]) if c not in boxed]
             if rest:
-                inverted = self.invert({**d, key: output[rest]})[key]
-                channels.update({c: inverted[i] for i, c in enumerate(rest)})
-            stacked = torch.stack(
-                [
-                    channels[c].as_tensor() if isinstance(channels[c], MetaTensor) else channels[c]
-                    for c in sorted(channels)
-                ]
-            )
+                result[rest] = torch.as_tensor(self.invert({**d, key: output[rest]})[key]).to(result.dtype)
             meta = deepcopy(image.meta)
             meta["affine"] = grid["affine"]
-            d[key] = MetaTensor(stacked, meta=meta)
+            d[key] = MetaTensor(result, meta=meta)
         return d
 
 
