@@ -157,6 +157,7 @@ def evaluate_split(
                     text=expression["text"],
                     kind=expression["kind"],
                     features=decision.get("features"),
+                    selector=str((expression.get("query") or {}).get("select", "")),
                 )
             )
     seconds = time.perf_counter() - start

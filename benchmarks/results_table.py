@@ -24,7 +24,11 @@ OVERALL = [
     ("lesion hit rate", "lesion_hit_rate"),
     ("lesion F1", "instance_f1"),
     ("FP / case", "false_positives_per_case"),
+    ("FP / expression", "false_positives_per_expression"),
 ]
+
+#: Selectors get a row when at least this many expressions of the first summary carry them.
+MIN_SELECTOR_EXPRESSIONS = 4
 
 
 def _cell(value) -> str:
@@ -32,7 +36,8 @@ def _cell(value) -> str:
 
 
 def table(summaries: dict[str, dict]) -> str:
-    """Rows: metrics (overall, then 3D Dice per expression kind); columns: the named summaries."""
+    """Rows: metrics (overall, then 3D Dice per expression kind and per selector held by at least
+    ``MIN_SELECTOR_EXPRESSIONS`` expressions, with their count); columns: the named summaries."""
     names = list(summaries)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, key in OVERALL:
@@ -40,6 +45,11 @@ def table(summaries: dict[str, dict]) -> str:
     for kind in EXPRESSION_KINDS:
         cells = [_cell(summaries[n]["by_kind"].get(kind, {}).get("dice_3d")) for n in names]
         lines.append(f"| 3D Dice, {kind} | " + " | ".join(cells) + " |")
+    selectors = summaries[names[0]].get("by_selector", {})
+    for selector, first in selectors.items():
+        if first["expressions"] >= MIN_SELECTOR_EXPRESSIONS:
+            cells = [_cell(summaries[n].get("by_selector", {}).get(selector, {}).get("dice_3d")) for n in names]
+            lines.append(f"| 3D Dice, selector {selector} ({first['expressions']}) | " + " | ".join(cells) + " |")
     counts = [str(summaries[n]["overall"]["expressions"]) for n in names]
     lines.append("| expressions | " + " | ".join(counts) + " |")
     return "\n".join(lines)

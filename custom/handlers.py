@@ -91,6 +91,7 @@ class ReferringResultsWriter:
                     text=str(item.get("text", "")),
                     kind=str(item.get("kind", "")),
                     features=decision.get("features"),
+                    selector=str(item.get("selector", "")),
                 )
             )
 

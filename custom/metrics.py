@@ -91,6 +91,7 @@ class ExpressionScores:
     lesions: dict[str, int]
     slices: list[tuple[int, int]] = field(default_factory=list)
     features: dict = field(default_factory=dict)
+    selector: str = ""
 
     @property
     def negative(self) -> bool:
@@ -108,6 +109,7 @@ class ExpressionScores:
             "case_id": self.case_id,
             "text": self.text,
             "kind": self.kind,
+            "selector": self.selector,
             "targets": " ".join(map(str, self.targets)),
             "dice_3d": round(self.dice, 6),
             "predicted_empty": int(self.predicted_empty),
@@ -128,6 +130,7 @@ def score_expression(
     text: str = "",
     kind: str = "",
     features: dict | None = None,
+    selector: str = "",
 ) -> ExpressionScores:
     """All scores of one binary prediction against the referred lesions ``target_ids`` of ``instance_map``.
 
@@ -146,6 +149,7 @@ def score_expression(
         lesions=match_lesions(pred, instance_map, target_ids),
         slices=slice_overlaps(pred, target, axial_axis(affine)),
         features=dict(features or {}),
+        selector=str(selector or ""),
     )
 
 
@@ -178,18 +182,22 @@ def _summary_of(scores: Sequence[ExpressionScores]) -> dict:
         "instance_recall": recall,
         "instance_f1": f1,
         "false_positives_per_case": false_positives / len(cases) if cases else float("nan"),
+        "false_positives_per_expression": false_positives / len(scores) if scores else float("nan"),
     }
     return summary
 
 
 def summarize(scores: Iterable[ExpressionScores]) -> dict:
-    """Aggregate scores overall and per expression kind (location, size, density, count, negative)."""
+    """Aggregate scores overall, per expression kind (location, size, density, count, negative) and per selector
+    (``largest``, ``leftmost``, ``all`` ..., for the expressions that carry one)."""
     scores = list(scores)
-    result = {"overall": _summary_of(scores), "by_kind": {}}
+    result = {"overall": _summary_of(scores), "by_kind": {}, "by_selector": {}}
     for kind in EXPRESSION_KINDS:
         of_kind = [s for s in scores if s.kind == kind]
         if of_kind:
             result["by_kind"][kind] = _summary_of(of_kind)
+    for selector in sorted({s.selector for s in scores if s.selector}):
+        result["by_selector"][selector] = _summary_of([s for s in scores if s.selector == selector])
     return result
 
 

@@ -94,7 +94,7 @@ def test_evaluation_workflow_writes_per_expression_results_and_summary(dataset, 
     run_workflow(flow)
     rows = (tmp_path / "test_expressions.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3
-    assert "max_probability" in rows[0] and "dice_3d" in rows[0]
+    assert "max_probability" in rows[0] and "dice_3d" in rows[0] and "selector" in rows[0]
     text = (tmp_path / "test_summary.json").read_text()
     summary = json.loads(text)
     assert text == json.dumps(summary, indent=4) + "\n"  # the bundle's JSON style: it may be shipped in eval/

@@ -31,7 +31,20 @@ def test_expand_expressions_gives_one_item_per_expression(small_dataset):
     items = expand_expressions(cases)
     assert len(items) == sum(len(c["expressions"]) for c in cases)
     first = items[0]
-    assert set(first) == {"image", "lesions", "liver", "case_id", "text", "targets", "kind", "expression_id"}
+    assert set(first) == {
+        "image",
+        "lesions",
+        "liver",
+        "case_id",
+        "text",
+        "targets",
+        "kind",
+        "selector",
+        "expression_id",
+    }
+    assert [item["selector"] for item in items[:3]] == [
+        (e.get("query") or {}).get("select", "") for e in cases[0]["expressions"][:3]
+    ]
     assert first["text"] == cases[0]["expressions"][0]["text"] and first["case_id"] == cases[0]["case_id"]
     assert all(isinstance(t, int) for item in items for t in item["targets"])
     assert {item["kind"] for item in items} <= {"location", "size", "density", "count", "negative"}

@@ -77,6 +77,21 @@ def test_summary_overall_and_per_kind():
     assert overall["false_positives_per_case"] == pytest.approx(1.0)
     assert set(summary["by_kind"]) == {"size", "location", "negative"}
     assert summary["by_kind"]["size"]["dice_3d"] == 1.0
+    assert overall["false_positives_per_expression"] == pytest.approx(2 / 4)
+    assert summary["by_selector"] == {}  # no expression carries a selector
+
+
+def test_summary_per_selector():
+    instances = two_lesions()
+    scores = [
+        score_expression(instances == 2, instances, [2], np.eye(4), "a", "the largest", "size", selector="largest"),
+        score_expression(instances == 1, instances, [1], np.eye(4), "a", "the smallest", "size", selector="smallest"),
+        score_expression(instances == 2, instances, [1], np.eye(4), "b", "the smaller", "size", selector="smallest"),
+    ]
+    by_selector = summarize(scores)["by_selector"]
+    assert set(by_selector) == {"largest", "smallest"}
+    assert by_selector["smallest"]["expressions"] == 2 and by_selector["smallest"]["dice_3d"] == pytest.approx(0.5)
+    assert scores[0].row()["selector"] == "largest"
 
 
 def test_referral_step_keeps_strong_components_and_drops_weak_ones():
@@ -133,4 +148,9 @@ def test_results_table_lists_metrics_and_kinds_per_model():
     bad = summarize([score_expression(instances == 1, instances, [2], np.eye(4), "a", "t", "size")])
     text = table({"model": good, "control": bad})
     assert "| 3D Dice | 1.000 | 0.000 |" in text
+    assert "selector" not in text  # none held by 4 expressions
+    many = summarize(
+        [score_expression(instances == 2, instances, [2], np.eye(4), "a", "t", "size", selector="largest")] * 4
+    )
+    assert "| 3D Dice, selector largest (4) | 1.000 | n/a |" in table({"model": many, "control": bad})
     assert "| 3D Dice, size | 1.000 | 0.000 |" in text and "| 3D Dice, negative | n/a | n/a |" in text

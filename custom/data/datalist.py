@@ -259,7 +259,9 @@ def expand_expressions(cases: list[dict]) -> list[dict]:
     """One flat item per (case, expression).
 
     Keys: ``image``, ``lesions``, ``liver`` (when the case has one), ``case_id``, ``text``, ``targets`` (list of
-    int), ``kind``, and ``expression_id`` (the expression's ``id`` or ``<case_id>-<n>``).
+    int), ``kind``, ``selector`` (the ``select`` of the expression's ``query`` when it has one: ``largest``,
+    ``leftmost``, ``all``, ``only`` ...; ``""`` otherwise) and ``expression_id`` (the expression's ``id`` or
+    ``<case_id>-<n>``).
     """
     items = []
     for case in cases:
@@ -270,6 +272,7 @@ def expand_expressions(cases: list[dict]) -> list[dict]:
                 text=expression["text"],
                 targets=[int(t) for t in expression["targets"]],
                 kind=expression["kind"],
+                selector=str((expression.get("query") or {}).get("select", "")),
                 expression_id=expression.get("id", f"{case.get('case_id', '')}-{number:02d}"),
             )
             items.append(item)
