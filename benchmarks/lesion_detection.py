@@ -217,6 +217,12 @@ def report(results: dict) -> str:
             f"negatives empty {overall['negatives_empty_rate']:.3f}; positives hit {overall['positive_hit_rate']:.3f}",
             "referring 3D Dice by kind: "
             + ", ".join(f"{kind} {s['dice_3d']:.3f}" for kind, s in referring["by_kind"].items()),
+            "referring 3D Dice by selector (expressions): "
+            + ", ".join(
+                f"{name} {s['dice_3d']:.3f} ({s['expressions']})" for name, s in referring["by_selector"].items()
+            ),
+            f"instance F1 {overall['instance_f1']:.3f}; false-positive components per expression "
+            f"{overall['false_positives_per_expression']:.3f}",
         ]
     return "\n".join(lines)
 
