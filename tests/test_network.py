@@ -107,6 +107,19 @@ def test_cached_text_features_equal_fresh_ones(tokens):
     assert len(cached._cache) == 2
 
 
+def test_a_full_text_cache_keeps_the_expressions_the_batch_still_reads(tokens):
+    cached = BertTextEncoder(cache_size=2)
+    first, second = ({k: v[i : i + 1] for k, v in tokens.items()} for i in range(2))
+    cached(**first)
+    cached(**second)  # the cache is full now
+    text_free = {k: torch.zeros_like(v) for k, v in first.items()}  # no text: an empty key
+    both = {k: torch.cat([first[k], text_free[k]]) for k in first}
+    words, sentence = cached(**both)  # one cached expression and a new one overflow the cache
+    fresh_words, fresh_sentence = BertTextEncoder(cache_size=0)(**both)
+    torch.testing.assert_close(sentence, fresh_sentence, atol=1e-5, rtol=1e-4)
+    assert len(cached._cache) <= 2
+
+
 def test_loss_is_finite_on_empty_target_and_zero_contrastive_term(text_encoder, tokens):
     net = make_tiny(text_encoder).train()
     output = net(torch.rand(2, 1, 64, 64), **tokens, return_embeddings=True)

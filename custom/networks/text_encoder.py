@@ -109,8 +109,10 @@ class BertTextEncoder(nn.Module):
         if first_of:
             rows = list(first_of.values())
             words, sentence = self._encode(input_ids[rows], attention_mask[rows])
-            if len(self._cache) + len(rows) > self.cache_size:
+            if len(self._cache) + len(rows) > self.cache_size:  # start afresh, keeping what this batch reads
+                batch = {key: self._cache[key] for key in keys if key in self._cache}
                 self._cache.clear()
+                self._cache.update(batch)
             for j, row in enumerate(rows):
                 kept = attention_mask[row].bool()
                 self._cache[keys[row]] = (words[j][kept].detach(), sentence[j].detach())
