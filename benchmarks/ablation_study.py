@@ -56,6 +56,7 @@ UNET_2D = {  # the text-free MONAI baseline, sized as in benchmarks.network_cost
 BASE_TRAIN = {
     "out_channels": 1,
     "in_plane_spacing": 2.0,
+    "context_slices": 0,
     "slice_size": [192, 192],
     "extra_cases": 0,
     "lesion_slices": False,
@@ -63,6 +64,7 @@ BASE_TRAIN = {
 BASE_EVALUATE = {
     "out_channels": 1,
     "in_plane_spacing": 2.0,
+    "context_slices": 0,
     "not_present_rule#min_max_probability": 1e-06,
     "not_present_rule#min_volume_ml": 0.013676,
     "referral#method": "rule",

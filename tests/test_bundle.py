@@ -178,7 +178,7 @@ def test_torchscript_export_equals_eager_with_text_inputs(checkpoint, tmp_path):
     eager = parser.get_parsed_content("network_def").eval()
     ShippedWeights(eager).load_state_dict(torch.load(checkpoint, weights_only=True))
     tokens = eager.text_encoder.tokenize(["the smallest cyst in the left lobe", "all lesions"])
-    image = torch.rand(2, 2, 192, 192)
+    image = torch.rand(2, parser.get_parsed_content("network_def#in_channels"), 192, 192)
     with torch.no_grad():
         torch.testing.assert_close(loaded(image, tokens["input_ids"], tokens["attention_mask"]), eager(image, **tokens))
 

@@ -176,10 +176,11 @@ def test_channels_last_layout_gives_the_outputs_of_the_nchw_layout_for_the_shipp
     """The layout changes speed only: same weights, same logits and embeddings (float tolerance), with and without
     text; a checkpoint of either layout loads into the other."""
     shipped = torch.load("bundle/models/model.pt", map_location="cpu", weights_only=True)
+    in_channels = next(v.shape[1] for k, v in shipped.items() if v.ndim == 4)  # the stem's input channels
     networks = {}
     for channels_last in (False, True):
         network = lsms_tiny(
-            in_channels=2,
+            in_channels=in_channels,
             out_channels=len(shipped["head.1.bias"]),
             text_encoder=text_encoder,
             channels_last=channels_last,
@@ -189,7 +190,7 @@ def test_channels_last_layout_gives_the_outputs_of_the_nchw_layout_for_the_shipp
     conv = next(m.weight for m in networks[True].encoder.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1
                 and m.in_channels > 1 and m.kernel_size != (1, 1))  # fmt: skip
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    image = torch.rand(2, 2, 96, 80) * 2 - 0.5
+    image = torch.rand(2, in_channels, 96, 80) * 2 - 0.5
     with torch.inference_mode():
         for text in (tokens, {}):
             nchw = networks[False](image, **text, return_embeddings=True)
