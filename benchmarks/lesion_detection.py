@@ -13,6 +13,9 @@ channel. The network,
 transforms, inferer and referral step are the ones ``python -m monai.bundle run evaluating`` builds from
 ``--config_file``, and the expressions are scored with the same metrics (``custom.metrics``).
 
+Detection is scored on the input grid of the labels: the text-free outputs and the candidates, found on the network
+grid, are brought back to it (:func:`text_free_on_input_grid`), as the answers are.
+
 Printed (and written to ``--out`` as JSON): lesion recall (Dice >= 0.1 with the predicted components that touch
 the lesion) and mean per-lesion Dice by density and size (< 1, 1-5, > 5 ml), false-positive components (touching
 no lesion) per case, liver Dice, the referring summary (3D Dice per expression overall and per kind, negatives
@@ -29,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
-from monai.transforms import Compose, LoadImage
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd, LoadImage
 
 from custom.data.datalist import load_datalist
 from custom.handlers import write_csv
@@ -45,7 +49,7 @@ from custom.metrics import (
 from custom.networks import ShippedWeights
 from custom.networks.weights import check_checkpoint
 from custom.postprocessing import LiverRegiond, PerVolumeOutputsd, largest_component
-from custom.referral import full_candidate_map
+from custom.referral import LesionCandidatesd, full_candidate_map
 from custom.user_inputs import parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,9 +85,29 @@ def _split_postprocessing(postprocessing: Compose) -> tuple[PerVolumeOutputsd, C
     return per_volume, Compose(transforms[1:])
 
 
-def _text_free_lesions(outputs: dict) -> np.ndarray:
-    """The all-lesion probabilities: the text-free channel, or channel 0 of a 1-channel network run without text."""
-    return np.asarray(outputs["lesions_prob"][0] if "lesions_prob" in outputs else outputs["pred"][0])
+def text_free_on_input_grid(outputs: dict, item: dict, preprocessing: Compose, threshold: float = 0.5) -> dict:
+    """The text-free outputs of the network grid on the input grid the labels lie on.
+
+    ``lesions`` (X', Y', Z') all-lesion probabilities (the text-free channel, or channel 0 of a 1-channel network run
+    without text) and ``liver`` (its liver probabilities, when the network has them) are resampled bilinearly, as the
+    answers are; ``candidates`` (the candidate map, when the pipeline makes one) takes the nearest network voxel's
+    candidate where the resampled all-lesion probability reaches ``threshold``.
+    """
+    names = [name for name in ("lesions_prob", "liver_prob") if name in outputs] or ["pred"]
+    channels = [torch.as_tensor(outputs[name])[0].float() for name in names]
+    candidates = outputs.get("lesion_candidates")
+    if candidates is not None:
+        channels.append(torch.as_tensor(full_candidate_map(candidates, tuple(channels[0].shape)), dtype=torch.float32))
+    stacked = MetaTensor(torch.stack(channels), meta=item["image"].meta)
+    smooth = Invertd("stacked", preprocessing, orig_keys="image", nearest_interp=False)({**item, "stacked": stacked})
+    back = {"lesions": np.asarray(smooth["stacked"][0])}
+    if "liver_prob" in names:
+        back["liver"] = np.asarray(smooth["stacked"][1])
+    if candidates is not None:
+        nearest = Invertd("stacked", preprocessing, orig_keys="image", nearest_interp=True)
+        labels = np.asarray(nearest({**item, "stacked": stacked[-1:]})["stacked"][0]).round().astype(np.int32)
+        back["candidates"] = np.where(back["lesions"] >= threshold, labels, 0)
+    return back
 
 
 def evaluate_split(
@@ -95,6 +119,8 @@ def evaluate_split(
     expression_preprocessing = Compose(parser.get_parsed_content("expression_preprocessing"))
     inferer = parser.get_parsed_content("inferer")
     text_free_post, referral_post = _split_postprocessing(parser.get_parsed_content("postprocessing"))
+    finders = [t for t in text_free_post.transforms.transforms if isinstance(t, LesionCandidatesd)]
+    candidate_threshold = finders[0].threshold if finders else 0.5
     device = parser.get_parsed_content("device")
     network.to(device)
     loader = LoadImage(image_only=True, ensure_channel_first=True)
@@ -113,21 +139,21 @@ def evaluate_split(
         with torch.no_grad():
             text_free = inferer(image[None].to(device), network)
         outputs = text_free_post({**item, "pred": text_free[0].cpu()})
-        lesions, false_positive_count = match_detections(_text_free_lesions(outputs) >= 0.5, instance_map, voxel_ml)
+        on_input = text_free_on_input_grid(outputs, item, volume_preprocessing, candidate_threshold)
+        lesions, false_positive_count = match_detections(on_input["lesions"] >= 0.5, instance_map, voxel_ml)
         density = {a["id"]: a.get("density", "unknown") for a in case.get("lesion_attributes", [])}
         lesions_found += [
             {**lesion, "density": density.get(lesion["id"], "unknown"), "case_id": case["case_id"]}
             for lesion in lesions
         ]
         false_positives.append(false_positive_count)
-        if outputs.get("lesion_candidates") is not None:
-            candidate_map = full_candidate_map(outputs["lesion_candidates"], instance_map.shape)
-            lesions, false_positive_count = match_candidate_detections(candidate_map, instance_map, voxel_ml)
+        if "candidates" in on_input:
+            lesions, false_positive_count = match_candidate_detections(on_input["candidates"], instance_map, voxel_ml)
             by_candidates += [{**lesion, "density": density.get(lesion["id"], "unknown")} for lesion in lesions]
             candidate_false_positives.append(false_positive_count)
-        if case.get("liver") and "liver_prob" in outputs:
+        if case.get("liver") and "liver" in on_input:
             liver = np.asarray(loader(case["liver"])[0]) > 0
-            predicted = np.asarray(outputs["liver_prob"][0]) >= 0.5
+            predicted = on_input["liver"] >= 0.5
             liver_dice.append(dice_3d(predicted, liver))
             largest = largest_component(predicted)  # the liver the region is built from
             liver_dice_largest.append(dice_3d(largest if largest is not None else predicted, liver))

@@ -20,6 +20,7 @@ __all__ = [
     "ApplyNotPresentRuled",
     "SplitOutputsd",
     "BoxInvertd",
+    "AnswerToInputGridd",
     "largest_component",
     "liver_region",
     "LiverRegiond",
@@ -238,6 +239,64 @@ class BoxInvertd(MapTransform):
         return d
 
 
+class AnswerToInputGridd(MapTransform):
+    """An answer found on the network grid, back on the input grid: its box only is resampled.
+
+    ``keys``: (1, X, Y, Z) {0, 1} answer masks on the network grid -> (1, X', Y', Z') {0, 1} masks on the grid of
+    ``orig_keys`` as loaded. The border comes from the probabilities the answer was thresholded from (``prob_key``,
+    ``threshold``: the all-lesion output for the candidates, the referred-lesion output for the rule): they are
+    resampled (bilinear, :class:`BoxInvertd`) in the answer and a one-voxel ring around it and thresholded again, so
+    the answer keeps the sub-voxel border a whole-grid resampling gives; ring voxels at or above the threshold
+    (another candidate touching this one) are held just below it. ``evidence_keys`` (1, X, Y, Z) probabilities (the
+    referred-lesion output, for the record's per-lesion figures) are resampled the same way, inside the answer and
+    its ring only, 0 elsewhere. An empty answer costs nothing: empty masks on the input grid.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        transform,
+        prob_key: str = "lesions_prob",
+        threshold: float = 0.5,
+        evidence_keys: KeysCollection = (),
+        orig_keys: str = "image",
+    ) -> None:
+        super().__init__(keys)
+        self.prob_key, self.threshold = prob_key, float(threshold)
+        self.evidence_keys = (evidence_keys,) if isinstance(evidence_keys, str) else tuple(evidence_keys)
+        self.invert = BoxInvertd("answer", transform, orig_keys=orig_keys, box_channels=(0, 1))
+
+    @staticmethod
+    def _ring(mask: np.ndarray) -> np.ndarray:
+        """``mask`` grown by one voxel (26-neighbourhood), computed inside its box."""
+        grown = np.zeros_like(mask)
+        found = ndimage.find_objects(mask.view(np.uint8))
+        if not found:
+            return grown
+        box = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(found[0], mask.shape))
+        grown[box] = ndimage.binary_dilation(mask[box], structure=np.ones((3, 3, 3), bool))
+        return grown
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            answer = torch.as_tensor(d[key])[0] > 0
+            near = torch.as_tensor(self._ring(answer.cpu().numpy()))
+            probability = torch.as_tensor(d[self.prob_key])[0].float().cpu()
+            below = torch.clamp(probability, max=self.threshold * (1.0 - 1e-3))
+            boundary = torch.where(answer.cpu(), probability, below) * near
+            evidence = [torch.as_tensor(d[e])[0].float().cpu() * near for e in self.evidence_keys]
+            stacked = torch.stack([boundary, *(evidence or [torch.zeros_like(boundary)])])
+            source = d[self.prob_key]
+            stacked = MetaTensor(stacked, meta=source.meta) if isinstance(source, MetaTensor) else stacked
+            inverted = self.invert({**d, "answer": stacked})["answer"]
+            mask = (inverted[:1] >= self.threshold).to(torch.float32)
+            d[key] = MetaTensor(mask, meta=inverted.meta) if isinstance(inverted, MetaTensor) else mask
+            for index, name in enumerate(self.evidence_keys, start=1):
+                d[name] = inverted[index : index + 1]
+        return d
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray | None:
     """The largest connected component (face connectivity) of a binary array, or ``None`` when it is empty."""
     components, count = ndimage.label(mask)
@@ -320,9 +379,9 @@ class PerVolumeOutputsd(MapTransform):
     """Post-process the text-free output channels once per volume, the referred-lesion channel per expression.
 
     ``keys`` (K, X, Y, Z) network outputs (channel 0 the referred lesions, channels 1.. text-free) go through
-    ``transforms`` (activation, ``Invertd``, ``SplitOutputsd``, ``LiverRegiond``, ``LesionCandidatesd`` ...). Their
-    outputs named in ``shared_keys`` (the inverted liver and all-lesion probabilities, the liver region, the lesion
-    candidates) depend on the volume only:
+    ``transforms`` (activation, ``SplitOutputsd``, ``LiverRegiond``, ``LesionCandidatesd`` ...). Their outputs named
+    in ``shared_keys`` (the liver and all-lesion probabilities, the liver region, the lesion candidates) depend on
+    the volume only:
     for data whose ``volume_key`` tensor equals the previous call's, they are taken from that call and only channel
     0 of ``keys`` goes through ``transforms``, which gives the same results for less work (several expressions or
     prompts on one CT, one after the other). Shared outputs that a transform reads (the liver and its region, which

@@ -74,9 +74,10 @@ class LesionCandidatesd(MapTransform):
     """The lesion candidates of a volume, once per volume.
 
     ``keys``: the text-free all-lesion probabilities (1, X, Y, Z), already restricted to the liver region, on the
-    grid of ``image_key`` (1, X, Y, Z) Hounsfield units and ``liver_key`` (1, X, Y, Z) liver probabilities; the
-    affine comes from the lesion probabilities (a MetaTensor). The work is done inside the box that holds the liver
-    and the lesion voxels (everything outside is background), so it costs what the liver's size costs, not the whole
+    grid of ``image_key`` (1, X, Y, Z) Hounsfield units and ``liver_key`` (1, X, Y, Z) liver probabilities (the
+    configs keep all three on the network grid); the affine comes from the lesion probabilities (a MetaTensor).
+    The work is done inside the box that holds the liver and the lesion voxels (everything outside is background),
+    so it costs what the liver's size costs, not the whole
     CT. Stored under ``candidates_key``: ``box`` ([start, stop] per axis of the box holding the candidates), ``map``
     (int32 candidate map of that box, 0 background and 1..K by decreasing volume; :func:`full_candidate_map` gives
     it on the whole grid), ``attributes`` (one dict per candidate, :func:`custom.candidates.lesion_candidates`) and

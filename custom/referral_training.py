@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
-from monai.transforms import Compose
+from monai.transforms import Compose, ResampleToMatch
 
 from custom.candidates import (
     FEATURE_NAMES,
@@ -59,7 +59,6 @@ from custom.user_inputs import parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORER_SETTINGS = {"dim": 128, "heads": 4, "layers": 2, "dropout": 0.1}
-DEFAULT_SAMPLE_SETTINGS = {"candidate_threshold": 0.5, "min_voxels": 3, "split_depth_mm": None, "context_slices": 0}
 
 
 def _means(labels: np.ndarray, values: np.ndarray) -> list[float]:
@@ -74,12 +73,14 @@ def collect_case(case: dict, parts: dict) -> list[dict]:
         text_free = inferer(item["image"][None].to(device), network)
     outputs = parts["per_volume"]({**item, "pred": text_free[0].cpu()})
     candidates = outputs[parts["candidates_key"]]
-    instance_map = np.asarray(item["lesions"][0]).astype(np.int32)
+    # everything on the network grid, where the bundle finds and measures its candidates
+    lesions = ResampleToMatch(mode="nearest")(item["lesions"], img_dst=item["image"])
+    instance_map = np.asarray(lesions[0]).round().astype(np.int32)
     candidate_map = full_candidate_map(candidates, instance_map.shape)
     lesions_prob = np.asarray(outputs["lesions_prob"][0])
     liver = np.asarray(outputs["liver_prob"][0]) >= 0.5
     affine = np.asarray(outputs["lesions_prob"].affine, dtype=np.float64)
-    hounsfield = np.asarray(item["hounsfield"][0])
+    hounsfield = np.asarray(item[parts["hounsfield_key"]][0])
     truth, truth_case = measure_lesions(instance_map, affine, hounsfield, liver)
     truth = [with_liver_fractions(a, truth_case["liver_frame"]) for a in truth]
     truth_ids = [int(a["id"]) for a in truth]
@@ -153,16 +154,17 @@ def pipeline_parts(config_file: str, checkpoint: str | None, overrides: dict | N
             "a custom.referral.LesionCandidatesd step). Use bundle/configs/evaluate.json or a config derived from it."
         )
     finder, inferer = finders[0], parser.get_parsed_content("inferer")
-    settings = {  # what the samples depend on besides the weights (the defaults keep the earlier cache names)
+    settings = {  # what the samples depend on besides the weights
         "candidate_threshold": finder.threshold,
         "min_voxels": finder.min_voxels,
         "split_depth_mm": finder.split_depth_mm,
         "context_slices": getattr(inferer, "context_slices", 0),
+        "grid": "network",  # candidates found and measured on the network grid
     }
     return {
         "parser": parser,
         "checkpoint": str(checkpoint),
-        "settings": settings if settings != DEFAULT_SAMPLE_SETTINGS else None,
+        "settings": settings,
         "network": network.eval().to(parser.get_parsed_content("device")),
         "device": parser.get_parsed_content("device"),
         "inferer": inferer,
@@ -170,6 +172,7 @@ def pipeline_parts(config_file: str, checkpoint: str | None, overrides: dict | N
         "expression_preprocessing": Compose(parser.get_parsed_content("expression_preprocessing")),
         "per_volume": per_volume,
         "candidates_key": finder.candidates_key,
+        "hounsfield_key": finder.image_key,
         "datalist": parser.get_parsed_content("datalist"),
         "max_tokens": parser.get_parsed_content("max_tokens"),
     }

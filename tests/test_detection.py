@@ -7,6 +7,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
+from scipy import ndimage
 
 from custom.inferers import OUTSIDE_LOGIT, ReferringSliceInferer, liver_box, slice_context
 from custom.losses import LSMSLoss
@@ -351,3 +352,62 @@ def test_box_inversion_equals_inverting_the_whole_grid(box_at_corner):
     assert np.allclose(boxed.affine.numpy(), affine) and np.allclose(whole.affine.numpy(), affine)
     one_channel = BoxInvertd("pred", preprocessing, orig_keys="image")({**data, "pred": data["pred"][:1]})["pred"]
     assert torch.allclose(one_channel.as_tensor(), whole.as_tensor()[:1], atol=1e-6)
+
+
+def test_an_answer_goes_back_to_the_input_grid_as_whole_grid_resampling_gives_it_and_leaves_its_neighbour_out():
+    from monai.transforms import Compose, Invertd, Orientationd, Spacingd
+
+    from custom.postprocessing import AnswerToInputGridd
+
+    affine = np.array([[-0.7, 0, 0, 10.0], [0, -0.8, 0, 20.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])  # LPS-like
+    preprocessing = Compose([Orientationd("image", "RAS"), Spacingd("image", pixdim=[1.5, 1.5, -1], mode="bilinear")])
+    image = preprocessing({"image": MetaTensor(torch.zeros(1, 60, 50, 14), affine=torch.as_tensor(affine))})["image"]
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in image.shape[1:]], indexing="ij"), -1).astype(np.float32)
+
+    def blob(center, radius):
+        return np.exp(-(((grid - np.asarray(center)) / np.asarray(radius)) ** 2).sum(-1))
+
+    # two lesions touching along x, and a third one apart; probabilities on the network grid
+    lesions = np.maximum.reduce(
+        [blob((10, 12, 6), (3, 3, 2)), blob((15, 12, 6), (3, 3, 2)), blob((22, 24, 8), (3, 4, 2))]
+    )
+    candidates = np.zeros(lesions.shape, np.int32)
+    candidates[(lesions >= 0.5) & (grid[..., 0] <= 12)] = 1  # the touching pair, split at x = 12.5
+    candidates[(lesions >= 0.5) & (grid[..., 0] > 12) & (grid[..., 1] < 18)] = 2
+    candidates[(lesions >= 0.5) & (grid[..., 1] >= 18)] = 3
+    referred = np.random.default_rng(0).random(lesions.shape).astype(np.float32)
+
+    def answer(chosen):
+        mask = torch.as_tensor(np.isin(candidates, chosen), dtype=torch.float32)[None]
+        data = {
+            "image": image,
+            "mask": MetaTensor(mask, affine=image.affine),
+            "lesions_prob": MetaTensor(torch.as_tensor(lesions)[None], affine=image.affine),
+            "pred": MetaTensor(torch.as_tensor(referred)[None], affine=image.affine),
+        }
+        step = AnswerToInputGridd("mask", preprocessing, prob_key="lesions_prob", threshold=0.5, evidence_keys="pred")
+        return step(data)
+
+    whole = {
+        name: Invertd("x", preprocessing, orig_keys="image", nearest_interp=False)(
+            {"image": image, "x": MetaTensor(torch.as_tensor(values)[None], affine=image.affine)}
+        )["x"][0].numpy()
+        for name, values in (("lesions", lesions), ("referred", referred))
+    }
+    apart = answer([3])
+    assert apart["mask"].shape == (1, 60, 50, 14) and np.allclose(apart["mask"].affine.numpy(), affine)
+    found = apart["mask"][0].numpy() > 0
+    # the lone lesion: exactly its component of the whole-grid resampling thresholded
+    components, _ = ndimage.label(whole["lesions"] >= 0.5, structure=np.ones((3, 3, 3), bool))
+    lone = components == np.bincount(components[found]).argmax()
+    assert found.sum() > 100 and np.array_equal(found, lone)
+    evidence = apart["pred"][0].numpy()
+    assert np.allclose(evidence[found], whole["referred"][found], atol=1e-5)  # the record's figures inside it
+
+    pair = answer([1, 2])["mask"][0].numpy() > 0
+    first = answer([1])["mask"][0].numpy() > 0
+    assert first.sum() > 50 and (first <= pair).all()
+    assert (first & found).sum() == 0  # the lone lesion is not part of another answer
+    assert first.sum() < 0.75 * pair.sum()  # its touching neighbour stays out of the answer
+    empty = answer([])["mask"]
+    assert empty.shape == (1, 60, 50, 14) and empty.sum() == 0
