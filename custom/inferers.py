@@ -63,6 +63,11 @@ class ReferringSliceInferer(SliceInferer):
     channel 0 is the text-free answer (all lesions) inside the box. The last text-free pass is kept and reused when
     the next call has the same volume (several expressions of one case).
 
+    ``lesion_channel`` (the text-free all-lesion channel, ``None`` for off): the referring pass is needed only where
+    lesion candidates can be, so it runs only on the slices of the liver's box where that channel reaches
+    ``lesion_threshold`` (grown by the box's slice margin), and not at all when there is none. The network reads one
+    slice at a time, so the evidence on those slices is the same as with the whole box.
+
     ``context_slices`` n > 0: the network sees each slice with its n neighbours on either side as channels
     (:func:`slice_context`), as it was trained; ``inputs`` keep their own C channels.
     """
@@ -74,9 +79,13 @@ class ReferringSliceInferer(SliceInferer):
         focus_threshold: float = 0.5,
         focus_margin: tuple[int, int, int] = (7, 7, 1),
         context_slices: int = 0,
+        lesion_channel: int | None = None,
+        lesion_threshold: float = 0.5,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.lesion_channel = lesion_channel
+        self.lesion_threshold = float(lesion_threshold)
         if int(context_slices) < 0:
             raise ValueError(f"context_slices must be >= 0, got {context_slices}.")
         self.context_slices = int(context_slices)
@@ -98,6 +107,19 @@ class ReferringSliceInferer(SliceInferer):
         slab = slice_context(inputs[..., box[0], box[1], start:stop], n)
         return slab[..., box[2].start - start : box[2].stop - start]
 
+    def _lesion_slices(self, text_free: torch.Tensor, box: tuple[slice, slice, slice]):
+        """``box`` narrowed to the slices where the all-lesion channel reaches the threshold inside it, grown by the
+        box's slice margin; ``None`` when no voxel does."""
+        lesions = text_free[(0, self.lesion_channel, *box)]
+        threshold = float(torch.logit(torch.tensor(self.lesion_threshold)))
+        found = torch.nonzero((lesions >= threshold).flatten(0, 1).any(0)).flatten()
+        if found.numel() == 0:
+            return None
+        margin, offset = self.focus_margin[2], box[2].start
+        start = max(int(found[0]) - margin, 0) + offset
+        stop = min(int(found[-1]) + 1 + margin, box[2].stop - offset) + offset
+        return (box[0], box[1], slice(start, stop))
+
     def text_free(self, inputs: torch.Tensor, network) -> torch.Tensor:
         """The text-free pass over every slice, ``(1, C, H, W, D) -> (1, K, H, W, D)``, reused while the volume and
         the network's weights (their in-place update counters) are the same."""
@@ -106,7 +128,7 @@ class ReferringSliceInferer(SliceInferer):
         if last is not None and last[0] == weights and last[1].shape == inputs.shape and torch.equal(last[1], inputs):
             return last[2]
         output = self._slide(slice_context(inputs, self.context_slices), network)
-        self._last = (weights, inputs.detach().clone(), output)
+        self._last = (weights, inputs.detach(), output)  # kept, not copied: MONAI's transforms do not work in place
         return output
 
     def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any):
@@ -119,6 +141,10 @@ class ReferringSliceInferer(SliceInferer):
         output[:, 0] = OUTSIDE_LOGIT
         if box is None:
             return output
+        if self.lesion_channel is not None and (args or kwargs):
+            box = self._lesion_slices(text_free, box)
+            if box is None:
+                return output
         region = (slice(None), slice(None), *box)
         if args or kwargs:
             referred = self._slide(self._region_with_context(inputs, box), network, *args, **kwargs)

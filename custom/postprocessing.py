@@ -166,7 +166,7 @@ class BoxInvertd(MapTransform):
         self.orig_key = orig_keys
         self.box_channels = tuple(int(c) for c in box_channels)
 
-    def _resampling(self, image) -> dict | None:
+    def grid_of(self, image) -> dict | None:
         """Input grid and resampling of ``Orientationd`` + ``Spacingd`` as recorded on ``image``; ``None`` for any
         other preprocessing."""
         operations = getattr(image, "applied_operations", [])
@@ -182,14 +182,14 @@ class BoxInvertd(MapTransform):
             "resample": {k: extra[k] for k in ("mode", "padding_mode", "align_corners", "dtype")},
         }
 
-    def _invert_box(self, channel: torch.Tensor, source_affine: torch.Tensor, grid: dict, out: torch.Tensor) -> None:
-        """Write the (X', Y', Z') input-grid form of the (X, Y, Z) network-grid ``channel`` into ``out``, resampling
-        its box only."""
-        fill = channel[0, 0, 0]
-        out.fill_(float(fill))
+    def resample_box(self, channel: torch.Tensor, source_affine: torch.Tensor, grid: dict) -> tuple:
+        """The (X, Y, Z) network-grid ``channel`` on the input grid ``grid`` (:meth:`grid_of`), its box only:
+        ``(fill, box, values)`` where the input-grid voxels of ``box`` (a tuple of slices) take ``values`` and every
+        other voxel ``fill`` (``box`` and ``values`` are None when the whole channel is ``fill``)."""
+        fill = float(channel[0, 0, 0])
         varying = (channel != fill).cpu().numpy()
         if not varying.any():
-            return
+            return fill, None, None
         found = ndimage.find_objects(varying.view(np.uint8))[0]
         box = [slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(found, channel.shape)]
         crop_affine = source_affine.clone()
@@ -206,19 +206,19 @@ class BoxInvertd(MapTransform):
         low = np.maximum(np.floor(target.min(1).values.numpy()).astype(int), 0)
         high = np.minimum(np.ceil(target.max(1).values.numpy()).astype(int) + 1, grid["shape"])
         if (high <= low).any():
-            return
+            return fill, None, None
         target_affine = grid["affine"].clone()
         target_affine[:, 3] = grid["affine"] @ torch.tensor([*low.tolist(), 1], dtype=torch.float64)
         crop = MetaTensor(channel[tuple(box)][None], affine=crop_affine)
         resampled = SpatialResample(**grid["resample"])(
             crop, dst_affine=target_affine, spatial_size=tuple((high - low).tolist())
         )
-        out[tuple(slice(a, b) for a, b in zip(low, high))] = torch.as_tensor(resampled[0]).to(out.dtype)
+        return fill, tuple(slice(a, b) for a, b in zip(low, high)), torch.as_tensor(resampled[0])
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         image = d.get(self.orig_key)
-        grid = self._resampling(image) if isinstance(image, MetaTensor) else None
+        grid = self.grid_of(image) if isinstance(image, MetaTensor) else None
         for key in self.key_iterator(d):
             output = d[key]
             boxed = [c for c in self.box_channels if c < output.shape[0]]
@@ -229,7 +229,10 @@ class BoxInvertd(MapTransform):
             plain = output.as_tensor() if isinstance(output, MetaTensor) else output
             result = torch.empty((output.shape[0], *grid["shape"]), dtype=plain.dtype)
             for c in boxed:
-                self._invert_box(plain[c], source_affine, grid, result[c])
+                fill, box, values = self.resample_box(plain[c], source_affine, grid)
+                result[c].fill_(fill)
+                if box is not None:
+                    result[c][box] = values.to(result.dtype)
             rest = [c for c in range(output.shape[0]) if c not in boxed]
             if rest:
                 result[rest] = torch.as_tensor(self.invert({**d, key: output[rest]})[key]).to(result.dtype)
@@ -242,14 +245,15 @@ class BoxInvertd(MapTransform):
 class AnswerToInputGridd(MapTransform):
     """An answer found on the network grid, back on the input grid: its box only is resampled.
 
-    ``keys``: (1, X, Y, Z) {0, 1} answer masks on the network grid -> (1, X', Y', Z') {0, 1} masks on the grid of
-    ``orig_keys`` as loaded. The border comes from the probabilities the answer was thresholded from (``prob_key``,
-    ``threshold``: the all-lesion output for the candidates, the referred-lesion output for the rule): they are
-    resampled (bilinear, :class:`BoxInvertd`) in the answer and a one-voxel ring around it and thresholded again, so
-    the answer keeps the sub-voxel border a whole-grid resampling gives; ring voxels at or above the threshold
-    (another candidate touching this one) are held just below it. ``evidence_keys`` (1, X, Y, Z) probabilities (the
-    referred-lesion output, for the record's per-lesion figures) are resampled the same way, inside the answer and
-    its ring only, 0 elsewhere. An empty answer costs nothing: empty masks on the input grid.
+    ``keys``: (1, X, Y, Z) {0, 1} answer masks on the network grid -> (1, X', Y', Z') uint8 {0, 1} masks on the
+    grid of ``orig_keys`` as loaded. The border comes from the probabilities the answer was thresholded from
+    (``prob_key``, ``threshold``: the all-lesion output for the candidates, the referred-lesion output for the rule):
+    they are resampled (bilinear, :meth:`BoxInvertd.resample_box`) in the answer and a one-voxel ring around it and
+    thresholded again, so the answer keeps the sub-voxel border a whole-grid resampling gives; ring voxels at or above
+    the threshold (another candidate touching this one) are held just below it. ``evidence_keys`` (1, X, Y, Z)
+    probabilities (the referred-lesion output, for the record's per-lesion figures) are resampled the same way,
+    inside the answer and its ring only, 0 elsewhere (float32). Nothing of the size of the input grid is made but
+    the outputs; preprocessing other than ``Orientationd`` then ``Spacingd`` goes through ``Invertd`` whole.
     """
 
     def __init__(
@@ -262,9 +266,9 @@ class AnswerToInputGridd(MapTransform):
         orig_keys: str = "image",
     ) -> None:
         super().__init__(keys)
-        self.prob_key, self.threshold = prob_key, float(threshold)
+        self.prob_key, self.threshold, self.orig_key = prob_key, float(threshold), orig_keys
         self.evidence_keys = (evidence_keys,) if isinstance(evidence_keys, str) else tuple(evidence_keys)
-        self.invert = BoxInvertd("answer", transform, orig_keys=orig_keys, box_channels=(0, 1))
+        self.box_invert = BoxInvertd("answer", transform, orig_keys=orig_keys, box_channels=())
 
     @staticmethod
     def _ring(mask: np.ndarray) -> np.ndarray:
@@ -277,23 +281,47 @@ class AnswerToInputGridd(MapTransform):
         grown[box] = ndimage.binary_dilation(mask[box], structure=np.ones((3, 3, 3), bool))
         return grown
 
+    def _on_input_grid(self, boundary: torch.Tensor, evidence: list[torch.Tensor], data: dict) -> tuple:
+        """The answer (uint8, ``boundary`` thresholded) and the ``evidence`` (float32) of the (X, Y, Z) network grid
+        on the input grid, and the metadata that goes with them."""
+        image = data.get(self.orig_key)
+        grid = self.box_invert.grid_of(image) if isinstance(image, MetaTensor) else None
+        if grid is None:
+            source = data[self.prob_key]
+            stacked = torch.stack([boundary, *evidence])
+            stacked = MetaTensor(stacked, meta=source.meta) if isinstance(source, MetaTensor) else stacked
+            inverted = self.box_invert({**data, "answer": stacked})["answer"]
+            meta, inverted = dict(getattr(inverted, "meta", {})), torch.as_tensor(inverted)
+            return (inverted[0] >= self.threshold).to(torch.uint8), list(inverted[1:].unbind(0)), meta
+        source_affine = torch.as_tensor(image.affine, dtype=torch.float64)
+        fill, box, values = self.box_invert.resample_box(boundary, source_affine, grid)
+        answer = torch.full(grid["shape"], int(fill >= self.threshold), dtype=torch.uint8)
+        if box is not None:
+            answer[box] = (values >= self.threshold).to(torch.uint8)
+        resampled = []
+        for channel in evidence:
+            fill, box, values = self.box_invert.resample_box(channel, source_affine, grid)
+            full = torch.full(grid["shape"], fill, dtype=torch.float32)
+            if box is not None:
+                full[box] = values.to(torch.float32)
+            resampled.append(full)
+        meta = deepcopy(image.meta)
+        meta["affine"] = grid["affine"]
+        return answer, resampled, meta
+
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            answer = torch.as_tensor(d[key])[0] > 0
-            near = torch.as_tensor(self._ring(answer.cpu().numpy()))
+            answer = torch.as_tensor(d[key])[0].cpu() > 0
+            near = torch.as_tensor(self._ring(answer.numpy()))
             probability = torch.as_tensor(d[self.prob_key])[0].float().cpu()
             below = torch.clamp(probability, max=self.threshold * (1.0 - 1e-3))
-            boundary = torch.where(answer.cpu(), probability, below) * near
-            evidence = [torch.as_tensor(d[e])[0].float().cpu() * near for e in self.evidence_keys]
-            stacked = torch.stack([boundary, *(evidence or [torch.zeros_like(boundary)])])
-            source = d[self.prob_key]
-            stacked = MetaTensor(stacked, meta=source.meta) if isinstance(source, MetaTensor) else stacked
-            inverted = self.invert({**d, "answer": stacked})["answer"]
-            mask = (inverted[:1] >= self.threshold).to(torch.float32)
-            d[key] = MetaTensor(mask, meta=inverted.meta) if isinstance(inverted, MetaTensor) else mask
-            for index, name in enumerate(self.evidence_keys, start=1):
-                d[name] = inverted[index : index + 1]
+            boundary = torch.where(answer, probability, below) * near
+            evidence = [torch.as_tensor(d[name])[0].float().cpu() * near for name in self.evidence_keys]
+            mask, evidence, meta = self._on_input_grid(boundary, evidence, d)
+            d[key] = MetaTensor(mask[None], meta=meta)
+            for name, values in zip(self.evidence_keys, evidence):
+                d[name] = MetaTensor(values[None], meta=meta)
         return d
 
 
@@ -428,5 +456,5 @@ class PerVolumeOutputsd(MapTransform):
             return {**self.transforms({**d, **read}), **final}
         output = self.transforms(d)
         shared = {key: output[key] for key in self.shared_keys if key in output}
-        self._last = (volume.detach().clone(), shared) if shared and isinstance(volume, torch.Tensor) else None
+        self._last = (volume.detach(), shared) if shared and isinstance(volume, torch.Tensor) else None  # not copied
         return output

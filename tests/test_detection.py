@@ -174,6 +174,44 @@ def test_liver_focus_answers_inside_the_liver_box_only_and_shares_the_text_free_
     assert liver_box(np.zeros((3, 3, 3), bool)) is None
 
 
+class LesionNetwork(torch.nn.Module):
+    """Channel 0: the slice's position in the image's third channel plus 5 with text; channel 1 (liver): the image's
+    first channel; channel 2 (all lesions): its second one. Counts slices seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slices = 0
+
+    def forward(self, image, input_ids=None, attention_mask=None):
+        self.slices += image.shape[0]
+        referred = image[:, 2:3] + (5.0 if input_ids is not None else 0.0)
+        return torch.cat([referred, image[:, :1] * 20 - 10, image[:, 1:2] * 20 - 10], 1)
+
+
+def test_referring_pass_runs_on_the_slices_that_hold_lesion_candidates_only_with_the_same_evidence():
+    image = torch.zeros(1, 3, 16, 16, 12)
+    image[0, 0, 3:12, 3:12, 1:9] = 1  # the liver on slices 1..8
+    image[0, 1, 6:8, 6:8, 5] = 1  # one lesion, on slice 5 only
+    image[0, 2] = torch.arange(12.0)  # which slice the network saw
+    text = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    settings = {"roi_size": (-1, -1), "sw_batch_size": 4, "spatial_dim": 2, "focus_channel": 1}
+    whole_box = ReferringSliceInferer(**settings, focus_margin=(1, 1, 1))(image, LesionNetwork(), **text)
+    network = LesionNetwork()
+    inferer = ReferringSliceInferer(**settings, focus_margin=(1, 1, 1), lesion_channel=2, lesion_threshold=0.5)
+    output = inferer(image, network, **text)
+    assert network.slices == 12 + 3  # the text-free pass, then slices 4, 5 and 6 of the liver's box
+    answered = (output[0, 0] != OUTSIDE_LOGIT).any(0).any(0)
+    assert answered.nonzero().flatten().tolist() == [4, 5, 6]
+    assert torch.equal(output[..., 4:7], whole_box[..., 4:7])  # the same evidence where candidates can be
+    assert torch.equal(output[:, 1:], whole_box[:, 1:])  # text-free channels untouched
+    no_lesion = image.clone()
+    no_lesion[0, 1] = 0
+    network = LesionNetwork()
+    empty = inferer(no_lesion, network, **text)
+    assert network.slices == 12 and (empty[0, 0] == OUTSIDE_LOGIT).all()  # no candidate, no referring pass
+    assert torch.equal(inferer(image, LesionNetwork())[:, 0, 3:12, 3:12, 1:9], whole_box[:, 0, 3:12, 3:12, 1:9] - 5)
+
+
 class ContextNetwork(torch.nn.Module):
     """Channel 0 the slice's own (centre) first window, so the output shows which slice sat in the centre; the liver
     channel from the same centre slice; records the channel count it saw."""
@@ -411,3 +449,27 @@ def test_an_answer_goes_back_to_the_input_grid_as_whole_grid_resampling_gives_it
     assert first.sum() < 0.75 * pair.sum()  # its touching neighbour stays out of the answer
     empty = answer([])["mask"]
     assert empty.shape == (1, 60, 50, 14) and empty.sum() == 0
+
+
+def test_an_answer_after_other_preprocessing_goes_back_through_the_whole_grid_inversion():
+    from monai.transforms import Compose, Invertd, Spacingd
+
+    from custom.postprocessing import AnswerToInputGridd
+
+    preprocessing = Compose([Spacingd("image", pixdim=[1.5, 1.5, -1], mode="bilinear")])  # no Orientationd
+    loaded = MetaTensor(torch.zeros(1, 40, 36, 8), affine=torch.diag(torch.tensor([0.7, 0.8, 2.5, 1.0])))
+    image = preprocessing({"image": loaded})["image"]
+    lesions = torch.zeros(image.shape[1:])
+    lesions[5:9, 6:10, 2:5] = 0.9
+    data = {
+        "image": image,
+        "mask": MetaTensor((lesions > 0.5).float()[None], affine=image.affine),
+        "lesions_prob": MetaTensor(lesions[None], affine=image.affine),
+    }
+    answer = AnswerToInputGridd("mask", preprocessing, prob_key="lesions_prob")(data)["mask"]
+    whole = Invertd("x", preprocessing, orig_keys="image", nearest_interp=False)(
+        {"image": image, "x": MetaTensor(lesions[None], affine=image.affine)}
+    )["x"]
+    assert answer.shape == (1, 40, 36, 8) and answer.dtype == torch.uint8
+    assert torch.equal(answer[0].bool(), whole[0] >= 0.5) and answer.sum() > 0
+    assert np.allclose(np.asarray(answer.affine), np.diag([0.7, 0.8, 2.5, 1.0]))
