@@ -54,22 +54,32 @@ def split_touching(components: np.ndarray, spacing_mm, depth_mm: float) -> np.nd
     ``components`` (X, Y, Z) int labels (0 background); ``spacing_mm`` the voxel size per axis. Inside each
     component the distance to its border (mm) has one maximum per lesion centre; maxima that stand at least
     ``depth_mm`` above the saddle between them (``skimage.morphology.h_maxima``) seed a watershed of the negative
-    distance, confined to the component. A component with one such maximum is left whole. Returns the split
+    distance, confined to the component. A component with fewer than two such maxima is left whole. Each component
+    is worked on inside its own box, so the cost follows the lesions' size, not the volume's. Returns the split
     labels (X, Y, Z) int32, 0 background, in no particular order.
     """
     components = np.asarray(components)
-    foreground = components > 0
-    if not foreground.any():
-        return np.zeros(components.shape, np.int32)
-    distance = ndimage.distance_transform_edt(foreground, sampling=spacing_mm).astype(np.float32)
-    seeds, count = ndimage.label(h_maxima(distance, depth_mm), structure=np.ones((3, 3, 3), bool))
-    split = watershed(-distance, seeds, mask=foreground, connectivity=3)
-    # components thinner than 2 * depth_mm hold no seed: they stay whole
-    unseeded = foreground & (split == 0)
-    if unseeded.any():
-        extra, _ = ndimage.label(unseeded, structure=np.ones((3, 3, 3), bool))
-        split = np.where(unseeded, extra + split.max(), split)
-    return split.astype(np.int32)
+    split = np.zeros(components.shape, np.int32)
+    structure = np.ones((3, 3, 3), bool)
+    label = 0
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        if box is None:
+            continue
+        grown = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
+        mask = components[grown] == index
+        distance = ndimage.distance_transform_edt(mask, sampling=spacing_mm).astype(np.float32)
+        count = 0
+        if distance.max() >= depth_mm:  # thinner components hold no seed
+            seeds, count = ndimage.label(h_maxima(distance, depth_mm), structure=structure)
+        view = split[grown]
+        if count < 2:
+            label += 1
+            view[mask] = label
+            continue
+        parts = watershed(-distance, seeds, mask=mask, connectivity=3)
+        view[mask] = parts[mask] + label
+        label += count
+    return split
 
 
 def lesion_candidates(

@@ -222,8 +222,11 @@ def _typed(value: Any, default: Any, name: str) -> Any:
     return value
 
 
-def _command_line_values(options: Mapping[str, Any], files: Sequence[str], user_data: Sequence[str]) -> dict:
-    """{id: value to pin} for the command-line options, after refusing unknown ids and values of the wrong type."""
+def _command_line_values(
+    options: Mapping[str, Any], files: Sequence[str], user_data: Sequence[str], optional: Iterable[str] = ()
+) -> dict:
+    """{id: value to pin} for the command-line options, after refusing unknown ids and values of the wrong type;
+    ``optional`` ids also take null (None)."""
     merged = ConfigParser()
     merged.read_config(list(files))  # merged as MONAI merges them (ids such as "train#sampler" go into place)
     file_config = merged.get()
@@ -246,6 +249,8 @@ def _command_line_values(options: Mapping[str, Any], files: Sequence[str], user_
         default = _default_of(file_config, id)
         if id in user_data:
             values[id] = raw if isinstance(raw, str) else str(raw)
+        elif id in optional and (raw is None or (isinstance(raw, str) and raw.strip().lower() in ("null", "none"))):
+            values[id] = None
         elif isinstance(default, (bool, int, float, list)):
             value = _typed(raw, default, name)
             if not (isinstance(value, str) and value.startswith(("$", "@", "%"))):
@@ -259,6 +264,7 @@ def guard_overrides(
     debug: Any = False,
     argv: Sequence[str] | None = None,
     limits: Mapping[str, Sequence[float | None]] | None = None,
+    optional: Iterable[str] = (),
 ) -> None:
     """Check and pin the user's inputs of the running bundle config (see the module docstring).
 
@@ -268,6 +274,7 @@ def guard_overrides(
         argv: the command line (default ``sys.argv``); only read when it is a ``python -m monai.bundle`` command.
         limits: ``{id: [min, max]}`` of numeric options (None: unbounded); their values, given or default, must be
             numbers in that range (or null where the default is null).
+        optional: ids of numeric options that null turns off (``--referral#split_depth_mm null``).
     """
     debug = as_bool(debug, "debug")
     options = command_line_options(argv)
@@ -277,7 +284,8 @@ def guard_overrides(
     user_data = [ReferenceResolver.normalize_id(i) for i in user_data]
     files = _config_files(options.get("config_file", [])) if options is not None else []
     # without config files on the command line (Python API, --args_file) MONAI has read the values: pin those
-    values = _command_line_values(options, files, user_data) if files else {}
+    optional = {ReferenceResolver.normalize_id(i) for i in optional}
+    values = _command_line_values(options, files, user_data, optional) if files else {}
     for id in user_data:
         if id in parser and id not in values:
             values[id] = _user_value(parser, id, values, user_data)

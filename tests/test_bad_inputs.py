@@ -309,6 +309,13 @@ CASES = [
     Case("number option given text", ["--image", IMG, "--in_plane_spacing", "abc"], "must be a number"),
     Case("nested number option given text", ["--image", IMG, "--referral#threshold", "abc"], "must be a number"),
     Case("whole-number option given a fraction", ["--image", IMG, "--max_tokens", "3.5"], "whole number"),
+    Case("number option that cannot be off given null", ["--image", IMG, "--in_plane_spacing", "null"], "a number"),
+    Case(
+        "candidate splitting turned off with null",
+        ["--image", IMG, "--referral#split_depth_mm", "null"],
+        code=0,
+        check=verbatim(PROMPT),
+    ),
     Case("negative in-plane spacing", ["--image", IMG, "--in_plane_spacing", "-2"], "--in_plane_spacing must be from"),
     Case("threshold above 1", ["--image", IMG, "--referral#threshold", "1.5"], "--referral#threshold must be from 0.0"),
     Case(
