@@ -58,7 +58,8 @@ class ReferringSliceInferer(SliceInferer):
 
     Liver focus (``focus_channel``: the network's text-free liver channel, ``None`` for off): a text-free pass over
     every slice gives the liver and all-lesion channels; the referring pass (with the text) then runs on the box of
-    the largest liver component grown by ``focus_margin`` voxels, on the slices that hold it, only. Outside the box
+    the largest liver component grown by ``focus_margin`` voxels (or ``focus_margin_mm`` along every axis), on the
+    slices that hold it, only. Outside the box
     channel 0 is :data:`OUTSIDE_LOGIT` (nothing is answered there, nor anywhere when no liver is found). Without text
     channel 0 is the text-free answer (all lesions) inside the box. The last text-free pass is kept and reused when
     the next call has the same volume (several expressions of one case).
@@ -78,6 +79,7 @@ class ReferringSliceInferer(SliceInferer):
         focus_channel: int | None = None,
         focus_threshold: float = 0.5,
         focus_margin: tuple[int, int, int] = (7, 7, 1),
+        focus_margin_mm: float | None = None,
         context_slices: int = 0,
         lesion_channel: int | None = None,
         lesion_threshold: float = 0.5,
@@ -92,6 +94,7 @@ class ReferringSliceInferer(SliceInferer):
         self.focus_channel = focus_channel
         self.focus_threshold = float(focus_threshold)
         self.focus_margin = tuple(int(m) for m in focus_margin)
+        self.focus_margin_mm = None if focus_margin_mm is None else float(focus_margin_mm)
         self._last: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def _slide(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -107,7 +110,17 @@ class ReferringSliceInferer(SliceInferer):
         slab = slice_context(inputs[..., box[0], box[1], start:stop], n)
         return slab[..., box[2].start - start : box[2].stop - start]
 
-    def _lesion_slices(self, text_free: torch.Tensor, box: tuple[slice, slice, slice]):
+    def _margin(self, inputs: torch.Tensor) -> tuple[int, ...]:
+        """The box's margin in voxels per axis: ``focus_margin``, or ``focus_margin_mm`` over the voxel size of
+        ``inputs`` (a MetaTensor's affine) rounded up, so thin and thick slices get the same margin in mm."""
+        affine = getattr(inputs, "affine", None)
+        if self.focus_margin_mm is None or affine is None:
+            return self.focus_margin
+        affine = torch.as_tensor(affine, dtype=torch.float64)
+        spacing = torch.linalg.norm((affine[0] if affine.ndim == 3 else affine)[:3, :3], dim=0)
+        return tuple(int(np.ceil(self.focus_margin_mm / float(s) - 1e-6)) for s in spacing)
+
+    def _lesion_slices(self, text_free: torch.Tensor, box: tuple[slice, slice, slice], margin: int):
         """``box`` narrowed to the slices where the all-lesion channel reaches the threshold inside it, grown by the
         box's slice margin; ``None`` when no voxel does."""
         lesions = text_free[(0, self.lesion_channel, *box)]
@@ -115,7 +128,7 @@ class ReferringSliceInferer(SliceInferer):
         found = torch.nonzero((lesions >= threshold).flatten(0, 1).any(0)).flatten()
         if found.numel() == 0:
             return None
-        margin, offset = self.focus_margin[2], box[2].start
+        offset = box[2].start
         start = max(int(found[0]) - margin, 0) + offset
         stop = min(int(found[-1]) + 1 + margin, box[2].stop - offset) + offset
         return (box[0], box[1], slice(start, stop))
@@ -136,13 +149,14 @@ class ReferringSliceInferer(SliceInferer):
             return self._slide(slice_context(inputs, self.context_slices), network, *args, **kwargs)
         text_free = self.text_free(inputs, network)
         liver = (torch.sigmoid(text_free[0, self.focus_channel].float()) >= self.focus_threshold).cpu().numpy()
-        box = liver_box(liver, self.focus_margin)
+        margin = self._margin(inputs)
+        box = liver_box(liver, margin)
         output = text_free.clone()
         output[:, 0] = OUTSIDE_LOGIT
         if box is None:
             return output
         if self.lesion_channel is not None and (args or kwargs):
-            box = self._lesion_slices(text_free, box)
+            box = self._lesion_slices(text_free, box, margin[2])
             if box is None:
                 return output
         region = (slice(None), slice(None), *box)

@@ -473,3 +473,18 @@ def test_an_answer_after_other_preprocessing_goes_back_through_the_whole_grid_in
     assert answer.shape == (1, 40, 36, 8) and answer.dtype == torch.uint8
     assert torch.equal(answer[0].bool(), whole[0] >= 0.5) and answer.sum() > 0
     assert np.allclose(np.asarray(answer.affine), np.diag([0.7, 0.8, 2.5, 1.0]))
+
+
+def test_the_liver_box_margin_in_mm_covers_as_many_slices_as_their_thickness_needs():
+    settings = {"roi_size": (-1, -1), "sw_batch_size": 4, "spatial_dim": 2, "focus_channel": 1, "focus_margin_mm": 8}
+    image = torch.zeros(1, 3, 16, 16, 12)
+    image[0, 0, 6:10, 6:10, 5:7] = 1  # the liver on slices 5 and 6
+    image[0, 2] = torch.arange(12.0)
+    text = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    for thickness, slices in ((4.0, [3, 4, 5, 6, 7, 8]), (2.0, list(range(1, 11)))):
+        affine = torch.diag(torch.tensor([2.0, 2.0, thickness, 1.0]))
+        output = ReferringSliceInferer(**settings)(MetaTensor(image, affine=affine), LesionNetwork(), **text)
+        answered = (output[0, 0] != OUTSIDE_LOGIT).any(0).any(0)
+        assert answered.nonzero().flatten().tolist() == slices  # 8 mm: 2 slices of 4 mm, 4 of 2 mm
+        rows = (output[0, 0] != OUTSIDE_LOGIT).any(1).any(1).nonzero().flatten().tolist()
+        assert rows == list(range(2, 14))  # 8 mm in-plane: 4 pixels of 2 mm on either side
