@@ -93,20 +93,22 @@ def text_free_on_input_grid(outputs: dict, item: dict, preprocessing: Compose, t
     answers are; ``candidates`` (the candidate map, when the pipeline makes one) takes the nearest network voxel's
     candidate where the resampled all-lesion probability reaches ``threshold``.
     """
+
+    def inverted(channels: list[torch.Tensor], nearest: bool) -> np.ndarray:
+        stacked = MetaTensor(torch.stack(channels), meta=item["image"].meta)
+        invert = Invertd("stacked", preprocessing, orig_keys="image", nearest_interp=nearest)
+        return np.asarray(invert({**item, "stacked": stacked})["stacked"])
+
     names = [name for name in ("lesions_prob", "liver_prob") if name in outputs] or ["pred"]
-    channels = [torch.as_tensor(outputs[name])[0].float() for name in names]
+    smooth = inverted([torch.as_tensor(outputs[name])[0].float() for name in names], nearest=False)
+    back = {"lesions": smooth[0]}
+    if "liver_prob" in names:
+        back["liver"] = smooth[1]
     candidates = outputs.get("lesion_candidates")
     if candidates is not None:
-        channels.append(torch.as_tensor(full_candidate_map(candidates, tuple(channels[0].shape)), dtype=torch.float32))
-    stacked = MetaTensor(torch.stack(channels), meta=item["image"].meta)
-    smooth = Invertd("stacked", preprocessing, orig_keys="image", nearest_interp=False)({**item, "stacked": stacked})
-    back = {"lesions": np.asarray(smooth["stacked"][0])}
-    if "liver_prob" in names:
-        back["liver"] = np.asarray(smooth["stacked"][1])
-    if candidates is not None:
-        nearest = Invertd("stacked", preprocessing, orig_keys="image", nearest_interp=True)
-        labels = np.asarray(nearest({**item, "stacked": stacked[-1:]})["stacked"][0]).round().astype(np.int32)
-        back["candidates"] = np.where(back["lesions"] >= threshold, labels, 0)
+        candidate_map = full_candidate_map(candidates, tuple(outputs[names[0]].shape[1:]))
+        labels = inverted([torch.as_tensor(candidate_map, dtype=torch.float32)], nearest=True)[0]
+        back["candidates"] = np.where(back["lesions"] >= threshold, labels.round().astype(np.int32), 0)
     return back
 
 

@@ -88,6 +88,7 @@ class ReferringSliceInferer(SliceInferer):
         super().__init__(*args, **kwargs)
         self.lesion_channel = lesion_channel
         self.lesion_threshold = float(lesion_threshold)
+        self._lesion_logit = float(torch.logit(torch.tensor(self.lesion_threshold)))  # the threshold on the logits
         if int(context_slices) < 0:
             raise ValueError(f"context_slices must be >= 0, got {context_slices}.")
         self.context_slices = int(context_slices)
@@ -124,8 +125,7 @@ class ReferringSliceInferer(SliceInferer):
         """``box`` narrowed to the slices where the all-lesion channel reaches the threshold inside it, grown by the
         box's slice margin; ``None`` when no voxel does."""
         lesions = text_free[(0, self.lesion_channel, *box)]
-        threshold = float(torch.logit(torch.tensor(self.lesion_threshold)))
-        found = torch.nonzero((lesions >= threshold).flatten(0, 1).any(0)).flatten()
+        found = torch.nonzero((lesions >= self._lesion_logit).flatten(0, 1).any(0)).flatten()
         if found.numel() == 0:
             return None
         offset = box[2].start

@@ -215,6 +215,17 @@ class BoxInvertd(MapTransform):
         )
         return fill, tuple(slice(a, b) for a, b in zip(low, high)), torch.as_tensor(resampled[0])
 
+    def invert_channel(
+        self, channel: torch.Tensor, source_affine: torch.Tensor, grid: dict, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """The (X, Y, Z) network-grid ``channel`` as a whole (X', Y', Z') ``dtype`` tensor on the input grid
+        ``grid``, resampling its box only (:meth:`resample_box`)."""
+        fill, box, values = self.resample_box(channel, source_affine, grid)
+        out = torch.full(grid["shape"], fill, dtype=dtype)
+        if box is not None:
+            out[box] = values.to(dtype)
+        return out
+
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         image = d.get(self.orig_key)
@@ -229,10 +240,7 @@ class BoxInvertd(MapTransform):
             plain = output.as_tensor() if isinstance(output, MetaTensor) else output
             result = torch.empty((output.shape[0], *grid["shape"]), dtype=plain.dtype)
             for c in boxed:
-                fill, box, values = self.resample_box(plain[c], source_affine, grid)
-                result[c].fill_(fill)
-                if box is not None:
-                    result[c][box] = values.to(result.dtype)
+                result[c] = self.invert_channel(plain[c], source_affine, grid, result.dtype)
             rest = [c for c in range(output.shape[0]) if c not in boxed]
             if rest:
                 result[rest] = torch.as_tensor(self.invert({**d, key: output[rest]})[key]).to(result.dtype)
@@ -298,13 +306,7 @@ class AnswerToInputGridd(MapTransform):
         answer = torch.full(grid["shape"], int(fill >= self.threshold), dtype=torch.uint8)
         if box is not None:
             answer[box] = (values >= self.threshold).to(torch.uint8)
-        resampled = []
-        for channel in evidence:
-            fill, box, values = self.box_invert.resample_box(channel, source_affine, grid)
-            full = torch.full(grid["shape"], fill, dtype=torch.float32)
-            if box is not None:
-                full[box] = values.to(torch.float32)
-            resampled.append(full)
+        resampled = [self.box_invert.invert_channel(channel, source_affine, grid) for channel in evidence]
         meta = deepcopy(image.meta)
         meta["affine"] = grid["affine"]
         return answer, resampled, meta
