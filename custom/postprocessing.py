@@ -182,22 +182,32 @@ class BoxInvertd(MapTransform):
             "resample": {k: extra[k] for k in ("mode", "padding_mode", "align_corners", "dtype")},
         }
 
-    def resample_box(self, channel: torch.Tensor, source_affine: torch.Tensor, grid: dict) -> tuple:
+    def resample_box(
+        self,
+        channel: torch.Tensor,
+        source_affine: torch.Tensor,
+        grid: dict,
+        offset: tuple[int, ...] = (0, 0, 0),
+        fill: float | None = None,
+    ) -> tuple:
         """The (X, Y, Z) network-grid ``channel`` on the input grid ``grid`` (:meth:`grid_of`), its box only:
         ``(fill, box, values)`` where the input-grid voxels of ``box`` (a tuple of slices) take ``values`` and every
-        other voxel ``fill`` (``box`` and ``values`` are None when the whole channel is ``fill``)."""
-        fill = float(channel[0, 0, 0])
+        other voxel ``fill`` (``box`` and ``values`` are None when the whole channel is ``fill``). ``channel`` may be
+        a crop of the network grid starting at voxel ``offset``, everything outside it ``fill`` (default: the
+        channel's corner value)."""
+        fill = float(channel[0, 0, 0]) if fill is None else float(fill)
         varying = (channel != fill).cpu().numpy()
         if not varying.any():
             return fill, None, None
         found = ndimage.find_objects(varying.view(np.uint8))[0]
         box = [slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(found, channel.shape)]
         crop_affine = source_affine.clone()
-        crop_affine[:, 3] = source_affine @ torch.tensor([b.start for b in box] + [1], dtype=torch.float64)
+        start = [b.start + o for b, o in zip(box, offset)]
+        crop_affine[:, 3] = source_affine @ torch.tensor(start + [1], dtype=torch.float64)
         # the input-grid box whose voxels sample inside the crop; beyond it every sample sees the fill value only
         corners = torch.tensor(
             [
-                [*(b.stop - 1 if pick else b.start for b, pick in zip(box, picks)), 1]
+                [*(o + (b.stop - 1 if pick else b.start) for b, o, pick in zip(box, offset, picks)), 1]
                 for picks in itertools.product((0, 1), repeat=3)
             ],
             dtype=torch.float64,
@@ -216,11 +226,17 @@ class BoxInvertd(MapTransform):
         return fill, tuple(slice(a, b) for a, b in zip(low, high)), torch.as_tensor(resampled[0])
 
     def invert_channel(
-        self, channel: torch.Tensor, source_affine: torch.Tensor, grid: dict, dtype: torch.dtype = torch.float32
+        self,
+        channel: torch.Tensor,
+        source_affine: torch.Tensor,
+        grid: dict,
+        dtype: torch.dtype = torch.float32,
+        offset: tuple[int, ...] = (0, 0, 0),
+        fill: float | None = None,
     ) -> torch.Tensor:
-        """The (X, Y, Z) network-grid ``channel`` as a whole (X', Y', Z') ``dtype`` tensor on the input grid
-        ``grid``, resampling its box only (:meth:`resample_box`)."""
-        fill, box, values = self.resample_box(channel, source_affine, grid)
+        """The (X, Y, Z) network-grid ``channel`` (or a crop of it at ``offset``, ``fill`` outside) as a whole
+        (X', Y', Z') ``dtype`` tensor on the input grid ``grid``, resampling its box only (:meth:`resample_box`)."""
+        fill, box, values = self.resample_box(channel, source_affine, grid, offset, fill)
         out = torch.full(grid["shape"], fill, dtype=dtype)
         if box is not None:
             out[box] = values.to(dtype)
@@ -279,34 +295,36 @@ class AnswerToInputGridd(MapTransform):
         self.box_invert = BoxInvertd("answer", transform, orig_keys=orig_keys, box_channels=())
 
     @staticmethod
-    def _ring(mask: np.ndarray) -> np.ndarray:
-        """``mask`` grown by one voxel (26-neighbourhood), computed inside its box."""
-        grown = np.zeros_like(mask)
+    def _ring_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+        """The box of ``mask`` grown by two voxels (its one-voxel ring and one voxel beyond), or None if empty."""
         found = ndimage.find_objects(mask.view(np.uint8))
         if not found:
-            return grown
-        box = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(found[0], mask.shape))
-        grown[box] = ndimage.binary_dilation(mask[box], structure=np.ones((3, 3, 3), bool))
-        return grown
+            return None
+        return tuple(slice(max(b.start - 2, 0), min(b.stop + 2, n)) for b, n in zip(found[0], mask.shape))
 
-    def _on_input_grid(self, boundary: torch.Tensor, evidence: list[torch.Tensor], data: dict) -> tuple:
-        """The answer (uint8, ``boundary`` thresholded) and the ``evidence`` (float32) of the (X, Y, Z) network grid
-        on the input grid, and the metadata that goes with them."""
+    def _on_input_grid(self, boundary: torch.Tensor, evidence: list[torch.Tensor], box: tuple, data: dict) -> tuple:
+        """The answer (uint8, ``boundary`` thresholded) and the ``evidence`` (float32), crops at ``box`` of the
+        network grid that is 0 outside them, on the input grid, and the metadata that goes with them."""
         image = data.get(self.orig_key)
         grid = self.box_invert.grid_of(image) if isinstance(image, MetaTensor) else None
         if grid is None:
             source = data[self.prob_key]
-            stacked = torch.stack([boundary, *evidence])
+            stacked = torch.zeros((1 + len(evidence), *source.shape[1:]), dtype=torch.float32)
+            stacked[(slice(None), *box)] = torch.stack([boundary, *evidence])
             stacked = MetaTensor(stacked, meta=source.meta) if isinstance(source, MetaTensor) else stacked
             inverted = self.box_invert({**data, "answer": stacked})["answer"]
             meta, inverted = dict(getattr(inverted, "meta", {})), torch.as_tensor(inverted)
             return (inverted[0] >= self.threshold).to(torch.uint8), list(inverted[1:].unbind(0)), meta
         source_affine = torch.as_tensor(image.affine, dtype=torch.float64)
-        fill, box, values = self.box_invert.resample_box(boundary, source_affine, grid)
-        answer = torch.full(grid["shape"], int(fill >= self.threshold), dtype=torch.uint8)
-        if box is not None:
-            answer[box] = (values >= self.threshold).to(torch.uint8)
-        resampled = [self.box_invert.invert_channel(channel, source_affine, grid) for channel in evidence]
+        offset = tuple(b.start for b in box)
+        fill, input_box, values = self.box_invert.resample_box(boundary, source_affine, grid, offset, fill=0.0)
+        answer = torch.zeros(grid["shape"], dtype=torch.uint8)
+        if input_box is not None:
+            answer[input_box] = (values >= self.threshold).to(torch.uint8)
+        resampled = [
+            self.box_invert.invert_channel(channel, source_affine, grid, offset=offset, fill=0.0)
+            for channel in evidence
+        ]
         meta = deepcopy(image.meta)
         meta["affine"] = grid["affine"]
         return answer, resampled, meta
@@ -315,12 +333,18 @@ class AnswerToInputGridd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             answer = torch.as_tensor(d[key])[0].cpu() > 0
-            near = torch.as_tensor(self._ring(answer.numpy()))
-            probability = torch.as_tensor(d[self.prob_key])[0].float().cpu()
+            box = self._ring_box(answer.numpy())
+            if box is None:  # an empty answer: a one-voxel crop of zeros
+                box = (slice(0, 1),) * answer.ndim
+            answer = answer[box]
+            near = torch.as_tensor(
+                ndimage.binary_dilation(answer.numpy(), structure=np.ones((3, 3, 3), bool))
+            )  # the answer and its one-voxel ring (26-neighbourhood)
+            probability = torch.as_tensor(d[self.prob_key])[0][box].float().cpu()
             below = torch.clamp(probability, max=self.threshold * (1.0 - 1e-3))
             boundary = torch.where(answer, probability, below) * near
-            evidence = [torch.as_tensor(d[name])[0].float().cpu() * near for name in self.evidence_keys]
-            mask, evidence, meta = self._on_input_grid(boundary, evidence, d)
+            evidence = [torch.as_tensor(d[name])[0][box].float().cpu() * near for name in self.evidence_keys]
+            mask, evidence, meta = self._on_input_grid(boundary, evidence, box, d)
             d[key] = MetaTensor(mask[None], meta=meta)
             for name, values in zip(self.evidence_keys, evidence):
                 d[name] = MetaTensor(values[None], meta=meta)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping, Sequence
+from copy import deepcopy
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from monai.transforms.traits import MultiSampleTrait
 from custom.text import DEFAULT_MAX_TOKENS, load_tokenizer
 
 __all__ = [
+    "CompactCopyd",
     "HUWindowd",
     "PerVolumeCompose",
     "ReferredMaskd",
@@ -44,6 +46,45 @@ __all__ = [
 
 def _as_tensor(value) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+
+
+def compact_copy(volume: torch.Tensor) -> torch.Tensor:
+    """A copy of ``volume`` (metadata included) as int16 when that holds every value exactly (CT in whole Hounsfield
+    units), else as a plain copy. Checked slab by slab along the last axis, so no full-size temporary is made."""
+    values = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
+    copy = None
+    if values.is_floating_point() and values.numel():
+        low, high = torch.aminmax(values)
+        if -32768 <= float(low) and float(high) <= 32767:
+            compact = values.to(torch.int16)
+            slabs = zip(compact.split(16, dim=-1), values.split(16, dim=-1))
+            if all(torch.equal(slab.to(values.dtype), original) for slab, original in slabs):
+                copy = compact
+    if copy is None:
+        copy = values.clone()
+    if isinstance(volume, MetaTensor):
+        return MetaTensor(
+            copy, meta=deepcopy(dict(volume.meta)), applied_operations=deepcopy(volume.applied_operations)
+        )
+    return copy
+
+
+class CompactCopyd(MapTransform):
+    """``CopyItemsd`` for volumes of whole numbers such as CT in Hounsfield units: ``names[i]`` becomes a copy of
+    ``keys[i]`` that is int16 when that holds every value exactly (half the memory of float32), else a plain copy
+    (:func:`compact_copy`). The inference keeps the loaded CT this way for the record's measurements and overlays."""
+
+    def __init__(self, keys: KeysCollection, names: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.names = [names] if isinstance(names, str) else list(names)
+        if len(self.names) != len(self.keys):
+            raise ValueError(f"CompactCopyd needs one name per key, got keys {self.keys} and names {self.names}.")
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key, name in self.key_iterator(d, self.names):
+            d[name] = compact_copy(d[key])
+        return d
 
 
 class HUWindowd(MapTransform):

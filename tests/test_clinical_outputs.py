@@ -155,3 +155,20 @@ def test_a_failure_while_writing_leaves_no_output_and_a_rerun_works(tmp_path, mo
     assert sorted(p.name for p in result["paths"]["mask"].parent.iterdir()) == sorted(
         p.name for p in result["paths"].values()
     )
+
+
+@pytest.mark.parametrize("axcodes", ["LPS", "RAS", "PIR", "ASL"])
+def test_the_writer_sees_the_volume_as_monai_orientation_gives_it_without_a_copy(axcodes):
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation
+
+    from custom.clinical.outputs import _ras_view
+
+    volume = MetaTensor(torch.rand(1, 7, 6, 5), affine=torch.as_tensor(AFFINE_LPS))
+    volume = Orientation(axcodes=axcodes, labels=RAS_LABELS)(volume)
+    expected = Orientation(axcodes="RAS", labels=RAS_LABELS)(volume)
+    view, affine = _ras_view(volume, "image")
+    np.testing.assert_array_equal(view, expected[0].numpy())
+    np.testing.assert_allclose(affine, expected.affine.numpy(), rtol=0, atol=1e-9)
+    assert np.shares_memory(view, volume.numpy())

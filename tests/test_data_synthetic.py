@@ -246,6 +246,23 @@ def test_extra_training_cases_come_from_another_seed_with_their_own_ids(tmp_path
         default_dataset.extra_training_cases(tmp_path, num_cases=3, seed=default_dataset.DEFAULT_SEED)
 
 
+def test_extra_cases_with_generator_options_get_their_own_folder_and_follow_the_options(tmp_path):
+    options = {
+        "kind_weights": [0.0, 0.0, 1.0],
+        "diameter_range": {"cyst": [5, 9], "metastasis": [8, 9], "hyperdense": [5, 9]},
+    }
+    assert default_dataset.default_dataset_dir(tmp_path, 3, 2).name == "lsms_synthetic_v1_n3_seed2"
+    optioned = default_dataset.default_dataset_dir(tmp_path, 3, 2, options)
+    assert optioned.name.startswith("lsms_synthetic_v1_n3_seed2_") and optioned != default_dataset.default_dataset_dir(
+        tmp_path, 3, 2, {**options, "kind_weights": [1.0, 0.0, 0.0]}
+    )
+    cases = default_dataset.extra_training_cases(tmp_path, num_cases=3, seed=2, options=options)
+    assert (optioned / "datalist.json").is_file() and len(cases) == 3
+    lesions = [a for case in cases for a in case["lesion_attributes"]]
+    assert lesions and all(a["kind"] == "hyperdense" and a["longest_axial_diameter_mm"] < 14 for a in lesions)
+    assert all(c["case_id"].startswith("seed2-case_") for c in cases)
+
+
 def test_a_killed_generation_leaves_no_temporary_folder_after_the_next_run(tmp_path):
     target = default_dataset.default_dataset_dir(tmp_path, num_cases=3)
     stale = [tmp_path / f".{target.name}.tmp-4242-deadbeef", tmp_path / f".{target.name}.old-cafe0123"]

@@ -212,3 +212,43 @@ def test_pipeline_from_datalist_to_batches(small_dataset, tokenizer_transform):
     label_sums = batch["label"].sum(dim=(1, 2, 3))
     assert all(s == 0 for s, p in zip(label_sums, positive) if not p)
     assert any(s > 0 for s, p in zip(label_sums, positive) if p)
+
+
+def test_compact_copy_is_int16_only_when_every_value_survives_and_keeps_the_metadata():
+    from custom.transforms import CompactCopyd
+
+    affine = torch.diag(torch.tensor([-0.7, -0.7, 2.5, 1.0]))
+    whole = MetaTensor(torch.randint(-1024, 3000, (1, 6, 5, 40)).float(), affine=affine, meta={"filename_or_obj": "a"})
+    fractional = whole.clone()
+    fractional[0, 1, 2, 37] += 0.5  # one value in the last slab
+    huge = whole.clone()
+    huge[0, 0, 0, 0] = 40000.0
+    out = CompactCopyd(["a", "b", "c"], ["a_hu", "b_hu", "c_hu"])({"a": whole, "b": fractional, "c": huge})
+    assert out["a_hu"].dtype == torch.int16 and torch.equal(out["a_hu"].float(), whole)
+    assert out["b_hu"].dtype == torch.float32 and torch.equal(out["b_hu"], fractional)
+    assert out["c_hu"].dtype == torch.float32 and torch.equal(out["c_hu"], huge)
+    assert torch.equal(out["a_hu"].affine, whole.affine) and out["a_hu"].meta["filename_or_obj"] == "a"
+    assert out["a_hu"].data_ptr() != whole.data_ptr() and out["a"] is whole
+
+
+def test_a_batch_of_one_is_collated_as_monai_collates_it_without_copying_the_volume():
+    from monai.data import decollate_batch
+
+    from custom.engines import collate_without_copy
+
+    image = MetaTensor(torch.rand(1, 5, 6, 7), affine=torch.diag(torch.tensor([-1.0, -1, 2, 1])))
+    item = Orientationd("image", axcodes="RAS")({"image": image, "text": "the lesion", "ids": torch.arange(4), "n": 3})
+    expected, collated = list_data_collate([item]), collate_without_copy([item])
+    assert collated.keys() == expected.keys() and collated["text"] == expected["text"]
+    for key in ("image", "ids", "n"):
+        assert torch.equal(collated[key], expected[key])
+    assert torch.equal(collated["image"].affine, expected["image"].affine) and collated["image"].is_batch
+    assert collated["image"].applied_operations == expected["image"].applied_operations
+    assert collated["image"].data_ptr() == item["image"].data_ptr()
+    back, reference = decollate_batch(collated)[0], decollate_batch(expected)[0]
+    assert torch.equal(back["image"], reference["image"]) and torch.equal(
+        back["image"].affine, reference["image"].affine
+    )
+    assert back["image"].applied_operations == reference["image"].applied_operations
+    two = collate_without_copy([item, item])
+    assert two["image"].shape[0] == 2 and two["image"].data_ptr() != item["image"].data_ptr()

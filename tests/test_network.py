@@ -172,6 +172,25 @@ def test_state_dict_round_trip_gives_identical_outputs(text_encoder, tokens):
         torch.testing.assert_close(net(image, **tokens), other(image, **tokens), rtol=0, atol=0)
 
 
+def test_load_weights_starts_a_network_from_a_saved_file_and_names_a_mismatch(text_encoder, tokens, tmp_path):
+    from custom.networks import ShippedWeights
+    from custom.networks.weights import CheckpointError, load_weights
+
+    net = make_tiny(text_encoder).eval()
+    path = tmp_path / "model.pt"
+    torch.save(ShippedWeights(net).state_dict(), path)
+    torch.manual_seed(5)
+    other = lsms_tiny(text_encoder=text_encoder).eval()
+    assert load_weights(other, path) is other
+    image = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net(image, **tokens), other(image, **tokens), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="does not match the network"):
+        load_weights(lsms_tiny(text_encoder=text_encoder, out_channels=3), path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_weights(other, tmp_path / "missing.pt")
+
+
 def test_channels_last_layout_gives_the_outputs_of_the_nchw_layout_for_the_shipped_weights(text_encoder, tokens):
     """The layout changes speed only: same weights, same logits and embeddings (float tolerance), with and without
     text; a checkpoint of either layout loads into the other."""

@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Orientation
+from monai.transforms import MapTransform
 from monai.utils import MetaKeys
+from nibabel import orientations as nib_orientations
 
-from custom.clinical.dicom_series import RAS_LABELS, is_nifti_path, ras_mask_to_source_frames
+from custom.clinical.dicom_series import is_nifti_path, ras_mask_to_source_frames
 from custom.clinical.errors import OutputExistsError
 from custom.clinical.measurements import build_record
 from custom.clinical.not_present import NotPresentRule
@@ -69,13 +70,19 @@ def case_id_of(source: str) -> str:
     return name
 
 
-def _ras_metatensor(volume, name: str) -> MetaTensor:
-    """Channel-first ``MetaTensor`` in RAS orientation (a no-op for RAS inputs)."""
+def _ras_view(volume, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``volume`` (a channel-first (1, X, Y, Z) or (X, Y, Z) ``MetaTensor``) as a numpy (X, Y, Z) view in RAS
+    orientation, and its RAS affine. The axes are flipped and permuted by striding (``nibabel.orientations``, as
+    MONAI's ``Orientation`` chooses them): nothing of the size of the volume is copied."""
     if not isinstance(volume, MetaTensor):
         raise TypeError(f"{name} must be a MONAI MetaTensor (it carries the affine), got {type(volume).__name__}.")
-    if volume.ndim == 3:
-        volume = volume.unsqueeze(0)
-    return Orientation(axcodes="RAS", labels=RAS_LABELS)(volume)
+    array = volume.detach().cpu().numpy()
+    if array.ndim == 4:
+        array = array[0]
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    orientation = nib_orientations.io_orientation(affine)
+    view = nib_orientations.apply_orientation(array, orientation)
+    return view, affine @ nib_orientations.inv_ornt_aff(orientation, array.shape)
 
 
 class ReferringOutputWriter:
@@ -192,16 +199,19 @@ class ReferringOutputWriter:
         referral=None,
     ) -> dict:
         """Write every output under its staged name; return the record."""
-        image_ras, probs_ras = _ras_metatensor(image, "image"), _ras_metatensor(probabilities, "probabilities")
+        image_ras, affine = _ras_view(image, "image")
+        probs_ras, _ = _ras_view(probabilities, "probabilities")
         if decision is None:
-            decision = self.rule.decide(probs_ras)
+            decision = self.rule.decide(probs_ras, affine)
         found = bool(decision["found"] if isinstance(decision, Mapping) else decision.found)
-        if mask is None:
-            referred = (probs_ras[0].numpy() >= self.rule.voxel_threshold) & found
+        if not found:
+            referred = np.zeros(image_ras.shape, np.uint8)
+        elif mask is None:
+            referred = (probs_ras >= self.rule.voxel_threshold).view(np.uint8)
         else:
-            referred = (_ras_metatensor(mask, "mask")[0].numpy() > 0) & found
-        referred = referred.astype(np.uint8)
-        affine = image_ras.affine.numpy()
+            referred, _ = _ras_view(mask, "mask")
+            if referred.dtype != np.uint8 or referred.max(initial=0) > 1:  # a {0, 1} uint8 mask is used as it is
+                referred = (referred > 0).view(np.uint8)
 
         self._write_mask(referred, affine, meta, staged["mask"], expression)
         notes = []

@@ -142,7 +142,7 @@ def _nifti_like(data: np.ndarray, affine: np.ndarray, reference: nib.Nifti1Image
     mask of an input whose qform and sform differ (or carry other codes) would not lie on the input in a viewer that
     reads the other one. The mask keeps the input's header geometry exactly.
     """
-    image = nib.Nifti1Image(data.astype(np.uint8), affine)
+    image = nib.Nifti1Image(data.astype(np.uint8, copy=False), affine)
     if isinstance(reference, nib.Nifti1Image):
         sform, sform_code = reference.get_sform(coded=True)
         qform, qform_code = reference.get_qform(coded=True)
@@ -168,7 +168,10 @@ def write_nifti_mask(mask, reference, out_path: PathLike, mask_affine=None, over
     grid raises ``GeometryMismatchError``.
     """
     ref_affine, ref_shape, ref_image = _reference_grid(reference)
-    data = reorient_to(as_spatial_array(mask) > 0, affine_of(mask, mask_affine), ref_affine, ref_shape)
+    binary = as_spatial_array(mask)
+    if binary.dtype != np.uint8 or binary.max(initial=0) > 1:  # a {0, 1} uint8 mask is written as it is
+        binary = (binary > 0).view(np.uint8)
+    data = reorient_to(binary, affine_of(mask, mask_affine), ref_affine, ref_shape)
     image = _nifti_like(data, ref_affine, ref_image)
     protected = [reference] if isinstance(reference, (str, os.PathLike)) else []
     return atomic_write(out_path, lambda tmp: nib.save(image, str(tmp)), overwrite, protected)

@@ -10,7 +10,7 @@ from torch import nn
 
 from custom.errors import InputError
 
-__all__ = ["ShippedWeights", "CheckpointError", "check_checkpoint", "text_encoder_frozen"]
+__all__ = ["ShippedWeights", "CheckpointError", "check_checkpoint", "load_weights", "text_encoder_frozen"]
 
 TEXT_ENCODER_PREFIX = "text_encoder."
 
@@ -78,3 +78,13 @@ def check_checkpoint(path: str | os.PathLike) -> str:
             "training wrote or the bundle's models/model.pt."
         )
     return str(path)
+
+
+def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load the weights file at ``path`` (checked by :func:`check_checkpoint`; a training state's ``model`` entry
+    is taken) into ``network`` through :class:`ShippedWeights`; returns ``network``. Fine-tuning starts here."""
+    state = torch.load(check_checkpoint(path), map_location="cpu", weights_only=True)
+    if "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    ShippedWeights(network).load_state_dict(state)
+    return network
