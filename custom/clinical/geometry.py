@@ -45,8 +45,11 @@ def affine_of(volume, affine=None) -> np.ndarray:
     return affine
 
 
-def reorient_to(array: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, target_shape=None) -> np.ndarray:
-    """Flip and permute the axes of ``array`` (X, Y, Z) so that it lies on the grid of ``target_affine``.
+def reorient_to(
+    array: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, target_shape=None, order: str = "C"
+) -> np.ndarray:
+    """Flip and permute the axes of ``array`` (X, Y, Z) so that it lies on the grid of ``target_affine``; the result
+    is contiguous in ``order`` ("C", or "F" for a NIfTI file, which stores the first axis fastest).
 
     Only axis flips and permutations are applied (no resampling), so the result is exact; the resulting affine is
     checked against ``target_affine`` (and the shape against ``target_shape``) and a ``GeometryMismatchError``
@@ -69,7 +72,7 @@ def reorient_to(array: np.ndarray, affine: np.ndarray, target_affine: np.ndarray
             f"mask:\n{np.round(result_affine, 4)}\nimage:\n{np.round(target_affine, 4)}\n"
             "The mask must lie on the image's grid (up to axis flips/permutations); undo any resampling first."
         )
-    return np.ascontiguousarray(result)
+    return np.asfortranarray(result) if order == "F" else np.ascontiguousarray(result)
 
 
 def ras_to_lps(points_mm) -> np.ndarray:

@@ -171,7 +171,7 @@ def write_nifti_mask(mask, reference, out_path: PathLike, mask_affine=None, over
     binary = as_spatial_array(mask)
     if binary.dtype != np.uint8 or binary.max(initial=0) > 1:  # a {0, 1} uint8 mask is written as it is
         binary = (binary > 0).view(np.uint8)
-    data = reorient_to(binary, affine_of(mask, mask_affine), ref_affine, ref_shape)
+    data = reorient_to(binary, affine_of(mask, mask_affine), ref_affine, ref_shape, order="F")  # NIfTI's own order
     image = _nifti_like(data, ref_affine, ref_image)
     protected = [reference] if isinstance(reference, (str, os.PathLike)) else []
     return atomic_write(out_path, lambda tmp: nib.save(image, str(tmp)), overwrite, protected)
