@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
+from scipy import ndimage
 from torch import nn
 
-__all__ = ["PixelSentenceContrastiveLoss", "LSMSLoss"]
+__all__ = ["LesionSizeWeightedBCE", "PixelSentenceContrastiveLoss", "LSMSLoss"]
+
+
+class LesionSizeWeightedBCE(nn.Module):
+    """Binary cross-entropy in which a small lesion counts about as much as a large one.
+
+    Each lesion of a slice (a connected component of the target, 8-connectivity) of ``a`` pixels weighs
+    ``sqrt(reference_area / a)`` per pixel, clipped to [1, ``max_weight``]; background pixels weigh 1. A Dice or a
+    plain cross-entropy over the batch is dominated by the large lesions, so a lesion of a few pixels hardly moves
+    them. ``logits (B, 1, H, W), target (B, 1, H, W) in {0, 1} -> scalar`` (the weighted mean).
+    """
+
+    def __init__(self, reference_area: float = 80.0, max_weight: float = 10.0) -> None:
+        super().__init__()
+        if reference_area <= 0 or max_weight < 1:
+            raise ValueError(f"reference_area must be > 0 and max_weight >= 1, got {reference_area}, {max_weight}.")
+        self.reference_area, self.max_weight = float(reference_area), float(max_weight)
+
+    def weights(self, target: torch.Tensor) -> torch.Tensor:
+        """Per-pixel weights (B, 1, H, W) of a {0, 1} target (B, 1, H, W)."""
+        masks = target.detach().cpu().numpy() > 0.5
+        weights = np.ones(masks.shape, np.float32)
+        for index in np.ndindex(*masks.shape[:2]):
+            components, count = ndimage.label(masks[index], structure=np.ones((3, 3), bool))
+            if count:
+                areas = np.bincount(components.ravel())[1:].astype(np.float32)
+                per_lesion = np.clip(np.sqrt(self.reference_area / areas), 1.0, self.max_weight)
+                weights[index] = np.concatenate([[1.0], per_lesion])[components]
+        return torch.as_tensor(weights, device=target.device)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weights = self.weights(target)
+        per_pixel = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
+        return (per_pixel * weights).sum() / weights.sum()
 
 
 class PixelSentenceContrastiveLoss(nn.Module):
@@ -49,9 +84,11 @@ class LSMSLoss(nn.Module):
 
     ``pred`` is the network's logits (B, K, H, W) or its ``return_embeddings=True`` dict; ``target`` (B, K, H, W)
     in {0, 1}, channel 0 the referred lesion(s) and channels 1.. the dense text-free targets (liver, all lesions)
-    when the network has them. The contrastive term is used when the dict carries a sentence embedding and the
-    weight is > 0, over the samples that have text (``text_present``) and on channel 0. Dice is computed over the
-    whole batch (``batch=True``) so slices with an empty target stay finite and sensible.
+    when the network has them. ``small_lesion_weight`` adds that multiple of :class:`LesionSizeWeightedBCE` on the
+    last channel (all lesions, text-free; the referred lesion of a 1-channel network). The contrastive term is used
+    when the dict carries a sentence embedding and the weight is > 0, over the samples that have text
+    (``text_present``) and on channel 0. Dice is computed over the whole batch (``batch=True``) so slices with an
+    empty target stay finite and sensible.
     """
 
     def __init__(
@@ -61,9 +98,12 @@ class LSMSLoss(nn.Module):
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
         dense_weight: float = 1.0,
+        small_lesion_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.segmentation = DiceCELoss(sigmoid=True, batch=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+        self.small_lesions = LesionSizeWeightedBCE()
+        self.small_lesion_weight = float(small_lesion_weight)
         self.contrastive = PixelSentenceContrastiveLoss(temperature)
         self.contrastive_weight = contrastive_weight
         self.dense_weight = dense_weight
@@ -81,6 +121,8 @@ class LSMSLoss(nn.Module):
             loss = loss + self.dense_weight * self.segmentation(
                 logits[:, channel : channel + 1], target[:, channel : channel + 1]
             )
+        if self.small_lesion_weight > 0:
+            loss = loss + self.small_lesion_weight * self.small_lesions(logits[:, -1:], target[:, -1:])
         if isinstance(pred, dict) and pred.get("sentence_embedding") is not None and self.contrastive_weight > 0:
             with_text = pred.get("text_present")
             with_text = slice(None) if with_text is None else with_text.bool()

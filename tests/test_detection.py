@@ -94,6 +94,33 @@ def test_three_channel_loss_supervises_every_channel_and_skips_text_free_contras
         LSMSLoss()(output, target[:, :1])
 
 
+def test_a_missed_small_lesion_costs_as_much_as_a_missed_large_one_with_the_size_weighted_term():
+    import torch.nn.functional as F
+
+    from custom.losses import LesionSizeWeightedBCE
+
+    target = torch.zeros(2, 1, 40, 40)
+    target[0, 0, 2:4, 2:4] = 1  # 4 pixels
+    target[1, 0, 10:30, 10:30] = 1  # 400 pixels
+    weights = LesionSizeWeightedBCE(reference_area=80.0).weights(target)
+    assert torch.allclose(weights[0, 0, 2:4, 2:4], torch.full((2, 2), 80.0**0.5 / 2))
+    assert float(weights[1].max()) == 1.0 and float(weights[0, 0, 0, 0]) == 1.0
+    weighted = LesionSizeWeightedBCE(reference_area=80.0)
+    missed_small = torch.where(target[:1] > 0, -4.0, -4.0)  # everything predicted background
+    missed_large = torch.full_like(target[1:], -4.0)
+    plain_ratio = F.binary_cross_entropy_with_logits(missed_small, target[:1]) / F.binary_cross_entropy_with_logits(
+        missed_large, target[1:]
+    )
+    weighted_ratio = weighted(missed_small, target[:1]) / weighted(missed_large, target[1:])
+    assert weighted_ratio > 2 * plain_ratio
+    logits = torch.randn(2, 3, 40, 40, requires_grad=True)
+    dense = torch.cat([target, target, target], 1)
+    with_term = LSMSLoss(small_lesion_weight=1.0, contrastive_weight=0.0)(logits, dense)
+    assert with_term > LSMSLoss(contrastive_weight=0.0)(logits, dense)
+    with pytest.raises(ValueError, match="reference_area"):
+        LesionSizeWeightedBCE(reference_area=0)
+
+
 def test_split_outputs_names_each_channel_and_a_one_channel_network_fills_the_first():
     output = torch.arange(3.0).reshape(3, 1, 1, 1).expand(3, 2, 2, 2)
     split = SplitOutputsd("pred")({"pred": output})
