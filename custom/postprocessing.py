@@ -278,6 +278,8 @@ class AnswerToInputGridd(MapTransform):
     probabilities (the referred-lesion output, for the record's per-lesion figures) are resampled the same way,
     inside the answer and its ring only, 0 elsewhere (float32). Nothing of the size of the input grid is made but
     the outputs; preprocessing other than ``Orientationd`` then ``Spacingd`` goes through ``Invertd`` whole.
+    ``nifti_layout``: the answer's memory laid out first axis fastest (a permuted view; same values), as a NIfTI
+    file stores it, so that writing it needs no reordering (for inference; array code elsewhere prefers C order).
     """
 
     def __init__(
@@ -288,9 +290,11 @@ class AnswerToInputGridd(MapTransform):
         threshold: float = 0.5,
         evidence_keys: KeysCollection = (),
         orig_keys: str = "image",
+        nifti_layout: bool = False,
     ) -> None:
         super().__init__(keys)
         self.prob_key, self.threshold, self.orig_key = prob_key, float(threshold), orig_keys
+        self.nifti_layout = bool(nifti_layout)
         self.evidence_keys = (evidence_keys,) if isinstance(evidence_keys, str) else tuple(evidence_keys)
         self.box_invert = BoxInvertd("answer", transform, orig_keys=orig_keys, box_channels=())
 
@@ -318,7 +322,10 @@ class AnswerToInputGridd(MapTransform):
         source_affine = torch.as_tensor(image.affine, dtype=torch.float64)
         offset = tuple(b.start for b in box)
         fill, input_box, values = self.box_invert.resample_box(boundary, source_affine, grid, offset, fill=0.0)
-        answer = torch.zeros(grid["shape"], dtype=torch.uint8)
+        if self.nifti_layout:  # first axis fastest, as a NIfTI file stores it: written without reordering its bytes
+            answer = torch.zeros(grid["shape"][::-1], dtype=torch.uint8).permute(*reversed(range(len(grid["shape"]))))
+        else:
+            answer = torch.zeros(grid["shape"], dtype=torch.uint8)
         if input_box is not None:
             answer[input_box] = (values >= self.threshold).to(torch.uint8)
         resampled = [

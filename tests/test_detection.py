@@ -442,7 +442,7 @@ def test_an_answer_goes_back_to_the_input_grid_as_whole_grid_resampling_gives_it
     candidates[(lesions >= 0.5) & (grid[..., 1] >= 18)] = 3
     referred = np.random.default_rng(0).random(lesions.shape).astype(np.float32)
 
-    def answer(chosen):
+    def answer(chosen, nifti_layout=False):
         mask = torch.as_tensor(np.isin(candidates, chosen), dtype=torch.float32)[None]
         data = {
             "image": image,
@@ -450,7 +450,14 @@ def test_an_answer_goes_back_to_the_input_grid_as_whole_grid_resampling_gives_it
             "lesions_prob": MetaTensor(torch.as_tensor(lesions)[None], affine=image.affine),
             "pred": MetaTensor(torch.as_tensor(referred)[None], affine=image.affine),
         }
-        step = AnswerToInputGridd("mask", preprocessing, prob_key="lesions_prob", threshold=0.5, evidence_keys="pred")
+        step = AnswerToInputGridd(
+            "mask",
+            preprocessing,
+            prob_key="lesions_prob",
+            threshold=0.5,
+            evidence_keys="pred",
+            nifti_layout=nifti_layout,
+        )
         return step(data)
 
     whole = {
@@ -461,6 +468,8 @@ def test_an_answer_goes_back_to_the_input_grid_as_whole_grid_resampling_gives_it
     }
     apart = answer([3])
     assert apart["mask"].shape == (1, 60, 50, 14) and np.allclose(apart["mask"].affine.numpy(), affine)
+    laid_out = answer([3], nifti_layout=True)["mask"][0].numpy()  # same values, first axis fastest in memory
+    assert np.array_equal(laid_out, apart["mask"][0].numpy()) and laid_out.flags.f_contiguous
     found = apart["mask"][0].numpy() > 0
     # the lone lesion: exactly its component of the whole-grid resampling thresholded
     components, _ = ndimage.label(whole["lesions"] >= 0.5, structure=np.ones((3, 3, 3), bool))
