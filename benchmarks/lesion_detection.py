@@ -46,8 +46,7 @@ from custom.metrics import (
     summarize,
     summarize_detection,
 )
-from custom.networks import ShippedWeights
-from custom.networks.weights import check_checkpoint
+from custom.networks.weights import load_weights
 from custom.postprocessing import LiverRegiond, PerVolumeOutputsd, largest_component
 from custom.referral import LesionCandidatesd, full_candidate_map
 from custom.user_inputs import parse_override
@@ -63,10 +62,7 @@ def build(config_file: str, overrides: dict) -> ConfigParser:
 
 
 def load_network(parser: ConfigParser, checkpoint: str) -> torch.nn.Module:
-    network = parser.get_parsed_content("network")
-    state = torch.load(check_checkpoint(checkpoint), map_location="cpu", weights_only=True)
-    ShippedWeights(network).load_state_dict(state["model"] if isinstance(state.get("model"), dict) else state)
-    return network.eval()
+    return load_weights(parser.get_parsed_content("network"), checkpoint).eval()
 
 
 def _split_postprocessing(postprocessing: Compose) -> tuple[PerVolumeOutputsd, Compose]:

@@ -50,9 +50,8 @@ from custom.candidates import (
 from custom.data.datalist import load_datalist
 from custom.data.default_dataset import extra_training_cases
 from custom.data.geometry import measure_lesions
-from custom.networks import ShippedWeights
 from custom.networks.scorer import CandidateScorer
-from custom.networks.weights import check_checkpoint
+from custom.networks.weights import load_weights
 from custom.postprocessing import PerVolumeOutputsd
 from custom.referral import LesionCandidatesd, choose_candidates, full_candidate_map
 from custom.user_inputs import parse_override
@@ -144,8 +143,7 @@ def pipeline_parts(config_file: str, checkpoint: str | None, overrides: dict | N
     parser.update({"bundle_root": str(ROOT / "bundle"), **(overrides or {})})
     network = parser.get_parsed_content("network")
     checkpoint = checkpoint or parser.get_parsed_content("checkpoint")
-    state = torch.load(check_checkpoint(checkpoint), map_location="cpu", weights_only=True)
-    ShippedWeights(network).load_state_dict(state["model"] if isinstance(state.get("model"), dict) else state)
+    load_weights(network, checkpoint)
     per_volume = parser.get_parsed_content("per_volume_outputs") if "per_volume_outputs" in parser else None
     finders = [t for t in getattr(per_volume, "transforms", Compose([])).transforms if isinstance(t, LesionCandidatesd)]
     if not isinstance(per_volume, PerVolumeOutputsd) or not finders:

@@ -29,6 +29,13 @@ def as_spatial_array(volume) -> np.ndarray:
     return array
 
 
+def as_binary_uint8(array: np.ndarray) -> np.ndarray:
+    """``array > 0`` as uint8 {0, 1}; a uint8 array that already holds only 0 and 1 is returned as it is (no copy)."""
+    if array.dtype == np.uint8 and array.max(initial=0) <= 1:
+        return array
+    return (array > 0).view(np.uint8)
+
+
 def affine_of(volume, affine=None) -> np.ndarray:
     """Return the 4x4 affine given explicitly, or the one carried by a ``MetaTensor``."""
     if affine is None:
@@ -43,6 +50,14 @@ def affine_of(volume, affine=None) -> np.ndarray:
     if affine.shape != (4, 4):
         raise ValueError(f"Expected a 4x4 affine, got shape {affine.shape}.")
     return affine
+
+
+def ras_view(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``array`` (X, Y, Z) with voxel-to-world ``affine``, in RAS orientation as a strided view (axes flipped and
+    permuted as MONAI's ``Orientation`` would, nothing copied), and the RAS affine."""
+    affine = np.asarray(affine, dtype=np.float64)
+    orientation = io_orientation(affine)
+    return apply_orientation(array, orientation), affine @ inv_ornt_aff(orientation, array.shape)
 
 
 def reorient_to(

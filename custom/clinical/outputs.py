@@ -30,10 +30,10 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import MetaKeys
-from nibabel import orientations as nib_orientations
 
 from custom.clinical.dicom_series import is_nifti_path, ras_mask_to_source_frames
 from custom.clinical.errors import OutputExistsError
+from custom.clinical.geometry import as_binary_uint8, ras_view
 from custom.clinical.measurements import build_record
 from custom.clinical.not_present import NotPresentRule
 from custom.clinical.writers import (
@@ -72,17 +72,11 @@ def case_id_of(source: str) -> str:
 
 def _ras_view(volume, name: str) -> tuple[np.ndarray, np.ndarray]:
     """``volume`` (a channel-first (1, X, Y, Z) or (X, Y, Z) ``MetaTensor``) as a numpy (X, Y, Z) view in RAS
-    orientation, and its RAS affine. The axes are flipped and permuted by striding (``nibabel.orientations``, as
-    MONAI's ``Orientation`` chooses them): nothing of the size of the volume is copied."""
+    orientation and its RAS affine (:func:`custom.clinical.geometry.ras_view`: nothing of its size is copied)."""
     if not isinstance(volume, MetaTensor):
         raise TypeError(f"{name} must be a MONAI MetaTensor (it carries the affine), got {type(volume).__name__}.")
     array = volume.detach().cpu().numpy()
-    if array.ndim == 4:
-        array = array[0]
-    affine = np.asarray(volume.affine, dtype=np.float64)
-    orientation = nib_orientations.io_orientation(affine)
-    view = nib_orientations.apply_orientation(array, orientation)
-    return view, affine @ nib_orientations.inv_ornt_aff(orientation, array.shape)
+    return ras_view(array[0] if array.ndim == 4 else array, volume.affine.numpy())
 
 
 class ReferringOutputWriter:
@@ -209,9 +203,7 @@ class ReferringOutputWriter:
         elif mask is None:
             referred = (probs_ras >= self.rule.voxel_threshold).view(np.uint8)
         else:
-            referred, _ = _ras_view(mask, "mask")
-            if referred.dtype != np.uint8 or referred.max(initial=0) > 1:  # a {0, 1} uint8 mask is used as it is
-                referred = (referred > 0).view(np.uint8)
+            referred = as_binary_uint8(_ras_view(mask, "mask")[0])
 
         self._write_mask(referred, affine, meta, staged["mask"], expression)
         notes = []

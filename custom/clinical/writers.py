@@ -23,7 +23,7 @@ from pydicom.sr.codedict import codes
 from scipy import ndimage
 
 from custom.clinical.errors import GeometryMismatchError, OutputExistsError, ProtectedInputError
-from custom.clinical.geometry import affine_of, as_spatial_array, reorient_to
+from custom.clinical.geometry import affine_of, as_binary_uint8, as_spatial_array, reorient_to
 
 __all__ = [
     "atomic_write",
@@ -168,9 +168,7 @@ def write_nifti_mask(mask, reference, out_path: PathLike, mask_affine=None, over
     grid raises ``GeometryMismatchError``.
     """
     ref_affine, ref_shape, ref_image = _reference_grid(reference)
-    binary = as_spatial_array(mask)
-    if binary.dtype != np.uint8 or binary.max(initial=0) > 1:  # a {0, 1} uint8 mask is written as it is
-        binary = (binary > 0).view(np.uint8)
+    binary = as_binary_uint8(as_spatial_array(mask))
     data = reorient_to(binary, affine_of(mask, mask_affine), ref_affine, ref_shape, order="F")  # NIfTI's own order
     image = _nifti_like(data, ref_affine, ref_image)
     protected = [reference] if isinstance(reference, (str, os.PathLike)) else []

@@ -10,7 +10,14 @@ from torch import nn
 
 from custom.errors import InputError
 
-__all__ = ["ShippedWeights", "CheckpointError", "check_checkpoint", "load_weights", "text_encoder_frozen"]
+__all__ = [
+    "ShippedWeights",
+    "CheckpointError",
+    "check_checkpoint",
+    "load_weights",
+    "read_weights",
+    "text_encoder_frozen",
+]
 
 TEXT_ENCODER_PREFIX = "text_encoder."
 
@@ -55,9 +62,9 @@ class CheckpointError(InputError, ValueError):
     """A weights file that is missing or is not a PyTorch state dict."""
 
 
-def check_checkpoint(path: str | os.PathLike) -> str:
-    """Return ``path`` if it holds a state dict of tensors (read with ``weights_only=True``: no code runs), else
-    raise :class:`CheckpointError` naming the problem and the fix."""
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of tensors in the weights file at ``path`` (read with ``weights_only=True``: no code runs; a
+    training state's ``model`` entry is taken), else :class:`CheckpointError` naming the problem and the fix."""
     if not path or not os.path.isfile(path):
         raise CheckpointError(
             f"The checkpoint '{path}' does not exist. Pass the model.pt of a training run with --checkpoint, or leave "
@@ -77,14 +84,18 @@ def check_checkpoint(path: str | os.PathLike) -> str:
             f"The checkpoint '{path}' holds no network weights (a state dict of tensors). Pass the model.pt that "
             "training wrote or the bundle's models/model.pt."
         )
+    return dict(state)
+
+
+def check_checkpoint(path: str | os.PathLike) -> str:
+    """Return ``path`` if it holds a state dict of tensors (:func:`read_weights`), else raise
+    :class:`CheckpointError` naming the problem and the fix."""
+    read_weights(path)
     return str(path)
 
 
 def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load the weights file at ``path`` (checked by :func:`check_checkpoint`; a training state's ``model`` entry
-    is taken) into ``network`` through :class:`ShippedWeights`; returns ``network``. Fine-tuning starts here."""
-    state = torch.load(check_checkpoint(path), map_location="cpu", weights_only=True)
-    if "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]
-    ShippedWeights(network).load_state_dict(state)
+    """Load the weights file at ``path`` (:func:`read_weights`) into ``network`` through :class:`ShippedWeights`;
+    returns ``network``."""
+    ShippedWeights(network).load_state_dict(read_weights(path))
     return network
