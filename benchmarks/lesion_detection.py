@@ -46,6 +46,7 @@ from custom.metrics import (
     summarize,
     summarize_detection,
 )
+from custom.networks.folding import fold_batch_norms
 from custom.networks.weights import load_weights
 from custom.postprocessing import LiverRegiond, PerVolumeOutputsd, largest_component
 from custom.referral import LesionCandidatesd, full_candidate_map
@@ -62,7 +63,8 @@ def build(config_file: str, overrides: dict) -> ConfigParser:
 
 
 def load_network(parser: ConfigParser, checkpoint: str) -> torch.nn.Module:
-    return load_weights(parser.get_parsed_content("network"), checkpoint).eval()
+    """The config's network with ``checkpoint``, folded for inference as the evaluation workflow folds it."""
+    return fold_batch_norms(load_weights(parser.get_parsed_content("network"), checkpoint))
 
 
 def _split_postprocessing(postprocessing: Compose) -> tuple[PerVolumeOutputsd, Compose]:

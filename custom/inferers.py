@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer
-from scipy import ndimage
-
+from custom.clinical.geometry import bounding_box
 from custom.postprocessing import largest_component
 
 __all__ = ["ReferringSliceInferer", "liver_box", "slice_context"]
@@ -24,7 +24,7 @@ def liver_box(liver: np.ndarray, margin: tuple[int, int, int] = (7, 7, 1)) -> tu
     largest = largest_component(liver)
     if largest is None:
         return None
-    extent = ndimage.find_objects(largest.view(np.uint8))[0]
+    extent = bounding_box(largest)
     return tuple(slice(max(e.start - m, 0), min(e.stop + m, n)) for e, m, n in zip(extent, margin, liver.shape))  # type: ignore[return-value]
 
 
@@ -56,22 +56,32 @@ class ReferringSliceInferer(SliceInferer):
     ``inputs (1, C, H, W, D)`` with ``spatial_dim=2`` -> ``(1, out_channels, H, W, D)``. ``roi_size=(-1, -1)``
     infers whole slices.
 
-    Liver focus (``focus_channel``: the network's text-free liver channel, ``None`` for off): a text-free pass over
-    every slice gives the liver and all-lesion channels; the referring pass (with the text) then runs on the box of
-    the largest liver component grown by ``focus_margin`` voxels (or ``focus_margin_mm`` along every axis), on the
-    slices that hold it, only. Outside the box
-    channel 0 is :data:`OUTSIDE_LOGIT` (nothing is answered there, nor anywhere when no liver is found). Without text
-    channel 0 is the text-free answer (all lesions) inside the box. The last text-free pass is kept and reused when
-    the next call has the same volume (several expressions of one case).
+    Liver focus (``focus_channel``: the network's text-free liver channel, ``None`` for off): a text-free pass gives
+    the liver and all-lesion channels; the referring pass (with the text) then runs on the box of the largest liver
+    component grown by ``focus_margin`` voxels (or ``focus_margin_mm`` along every axis), on the slices that hold
+    it, only. Outside the box channel 0 is :data:`OUTSIDE_LOGIT` (nothing is answered there, nor anywhere when no
+    liver is found). Without text channel 0 is the text-free answer (all lesions) inside the box. The last
+    text-free pass is kept and reused when the next call has the same volume (several expressions of one case).
 
     ``lesion_channel`` (the text-free all-lesion channel, ``None`` for off): the referring pass is needed only where
     lesion candidates can be, so it runs only on the slices of the liver's box where that channel reaches
-    ``lesion_threshold`` (grown by the box's slice margin), and not at all when there is none. The network reads one
-    slice at a time, so the evidence on those slices is the same as with the whole box.
+    ``lesion_threshold`` and on their neighbours (from which the answer's return to the input grid interpolates),
+    and not at all when there is none. The network reads one slice at a time, so the evidence on those slices is
+    the same as with the whole box.
 
     ``context_slices`` n > 0: the network sees each slice with its n neighbours on either side as channels
     (:func:`slice_context`), as it was trained; ``inputs`` keep their own C channels.
+
+    Two levels (``coarse_factor``, ``None`` for off): the liver is first located by a cheap pass of the same
+    network, text-free, on every slice ``coarse_step_mm`` apart, average-pooled ``coarse_factor`` times in plane;
+    the text-free pass then runs on the box of that liver grown by the focus margin and ``coarse_margin_mm`` only,
+    the liver-centred view training gives the network. Outside it every channel is :data:`OUTSIDE_LOGIT`. When the
+    liver found there reaches the box's edge (the coarse pass saw less of it), the box grows and the pass runs
+    again; when the coarse pass finds no liver, the text-free pass runs on every whole slice.
     """
+
+    #: How many times the two-level box may grow to hold the liver found in it.
+    max_regrowths = 3
 
     def __init__(
         self,
@@ -83,9 +93,17 @@ class ReferringSliceInferer(SliceInferer):
         context_slices: int = 0,
         lesion_channel: int | None = None,
         lesion_threshold: float = 0.5,
+        coarse_factor: int | None = None,
+        coarse_step_mm: float = 8.0,
+        coarse_margin_mm: float = 15.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if coarse_factor is not None and int(coarse_factor) < 1:
+            raise ValueError(f"coarse_factor must be >= 1 or None, got {coarse_factor}.")
+        self.coarse_factor = None if coarse_factor is None else int(coarse_factor)
+        self.coarse_step_mm = float(coarse_step_mm)
+        self.coarse_margin_mm = float(coarse_margin_mm)
         self.lesion_channel = lesion_channel
         self.lesion_threshold = float(lesion_threshold)
         self._lesion_logit = float(torch.logit(torch.tensor(self.lesion_threshold)))  # the threshold on the logits
@@ -96,6 +114,7 @@ class ReferringSliceInferer(SliceInferer):
         self.focus_threshold = float(focus_threshold)
         self.focus_margin = tuple(int(m) for m in focus_margin)
         self.focus_margin_mm = None if focus_margin_mm is None else float(focus_margin_mm)
+        self._focus_logit = float(torch.logit(torch.tensor(self.focus_threshold)))
         self._last: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def _slide(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -111,36 +130,125 @@ class ReferringSliceInferer(SliceInferer):
         slab = slice_context(inputs[..., box[0], box[1], start:stop], n)
         return slab[..., box[2].start - start : box[2].stop - start]
 
+    @staticmethod
+    def _spacing(inputs: torch.Tensor) -> tuple[float, ...] | None:
+        """Voxel size in mm per spatial axis from a MetaTensor's affine; ``None`` for a plain tensor."""
+        affine = getattr(inputs, "affine", None)
+        if affine is None:
+            return None
+        affine = torch.as_tensor(affine, dtype=torch.float64)
+        return tuple(float(s) for s in torch.linalg.norm((affine[0] if affine.ndim == 3 else affine)[:3, :3], dim=0))
+
     def _margin(self, inputs: torch.Tensor) -> tuple[int, ...]:
         """The box's margin in voxels per axis: ``focus_margin``, or ``focus_margin_mm`` over the voxel size of
         ``inputs`` (a MetaTensor's affine) rounded up, so thin and thick slices get the same margin in mm."""
-        affine = getattr(inputs, "affine", None)
-        if self.focus_margin_mm is None or affine is None:
+        spacing = self._spacing(inputs)
+        if self.focus_margin_mm is None or spacing is None:
             return self.focus_margin
-        affine = torch.as_tensor(affine, dtype=torch.float64)
-        spacing = torch.linalg.norm((affine[0] if affine.ndim == 3 else affine)[:3, :3], dim=0)
-        return tuple(int(np.ceil(self.focus_margin_mm / float(s) - 1e-6)) for s in spacing)
+        return tuple(int(np.ceil(self.focus_margin_mm / s - 1e-6)) for s in spacing)
 
-    def _lesion_slices(self, text_free: torch.Tensor, box: tuple[slice, slice, slice], margin: int):
-        """``box`` narrowed to the slices where the all-lesion channel reaches the threshold inside it, grown by the
-        box's slice margin; ``None`` when no voxel does."""
+    def _lesion_slices(self, text_free: torch.Tensor, box: tuple[slice, slice, slice]) -> torch.Tensor | None:
+        """The slices (indices along the last axis, ascending) of ``box`` where the all-lesion channel reaches the
+        threshold inside it, each with its neighbour on either side (the return to the input grid interpolates
+        from them); ``None`` when no voxel does."""
         lesions = text_free[(0, self.lesion_channel, *box)]
-        found = torch.nonzero((lesions >= self._lesion_logit).flatten(0, 1).any(0)).flatten()
-        if found.numel() == 0:
+        found = (lesions >= self._lesion_logit).flatten(0, 1).any(0)
+        if not bool(found.any()):
             return None
-        offset = box[2].start
-        start = max(int(found[0]) - margin, 0) + offset
-        stop = min(int(found[-1]) + 1 + margin, box[2].stop - offset) + offset
-        return (box[0], box[1], slice(start, stop))
+        grown = found.clone()
+        grown[1:] |= found[:-1]
+        grown[:-1] |= found[1:]
+        return torch.nonzero(grown).flatten() + box[2].start
+
+    def _coarse_step(self, inputs: torch.Tensor) -> int:
+        """Slices between two slices of the coarse pass: ``coarse_step_mm`` over the slice spacing, at least 1."""
+        spacing = self._spacing(inputs)
+        return 1 if spacing is None else max(1, int(round(self.coarse_step_mm / spacing[2])))
+
+    def _coarse_liver(self, inputs: torch.Tensor, network) -> tuple[slice, slice, slice] | None:
+        """Extent of the largest liver component of the coarse pass, in voxels of ``inputs`` (no margin); ``None``
+        when it finds no liver. The pass sees every ``step``-th slice (``coarse_step_mm`` apart, with its context
+        channels) average-pooled ``coarse_factor`` times in plane."""
+        depth = inputs.shape[-1]
+        step, factor = self._coarse_step(inputs), int(self.coarse_factor or 1)
+        sampled = slice_context(inputs, self.context_slices)[..., ::step]
+        sampled = sampled.as_tensor() if isinstance(sampled, MetaTensor) else sampled
+        pooled = F.avg_pool3d(sampled, (factor, factor, 1), ceil_mode=True) if factor > 1 else sampled
+        coarse = self._slide(pooled, network)
+        extent = liver_box((coarse[0, self.focus_channel] >= self._focus_logit).cpu().numpy(), (0, 0, 0))
+        if extent is None:
+            return None
+        sizes = inputs.shape[-3:]
+        return (
+            slice(extent[0].start * factor, min(extent[0].stop * factor, sizes[0])),
+            slice(extent[1].start * factor, min(extent[1].stop * factor, sizes[1])),
+            slice(extent[2].start * step, min((extent[2].stop - 1) * step + 1, depth)),
+        )
+
+    @staticmethod
+    def _grown(extent: tuple[slice, ...], margin: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(max(e.start - m, 0), min(e.stop + m, n)) for e, m, n in zip(extent, margin, shape))
+
+    def _pass_on_box(self, inputs: torch.Tensor, network, box: tuple[slice, ...], last=None) -> torch.Tensor:
+        """The text-free pass on ``box``, ``(1, K, *box sizes)``; ``last = (box, output)`` of a box with the same
+        in-plane extent gives its slices (the network reads one slice at a time), so only new slices are run."""
+        if last is None or last[0][:2] != box[:2]:
+            output = self._slide(self._region_with_context(inputs, box), network)
+            return output.as_tensor() if isinstance(output, MetaTensor) else output
+        (old, previous), parts = last, []
+        if box[2].start < old[2].start:
+            parts.append(self._pass_on_box(inputs, network, (*box[:2], slice(box[2].start, old[2].start))))
+        parts.append(previous)
+        if box[2].stop > old[2].stop:
+            parts.append(self._pass_on_box(inputs, network, (*box[:2], slice(old[2].stop, box[2].stop))))
+        return torch.cat(parts, dim=-1)
+
+    def _text_free_in_liver_box(self, inputs: torch.Tensor, network) -> torch.Tensor | None:
+        """The text-free pass on the coarse liver's box, every other voxel :data:`OUTSIDE_LOGIT`; ``None`` when the
+        coarse pass finds no liver. The box is the coarse liver grown by the focus margin, ``coarse_margin_mm`` and
+        the coarse grid's own uncertainty (a pooled pixel, a skipped slice); while the liver found in it comes
+        closer to an edge than the focus margin, it grows by as much around that liver."""
+        extent = self._coarse_liver(inputs, network)
+        if extent is None:
+            return None
+        shape = tuple(inputs.shape[-3:])
+        spacing = self._spacing(inputs) or (1.0, 1.0, 1.0)
+        margin = self._margin(inputs)
+        slack = tuple(int(np.ceil(self.coarse_margin_mm / s - 1e-6)) for s in spacing)
+        uncertainty = (int(self.coarse_factor or 1), int(self.coarse_factor or 1), self._coarse_step(inputs))
+        reach = tuple(m + s + u for m, s, u in zip(margin, slack, uncertainty))
+        box = self._grown(extent, reach, shape)
+        part = self._pass_on_box(inputs, network, box)
+        for _ in range(self.max_regrowths):
+            liver = liver_box((part[0, self.focus_channel] >= self._focus_logit).cpu().numpy(), (0, 0, 0))
+            if liver is None:
+                break
+            found = tuple(slice(b.start + e.start, b.start + e.stop) for b, e in zip(box, liver))
+            needed = self._grown(found, margin, shape)
+            if all(n.start >= b.start and n.stop <= b.stop for n, b in zip(needed, box)):
+                break
+            grown = self._grown(found, reach, shape)
+            grown = tuple(slice(min(b.start, g.start), max(b.stop, g.stop)) for b, g in zip(box, grown))
+            box, part = grown, self._pass_on_box(inputs, network, grown, (box, part))
+        output = torch.full((1, part.shape[1], *shape), OUTSIDE_LOGIT, dtype=part.dtype, device=part.device)
+        output[(slice(None), slice(None), *box)] = part
+        if isinstance(inputs, MetaTensor):
+            return MetaTensor(output, meta=inputs.meta, applied_operations=inputs.applied_operations)
+        return output
 
     def text_free(self, inputs: torch.Tensor, network) -> torch.Tensor:
-        """The text-free pass over every slice, ``(1, C, H, W, D) -> (1, K, H, W, D)``, reused while the volume and
-        the network's weights (their in-place update counters) are the same."""
+        """The text-free pass, ``(1, C, H, W, D) -> (1, K, H, W, D)``: on the coarse liver's box with two levels,
+        else (or when the coarse pass finds no liver) over every whole slice. Reused while the volume and the
+        network's weights (their in-place update counters) are the same."""
         weights = (id(network), tuple(p._version for p in network.parameters()))
         last = self._last
         if last is not None and last[0] == weights and last[1].shape == inputs.shape and torch.equal(last[1], inputs):
             return last[2]
-        output = self._slide(slice_context(inputs, self.context_slices), network)
+        output = None
+        if self.coarse_factor is not None and self.focus_channel is not None:
+            output = self._text_free_in_liver_box(inputs, network)
+        if output is None:
+            output = self._slide(slice_context(inputs, self.context_slices), network)
         self._last = (weights, inputs.detach(), output)  # kept, not copied: MONAI's transforms do not work in place
         return output
 
@@ -155,14 +263,19 @@ class ReferringSliceInferer(SliceInferer):
         output[:, 0] = OUTSIDE_LOGIT
         if box is None:
             return output
-        if self.lesion_channel is not None and (args or kwargs):
-            box = self._lesion_slices(text_free, box, margin[2])
-            if box is None:
-                return output
-        region = (slice(None), slice(None), *box)
-        if args or kwargs:
+        if not (args or kwargs):
+            output[(slice(None), 0, *box)] = text_free[(slice(None), 0, *box)]
+            return output
+        if self.lesion_channel is None:
             referred = self._slide(self._region_with_context(inputs, box), network, *args, **kwargs)
-        else:
-            referred = text_free[region]
-        output[(slice(None), 0, *box)] = referred[:, 0]
+            output[(slice(None), 0, *box)] = referred[:, 0]
+            return output
+        slices = self._lesion_slices(text_free, box)
+        if slices is None:
+            return output
+        span = (box[0], box[1], slice(int(slices[0]), int(slices[-1]) + 1))
+        region = self._region_with_context(inputs, span)
+        region = (region.as_tensor() if isinstance(region, MetaTensor) else region)[..., slices - span[2].start]
+        referred = self._slide(region, network, *args, **kwargs)
+        output[0, 0, box[0], box[1], slices] = referred[0, 0]
         return output

@@ -12,7 +12,10 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, MapTransform, SpatialResample
 from monai.utils import convert_to_dst_type
+from monai.utils.type_conversion import dtype_torch_to_numpy
 from scipy import ndimage
+
+from custom.clinical.geometry import bounding_box
 
 __all__ = [
     "select_referred_components",
@@ -22,6 +25,7 @@ __all__ = [
     "BoxInvertd",
     "AnswerToInputGridd",
     "largest_component",
+    "lazy_zeros",
     "liver_region",
     "LiverRegiond",
     "PerVolumeOutputsd",
@@ -141,6 +145,12 @@ class SplitOutputsd(MapTransform):
         return d
 
 
+def lazy_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU zero tensor whose memory pages are only taken when written (numpy's zeroed allocation): an input-grid
+    volume that holds values in a box only costs the box, in time and in resident memory."""
+    return torch.from_numpy(np.zeros(tuple(shape), dtype=dtype_torch_to_numpy(dtype)))
+
+
 class BoxInvertd(MapTransform):
     """MONAI ``Invertd`` back to the input grid, resampling only the box where a channel is not constant.
 
@@ -199,7 +209,7 @@ class BoxInvertd(MapTransform):
         varying = (channel != fill).cpu().numpy()
         if not varying.any():
             return fill, None, None
-        found = ndimage.find_objects(varying.view(np.uint8))[0]
+        found = bounding_box(varying)
         box = [slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(found, channel.shape)]
         crop_affine = source_affine.clone()
         start = [b.start + o for b, o in zip(box, offset)]
@@ -237,7 +247,7 @@ class BoxInvertd(MapTransform):
         """The (X, Y, Z) network-grid ``channel`` (or a crop of it at ``offset``, ``fill`` outside) as a whole
         (X', Y', Z') ``dtype`` tensor on the input grid ``grid``, resampling its box only (:meth:`resample_box`)."""
         fill, box, values = self.resample_box(channel, source_affine, grid, offset, fill)
-        out = torch.full(grid["shape"], fill, dtype=dtype)
+        out = lazy_zeros(grid["shape"], dtype) if fill == 0 else torch.full(grid["shape"], fill, dtype=dtype)
         if box is not None:
             out[box] = values.to(dtype)
         return out
@@ -301,10 +311,10 @@ class AnswerToInputGridd(MapTransform):
     @staticmethod
     def _ring_box(mask: np.ndarray) -> tuple[slice, ...] | None:
         """The box of ``mask`` grown by two voxels (its one-voxel ring and one voxel beyond), or None if empty."""
-        found = ndimage.find_objects(mask.view(np.uint8))
-        if not found:
+        found = bounding_box(mask)
+        if found is None:
             return None
-        return tuple(slice(max(b.start - 2, 0), min(b.stop + 2, n)) for b, n in zip(found[0], mask.shape))
+        return tuple(slice(max(b.start - 2, 0), min(b.stop + 2, n)) for b, n in zip(found, mask.shape))
 
     def _on_input_grid(self, boundary: torch.Tensor, evidence: list[torch.Tensor], box: tuple, data: dict) -> tuple:
         """The answer (uint8, ``boundary`` thresholded) and the ``evidence`` (float32), crops at ``box`` of the
@@ -323,9 +333,9 @@ class AnswerToInputGridd(MapTransform):
         offset = tuple(b.start for b in box)
         fill, input_box, values = self.box_invert.resample_box(boundary, source_affine, grid, offset, fill=0.0)
         if self.nifti_layout:  # first axis fastest, as a NIfTI file stores it: written without reordering its bytes
-            answer = torch.zeros(grid["shape"][::-1], dtype=torch.uint8).permute(*reversed(range(len(grid["shape"]))))
+            answer = lazy_zeros(grid["shape"][::-1], torch.uint8).permute(*reversed(range(len(grid["shape"]))))
         else:
-            answer = torch.zeros(grid["shape"], dtype=torch.uint8)
+            answer = lazy_zeros(grid["shape"], torch.uint8)
         if input_box is not None:
             answer[input_box] = (values >= self.threshold).to(torch.uint8)
         resampled = [
@@ -379,7 +389,7 @@ def liver_region(
     largest = largest_component(liver)
     if largest is None:
         return np.zeros_like(liver), {"liver_found": False}
-    extent = ndimage.find_objects(largest.view(np.uint8))[0]
+    extent = bounding_box(largest)
     # the distance transform only needs the liver's box grown by the margin
     grown = tuple(
         slice(max(e.start - int(np.ceil(margin_mm / s)), 0), min(e.stop + int(np.ceil(margin_mm / s)), n))

@@ -159,6 +159,8 @@ def pipeline_parts(config_file: str, checkpoint: str | None, overrides: dict | N
         "context_slices": getattr(inferer, "context_slices", 0),
         "grid": "network",  # candidates found and measured on the network grid
     }
+    if getattr(inferer, "coarse_factor", None) is not None:  # the text-free pass on the coarse liver's box
+        settings["coarse"] = [inferer.coarse_factor, inferer.coarse_step_mm, inferer.coarse_margin_mm]
     return {
         "parser": parser,
         "checkpoint": str(checkpoint),

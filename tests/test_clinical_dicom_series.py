@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import shutil
 import warnings
@@ -228,8 +229,12 @@ def test_non_image_file_is_refused(tmp_path):
         load_ct_ras(tmp_path / "absent.nii.gz")
     broken_nifti = tmp_path / "broken.nii.gz"
     broken_nifti.write_bytes(b"\x1f\x8b garbage")
-    with pytest.raises(NoImageError, match="as NIfTI"):
+    with pytest.raises(NoImageError, match="damaged gzip file"):
         load_ct_ras(broken_nifti)
+    not_nifti = tmp_path / "notes.nii.gz"
+    not_nifti.write_bytes(gzip.compress(b"a gzipped text, not a NIfTI header"))
+    with pytest.raises(NoImageError, match="as NIfTI"):
+        load_ct_ras(not_nifti)
 
 
 def test_folder_without_images_is_refused(tmp_path):
@@ -277,3 +282,39 @@ def test_reader_keeps_the_image_reader_interface(tmp_path):
         array, meta = reader.get_data(reader.read(str(tmp_path / "series")))
     assert array.shape == SHAPE and array.dtype == np.float32
     assert meta["Modality"] == "CT" and len(meta["source_sop_instance_uids"]) == SHAPE[2]
+
+
+def test_gzipped_nifti_is_read_once_as_nibabel_reads_it_and_a_wrong_crc_or_length_is_named(tmp_path):
+    """The checked reader gives nibabel's scaled array (slope and intercept applied); a stream of two gzip members
+    (as bgzip writes) is read whole; a wrong CRC is found when the voxels are read, a file cut short before."""
+    from monai.data import NibabelReader
+
+    from custom.clinical.dicom_series import CheckedNibabelReader, load_clinical_image
+    from custom.clinical.preflight import check_volume_file
+
+    data = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4) - 1024
+    image = nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.5, 1.0]))
+    image.header.set_slope_inter(1.0, -24.0)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(image, str(path))
+    plain, checked = NibabelReader(), CheckedNibabelReader()
+    expected = plain.get_data(plain.read(str(path)))[0]
+    assert expected.min() == -1048  # scaled as the header says
+    read = checked.get_data(checked.read(str(path)))[0]
+    assert read.dtype == expected.dtype
+    np.testing.assert_array_equal(read, expected)
+
+    raw = gzip.decompress(path.read_bytes())
+    members = tmp_path / "members.nii.gz"
+    members.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    check_volume_file(members, require_ct=False)
+    np.testing.assert_array_equal(load_clinical_image(members, require_ct=False)[0].numpy(), expected)
+
+    bad_crc = bytearray(path.read_bytes())
+    bad_crc[-8] ^= 0xFF
+    (tmp_path / "bad_crc.nii.gz").write_bytes(bytes(bad_crc))
+    with pytest.raises(NoImageError, match="damaged gzip file.*CRC"):
+        load_clinical_image(tmp_path / "bad_crc.nii.gz", require_ct=False)  # the reader alone finds it
+    (tmp_path / "cut.nii.gz").write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(NoImageError, match="damaged gzip file"):
+        check_volume_file(tmp_path / "cut.nii.gz", require_ct=False)

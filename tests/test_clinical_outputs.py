@@ -172,3 +172,24 @@ def test_the_writer_sees_the_volume_as_monai_orientation_gives_it_without_a_copy
     np.testing.assert_array_equal(view, expected[0].numpy())
     np.testing.assert_allclose(affine, expected.affine.numpy(), rtol=0, atol=1e-9)
     assert np.shares_memory(view, volume.numpy())
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "flipped", "permuted"])
+def test_bounding_box_is_the_box_find_objects_gives_in_any_memory_layout(layout):
+    from scipy import ndimage
+
+    from custom.clinical.geometry import bounding_box
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((23, 17, 11), bool)
+    mask[tuple(rng.integers(0, n, 5) for n in mask.shape)] = True  # five scattered voxels
+    array = {
+        "C": mask,
+        "F": np.asfortranarray(mask),
+        "flipped": np.asfortranarray(mask)[::-1, :, ::-1],
+        "permuted": mask.transpose(2, 0, 1),
+    }[layout]
+    assert bounding_box(array) == ndimage.find_objects(array.view(np.uint8))[0]
+    assert bounding_box(array.astype(np.uint8)) == ndimage.find_objects(array.astype(np.uint8))[0]
+    assert bounding_box(np.zeros_like(array)) is None
+    assert bounding_box(np.ones((1, 4, 1), bool)) == (slice(0, 1), slice(0, 4), slice(0, 1))

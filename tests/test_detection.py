@@ -226,7 +226,7 @@ def test_referring_pass_runs_on_the_slices_that_hold_lesion_candidates_only_with
     network = LesionNetwork()
     inferer = ReferringSliceInferer(**settings, focus_margin=(1, 1, 1), lesion_channel=2, lesion_threshold=0.5)
     output = inferer(image, network, **text)
-    assert network.slices == 12 + 3  # the text-free pass, then slices 4, 5 and 6 of the liver's box
+    assert network.slices == 12 + 3  # the text-free pass, then slice 5 of the liver's box and its neighbours
     answered = (output[0, 0] != OUTSIDE_LOGIT).any(0).any(0)
     assert answered.nonzero().flatten().tolist() == [4, 5, 6]
     assert torch.equal(output[..., 4:7], whole_box[..., 4:7])  # the same evidence where candidates can be
@@ -237,6 +237,54 @@ def test_referring_pass_runs_on_the_slices_that_hold_lesion_candidates_only_with
     empty = inferer(no_lesion, network, **text)
     assert network.slices == 12 and (empty[0, 0] == OUTSIDE_LOGIT).all()  # no candidate, no referring pass
     assert torch.equal(inferer(image, LesionNetwork())[:, 0, 3:12, 3:12, 1:9], whole_box[:, 0, 3:12, 3:12, 1:9] - 5)
+    two_apart = image.clone()
+    two_apart[0, 1, 6:8, 6:8, 5] = 0
+    two_apart[0, 1, 6:8, 6:8, 2] = two_apart[0, 1, 4:6, 8:10, 7] = 1  # lesions on slices 2 and 7
+    network = LesionNetwork()
+    output = inferer(two_apart, network, **text)
+    answered = (output[0, 0] != OUTSIDE_LOGIT).any(0).any(0)
+    assert answered.nonzero().flatten().tolist() == [1, 2, 3, 6, 7, 8] and network.slices == 12 + 6
+    assert torch.equal(output[:, 0, ..., [1, 2, 3, 6, 7, 8]], whole_box[:, 0, ..., [1, 2, 3, 6, 7, 8]])
+
+
+def two_level_inferer(**overrides) -> ReferringSliceInferer:
+    settings = {"roi_size": (-1, -1), "sw_batch_size": 8, "spatial_dim": 2, "focus_channel": 1}
+    settings.update(focus_margin=(1, 1, 1), coarse_factor=2, coarse_step_mm=8.0, coarse_margin_mm=2.0)
+    return ReferringSliceInferer(**{**settings, **overrides})
+
+
+def test_two_level_text_free_pass_runs_on_the_coarse_livers_box_and_grows_it_to_hold_the_liver():
+    image = torch.zeros(1, 3, 40, 40, 40)
+    image[0, 0, 10:20, 10:20, 4:21] = 1  # the liver (the network's liver channel is the first image channel)
+    image[0, 0, 10, 10, 21:36] = 1  # a one-voxel neck further down, too thin for the 2x pooled coarse pass
+    image[0, 2] = torch.rand(40, 40, 40)
+    volume = MetaTensor(image, affine=torch.eye(4))  # 1 mm voxels: the coarse pass reads every 8th slice
+    network = LesionNetwork()
+    output = two_level_inferer()(volume, network)
+    whole = ReferringSliceInferer(roi_size=(-1, -1), sw_batch_size=8, spatial_dim=2)(volume, LesionNetwork())
+    # coarse: slices 0, 8, .. 32; liver on 8 and 16 -> box x, y 5..25 (margin 1 + slack 2 + pooling 2) and z 0..28
+    # (margin 1 + slack 2 + step 8); the liver found there reaches z 35: the box grows in z, new slices only
+    assert network.slices == 5 + 28 + 11
+    box = (slice(5, 25), slice(5, 25), slice(0, 39))
+    torch.testing.assert_close(output[(slice(None), slice(1, 3), *box)], whole[(slice(None), slice(1, 3), *box)])
+    outside = torch.ones(40, 40, 40, dtype=torch.bool)
+    outside[box] = False
+    assert (output[0, 1:, outside] == OUTSIDE_LOGIT).all()
+    assert isinstance(output, MetaTensor) and torch.equal(output.affine, volume.affine)
+
+    image[0, 0, 20:30, 10:11, 20] = 1  # a thin arm in plane, beyond the box: it grows in plane, all slices again
+    network = LesionNetwork()
+    output = two_level_inferer()(MetaTensor(image, affine=torch.eye(4)), network)
+    assert network.slices == 5 + 28 + 39 + 40  # x to 30 and z to 39, then x to 35 and z to 40, each time 5 past it
+    liver = output[0, 1] >= 0
+    assert torch.equal(liver, image[0, 0] > 0)  # the whole liver, nothing cut
+
+    network = LesionNetwork()
+    no_liver = two_level_inferer()(MetaTensor(torch.zeros(1, 3, 40, 40, 40), affine=torch.eye(4)), network)
+    assert network.slices == 5 + 40  # no liver in the coarse pass: every whole slice, as with one level
+    assert (no_liver[0, 1] < 0).all()
+    with pytest.raises(ValueError, match="coarse_factor"):
+        two_level_inferer(coarse_factor=0)
 
 
 class ContextNetwork(torch.nn.Module):

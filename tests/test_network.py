@@ -221,6 +221,36 @@ def test_channels_last_layout_gives_the_outputs_of_the_nchw_layout_for_the_shipp
     networks[False].load_state_dict(networks[True].state_dict(), strict=True)
 
 
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_folded_batch_norms_and_layer_scales_give_the_shipped_networks_outputs(text_encoder, tokens, channels_last):
+    """Inference folds the batch norms and layer scales into the convolutions: no batch norm or layer scale left,
+    the same logits and embeddings within float tolerance with and without text, and folding twice changes nothing."""
+    from custom.networks.folding import fold_batch_norms
+
+    shipped = torch.load("bundle/models/model.pt", map_location="cpu", weights_only=True)
+    in_channels = next(v.shape[1] for k, v in shipped.items() if v.ndim == 4)
+    network = lsms_tiny(
+        in_channels=in_channels,
+        out_channels=len(shipped["head.1.bias"]),
+        text_encoder=text_encoder,
+        channels_last=channels_last,
+    ).eval()
+    network.load_state_dict(shipped, strict=False)
+    image = torch.rand(2, in_channels, 96, 80) * 2 - 0.5
+    with torch.inference_mode():
+        expected = [network(image, **text, return_embeddings=True) for text in (tokens, {})]
+    folded = fold_batch_norms(network)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert not any(name.endswith(("scale1", "scale2")) for name, _ in folded.named_parameters())
+    fold_batch_norms(folded)
+    with torch.inference_mode():
+        for text, before in zip((tokens, {}), expected):
+            after = folded(image, **text, return_embeddings=True)
+            for key in ("logits", "pixel_embeddings"):
+                torch.testing.assert_close(after[key], before[key], rtol=1e-4, atol=1e-4)
+            assert before["logits"].abs().max() > 1.0
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_decoder_attention_equals_the_transformer_layer_it_runs(training):
     torch.manual_seed(0)

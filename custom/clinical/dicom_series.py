@@ -13,12 +13,15 @@ affine (``original_affine``) -> ``Orientation(axcodes="RAS")`` -> model -> mask 
 
 from __future__ import annotations
 
+import gzip
 import warnings
+import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from nibabel.arrayproxy import ArrayProxy
 from monai.config import KeysCollection, PathLike
 from monai.data import MetaTensor, NibabelReader, PydicomReader
 from monai.data.utils import orientation_ras_lps
@@ -405,10 +408,54 @@ def read_source_datasets(meta: Mapping) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(str(path), stop_before_pixels=True) for path in files]
 
 
+def damaged_gzip_error(path: PathLike, err: BaseException) -> NoImageError:
+    """The error that names a damaged (or not) gzip file ``path`` and what to do."""
+    return NoImageError(
+        f"'{path}' is a damaged gzip file ({type(err).__name__}: {err}); its voxels cannot be trusted. "
+        "Copy or export the file again."
+    )
+
+
+def read_whole_gzip(path: PathLike) -> None:
+    """Read the whole gzip stream of ``path``, so that its CRC and length are checked; a damaged stream raises the
+    named :class:`NoImageError`."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as err:
+        raise damaged_gzip_error(path, err) from err
+
+
+class CheckedNibabelReader(NibabelReader):
+    """MONAI's ``NibabelReader`` that checks the whole gzip stream of a ``.nii.gz`` while reading its voxels once.
+
+    nibabel stops reading at the last voxel, before the gzip trailer, so a damaged file (a wrong CRC or length)
+    would be read silently. Here the voxels are read through nibabel's own ``ArrayProxy`` from one gzip stream that
+    is then read to its end, which makes Python's ``gzip`` check the CRC and length: one decompression, the same
+    array; a damaged file raises the named :class:`NoImageError`. Other files are read as ``NibabelReader`` reads
+    them.
+    """
+
+    def _get_array_data(self, img, filename):
+        proxy = img.dataobj
+        if not (str(filename).lower().endswith(".gz") and isinstance(proxy, ArrayProxy)):
+            return super()._get_array_data(img, filename)
+        spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
+        try:
+            with gzip.open(filename, "rb") as stream:
+                data = np.asanyarray(ArrayProxy(stream, spec, order=proxy.order))
+                while stream.read(1 << 20):  # the rest of the stream: its end checks the CRC and the length
+                    pass
+        except (OSError, EOFError, zlib.error) as err:
+            raise damaged_gzip_error(filename, err) from err
+        return data
+
+
 def _nifti_reader_or_error(path: Path) -> NibabelReader:
     if not path.exists():
         raise NoImageError(f"Input '{path}' does not exist.")
-    return NibabelReader()
+    return CheckedNibabelReader()
 
 
 def clinical_reader_for(path: PathLike, series_uid: str | None = None, require_ct: bool = True):
@@ -439,6 +486,8 @@ def load_clinical_image(path: PathLike, series_uid: str | None = None, require_c
         raise
     except Exception as err:
         if isinstance(reader, NibabelReader):
+            if str(path).lower().endswith(".gz"):
+                read_whole_gzip(path)  # a damaged stream is named as such
             raise NoImageError(f"Cannot read '{path}' as NIfTI ({type(err).__name__}: {err}).") from err
         raise
 

@@ -8,10 +8,29 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from custom.clinical.errors import GeometryMismatchError
 
-__all__ = ["as_spatial_array", "affine_of", "reorient_to", "ras_to_lps"]
+__all__ = ["as_spatial_array", "affine_of", "bounding_box", "reorient_to", "ras_to_lps"]
 
 #: Tolerance (mm) when comparing two affines of the same grid.
 AFFINE_ATOL_MM = 1e-3
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The box (a tuple of slices) of the nonzero voxels of an N-D ``mask`` in any memory layout; ``None`` when
+    there are none. What ``scipy.ndimage.find_objects(mask)[0]`` gives for a mask, an order of magnitude faster
+    on a whole CT: one pass reduces the mask along its fastest axis, the rest reads the projection and the box."""
+    mask = np.asarray(mask)
+    fastest = int(np.argmin([abs(s) if n > 1 else np.inf for s, n in zip(mask.strides, mask.shape)]))
+    projection = mask.any(axis=fastest)
+    if not projection.any():
+        return None
+    others = [axis for axis in range(mask.ndim) if axis != fastest]
+    box = [slice(None)] * mask.ndim
+    for i, axis in enumerate(others):
+        found = np.flatnonzero(projection.any(axis=tuple(j for j in range(projection.ndim) if j != i)))
+        box[axis] = slice(int(found[0]), int(found[-1]) + 1)
+    found = np.flatnonzero(mask[tuple(box)].any(axis=tuple(others)))
+    box[fastest] = slice(int(found[0]), int(found[-1]) + 1)
+    return tuple(box)
 
 
 def as_spatial_array(volume) -> np.ndarray:

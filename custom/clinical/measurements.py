@@ -24,7 +24,7 @@ from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist, squareform
 from skimage.measure import find_contours
 
-from custom.clinical.geometry import affine_of, as_spatial_array, ras_to_lps
+from custom.clinical.geometry import affine_of, as_spatial_array, bounding_box, ras_to_lps
 
 __all__ = [
     "CONNECTIVITY",
@@ -240,10 +240,10 @@ def measure_lesions(
     for name, array in (("hu_ras", hu), ("probabilities", probs)):
         if array is not None and array.shape != mask.shape:
             raise ValueError(f"{name} has shape {array.shape} but the mask has shape {mask.shape}.")
-    if not mask.any():
-        return []
     # the lesions' box only: the same components, in the same order, for a fraction of a whole-CT labelling
-    extent = ndimage.find_objects(mask.view(np.uint8))[0]
+    extent = bounding_box(mask)
+    if extent is None:
+        return []
     mask, hu = mask[extent], hu[extent]
     probs = None if probs is None else probs[extent]
     labels, count = label_lesions(mask)

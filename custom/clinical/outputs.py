@@ -198,8 +198,8 @@ class ReferringOutputWriter:
         if decision is None:
             decision = self.rule.decide(probs_ras, affine)
         found = bool(decision["found"] if isinstance(decision, Mapping) else decision.found)
-        if not found:
-            referred = np.zeros(image_ras.shape, np.uint8)
+        if not found:  # first axis fastest, as NIfTI stores it: written after axis flips only
+            referred = np.zeros(image_ras.shape, np.uint8, order="F")
         elif mask is None:
             referred = (probs_ras >= self.rule.voxel_threshold).view(np.uint8)
         else:

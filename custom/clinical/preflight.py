@@ -1,7 +1,8 @@
 """Checks of an inference run's inputs and outputs before any model work, and the values check after loading.
 
 :func:`check_inference_inputs` takes the (image, prompt) items of a run and, reading headers only, refuses with a
-named error: unreadable or corrupted files (a ``.nii.gz`` whose gzip stream fails its CRC), images that are not
+named error: unreadable or corrupted files (a ``.nii.gz`` that is not gzip or is cut short; a wrong CRC is found
+when its voxels are read, before any model work), images that are not
 one 3D volume, DICOM series the model cannot read or answer, an output folder that cannot be written or lies in an
 input, two items that would write the same files, and outputs that exist already (unless ``overwrite``). It gives
 each item a case id that is unique within the run, so two inputs with the same file name in different folders never
@@ -24,7 +25,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from custom.clinical.dicom_series import CTSeriesReader, clinical_reader_for, is_nifti_path
+from custom.clinical.dicom_series import (
+    CTSeriesReader,
+    clinical_reader_for,
+    damaged_gzip_error,
+    is_nifti_path,
+    read_whole_gzip,
+)
 from custom.clinical.errors import ClinicalInputError, NoImageError, NotCTError, OutputExistsError, ProtectedInputError
 from custom.clinical.outputs import ReferringOutputWriter, case_id_of, expression_slug
 from custom.user_inputs import as_bool
@@ -38,24 +45,33 @@ MAX_HU_FLOOR = 0.0
 #: How to force a volume that fails the Hounsfield check.
 FORCE_HINT = "--require_ct false"
 
-CHUNK = 1 << 22
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class InvalidValuesError(ClinicalInputError):
     """A volume with NaN or infinite voxels."""
 
 
-def _check_gzip(path: Path) -> None:
-    """Read the whole gzip stream of ``path`` so that its CRC and length are checked (nibabel stops before)."""
-    try:
-        with gzip.open(path, "rb") as stream:
-            while stream.read(CHUNK):
-                pass
-    except (OSError, EOFError, zlib.error) as err:
-        raise NoImageError(
-            f"'{path}' is a damaged gzip file ({type(err).__name__}: {err}); its voxels cannot be trusted. "
-            "Copy or export the file again."
-        ) from err
+def _check_gzip_start(path: Path) -> None:
+    """Refuse a file that does not start as a gzip stream."""
+    with open(path, "rb") as stream:
+        magic = stream.read(2)
+    if magic != GZIP_MAGIC:
+        raise damaged_gzip_error(path, OSError(f"no gzip header (starts with {magic!r})"))
+
+
+def _check_gzip_length(path: Path, expected: int) -> None:
+    """Refuse a gzip file cut short, reading its last 4 bytes only: the length the gzip trailer gives (ISIZE, modulo
+    2**32) must be the header's size plus its voxels'. When it is not (a file cut short, or a stream of several gzip
+    members, as bgzip writes, whose last member gives its own length), the whole stream is read to decide. The CRC
+    is checked when the voxels are read (:class:`~custom.clinical.dicom_series.CheckedNibabelReader`)."""
+    with open(path, "rb") as stream:
+        stream.seek(0, os.SEEK_END)
+        if stream.tell() >= 18:  # a gzip header and trailer at least
+            stream.seek(-4, os.SEEK_END)
+            if int.from_bytes(stream.read(4), "little") == expected % (1 << 32):
+                return
+    read_whole_gzip(path)
 
 
 def _check_nifti_geometry(path: Path, image) -> None:
@@ -83,18 +99,23 @@ def check_volume_file(path: str | os.PathLike, series_uid: str | None = None, re
     path = Path(path)
     reader = clinical_reader_for(path, series_uid, require_ct)
     if is_nifti_path(path):
-        if path.name.lower().endswith(".gz"):
-            _check_gzip(path)
+        compressed = path.name.lower().endswith(".gz")
+        if compressed:
+            _check_gzip_start(path)
         try:
             image = nib.load(str(path))
             shape = tuple(int(s) for s in image.shape)
             dtype = image.get_data_dtype()
         except Exception as err:
+            if compressed:
+                read_whole_gzip(path)  # a damaged stream is named as such
             raise NoImageError(
                 f"Cannot read '{path}' as NIfTI ({type(err).__name__}: {err}). Pass a NIfTI CT volume."
             ) from err
         expected = int(image.dataobj.offset) + int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if not path.name.lower().endswith(".gz") and path.stat().st_size < expected:
+        if compressed:
+            _check_gzip_length(path, expected)
+        elif path.stat().st_size < expected:
             raise NoImageError(
                 f"'{path}' is cut short: its header describes {expected} bytes but the file has {path.stat().st_size}. "
                 "Copy or export the file again."

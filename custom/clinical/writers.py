@@ -14,12 +14,10 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
-from pydicom.sr.codedict import codes
 from scipy import ndimage
 
 from custom.clinical.errors import GeometryMismatchError, OutputExistsError, ProtectedInputError
@@ -229,6 +227,9 @@ def write_dicom_seg(
 
     An empty mask gives a valid segmentation with all frames empty ("not present").
     """
+    import highdicom as hd  # here, not at the top: its import (0.4 s) is paid by DICOM-SEG outputs only
+    from pydicom.sr.codedict import codes
+
     headers = _source_headers(source)
     mask = as_frames_array(mask_frames)
     expected = (len(headers), int(headers[0].Rows), int(headers[0].Columns))

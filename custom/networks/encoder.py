@@ -94,10 +94,13 @@ class LanguageGuidedEncoder(nn.Module):
     ) -> list[torch.Tensor]:
         features = []
         x = image
+        # the features keep the image's memory layout (channels-last stays channels-last: no copies between stages)
+        layout = torch.channels_last if image.is_contiguous(memory_format=torch.channels_last) else None
         for embedding, blocks, norm in zip(self.embeddings, self.stages, self.norms):
             x = embedding(x)
             for block in blocks:
                 x = block(x, words, word_mask)
-            x = norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+            x = norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            x = x.contiguous(memory_format=layout) if layout is not None else x.contiguous()
             features.append(x)
         return features

@@ -31,7 +31,9 @@ class MultiKernelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.local(x)
-        summed = local + sum(strip(local) for strip in self.strips)
+        summed = local + self.strips[0](local) if len(self.strips) else local
+        for strip in self.strips[1:]:
+            summed += strip(local)  # accumulated in place: one feature map fewer written and read per branch
         return self.project(summed)
 
 
@@ -60,7 +62,8 @@ class SVLA(nn.Module):
 
     The visual branch gives an attention map ``a`` over several receptive fields; the language branch gives
     language-aligned features ``l`` passed through a learned tanh gate. The visual map modulates both the
-    visual features and the gated language features: ``out = a * u + a * gate(l) * l``.
+    visual features and the gated language features: ``out = a * u + a * gate(l) * l``, computed as
+    ``a * (u + gate(l) * l)``.
 
     ``x (B, C, H, W), words (B, T, D) | None, word_mask (B, T) | None -> (B, C, H, W)``.
     Without words (or with ``use_language=False``) it is plain multi-kernel attention; so is a sample of the batch
@@ -91,8 +94,7 @@ class SVLA(nn.Module):
         self, x: torch.Tensor, words: torch.Tensor | None = None, word_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         u = self.proj_in(x)
-        attention = self.visual(u) if self.visual is not None else torch.ones_like(u)
-        fused = attention * u
+        modulated = u
         if self.language is not None and words is not None:
             if word_mask is None:
                 word_mask = torch.ones(words.shape[:2], dtype=torch.bool, device=words.device)
@@ -100,8 +102,8 @@ class SVLA(nn.Module):
             # every sample keeps at least one key so attention stays finite; text-free samples drop the result
             aligned = self.language(u, words, word_mask.bool() | ~has_text[:, None])
             gate = self.language_gate(aligned) * has_text[:, None, None, None].to(aligned.dtype)
-            fused = fused + attention * gate * aligned
-        return self.proj_out(fused)
+            modulated = u + gate * aligned
+        return self.proj_out(self.visual(u) * modulated if self.visual is not None else modulated)
 
 
 class ConvFeedForward(nn.Module):
@@ -153,5 +155,10 @@ class SVLABlock(nn.Module):
     def forward(
         self, x: torch.Tensor, words: torch.Tensor | None = None, word_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        x = x + self.drop_path(self.scale1 * self.attention(self.norm1(x), words, word_mask))
-        return x + self.drop_path(self.scale2 * self.feed_forward(self.norm2(x)))
+        x = x + self.drop_path(_scaled(self.scale1, self.attention(self.norm1(x), words, word_mask)))
+        return x + self.drop_path(_scaled(self.scale2, self.feed_forward(self.norm2(x))))
+
+
+def _scaled(scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``scale * x``; ``x`` itself once the scale is folded into the branch's last convolution (``scale`` None)."""
+    return x if scale is None else scale * x
