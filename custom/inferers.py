@@ -28,18 +28,20 @@ def liver_box(liver: np.ndarray, margin: tuple[int, int, int] = (7, 7, 1)) -> tu
     return tuple(slice(max(e.start - m, 0), min(e.stop + m, n)) for e, m, n in zip(extent, margin, liver.shape))  # type: ignore[return-value]
 
 
-def slice_context(volume: torch.Tensor, context_slices: int) -> torch.Tensor:
+def slice_context(volume: torch.Tensor, context_slices: int, step: int = 1) -> torch.Tensor:
     """Each axial slice with its ``n = context_slices`` neighbours on either side as extra channels, the layout
     training gives (``ReferringSlicesd``): ``(B, C, H, W, D) -> (B, C * (2n + 1), H, W, D)``, channel
-    ``c * (2n + 1) + k`` is input channel ``c`` at slice offset ``k - n``; the first and last slices replicate."""
+    ``c * (2n + 1) + k`` is input channel ``c`` at slice offset ``k - n``; the first and last slices replicate.
+    ``step`` > 1: every ``step``-th slice only (``[..., ::step]`` of the result, without building the rest)."""
     if context_slices == 0:
-        return volume
+        return volume[..., ::step] if step > 1 else volume
     batch, channels, height, width, depth = volume.shape
     offsets = torch.arange(-context_slices, context_slices + 1, device=volume.device)
-    index = (torch.arange(depth, device=volume.device)[None] + offsets[:, None]).clamp(0, depth - 1)  # (K, D)
+    centres = torch.arange(0, depth, step, device=volume.device)
+    index = (centres[None] + offsets[:, None]).clamp(0, depth - 1)  # (K, D / step)
     plain = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
-    stacked = plain[..., index].permute(0, 1, 4, 2, 3, 5)  # (B, C, K, H, W, D)
-    expanded = stacked.reshape(batch, channels * len(offsets), height, width, depth)
+    stacked = plain[..., index].permute(0, 1, 4, 2, 3, 5)  # (B, C, K, H, W, D / step)
+    expanded = stacked.reshape(batch, channels * len(offsets), height, width, len(centres))
     if isinstance(volume, MetaTensor):
         return MetaTensor(expanded, meta=volume.meta, applied_operations=volume.applied_operations)
     return expanded
@@ -77,11 +79,9 @@ class ReferringSliceInferer(SliceInferer):
     the text-free pass then runs on the box of that liver grown by the focus margin and ``coarse_margin_mm`` only,
     the liver-centred view training gives the network. Outside it every channel is :data:`OUTSIDE_LOGIT`. When the
     liver found there reaches the box's edge (the coarse pass saw less of it), the box grows and the pass runs
-    again; when the coarse pass finds no liver, the text-free pass runs on every whole slice.
+    again; when either pass finds no liver (or the volume has no voxel size), the text-free pass runs on every whole
+    slice.
     """
-
-    #: How many times the two-level box may grow to hold the liver found in it.
-    max_regrowths = 3
 
     def __init__(
         self,
@@ -171,7 +171,7 @@ class ReferringSliceInferer(SliceInferer):
         channels) average-pooled ``coarse_factor`` times in plane."""
         depth = inputs.shape[-1]
         step, factor = self._coarse_step(inputs), int(self.coarse_factor or 1)
-        sampled = slice_context(inputs, self.context_slices)[..., ::step]
+        sampled = slice_context(inputs, self.context_slices, step)
         sampled = sampled.as_tensor() if isinstance(sampled, MetaTensor) else sampled
         pooled = F.avg_pool3d(sampled, (factor, factor, 1), ceil_mode=True) if factor > 1 else sampled
         coarse = self._slide(pooled, network)
@@ -204,25 +204,28 @@ class ReferringSliceInferer(SliceInferer):
         return torch.cat(parts, dim=-1)
 
     def _text_free_in_liver_box(self, inputs: torch.Tensor, network) -> torch.Tensor | None:
-        """The text-free pass on the coarse liver's box, every other voxel :data:`OUTSIDE_LOGIT`; ``None`` when the
-        coarse pass finds no liver. The box is the coarse liver grown by the focus margin, ``coarse_margin_mm`` and
-        the coarse grid's own uncertainty (a pooled pixel, a skipped slice); while the liver found in it comes
-        closer to an edge than the focus margin, it grows by as much around that liver."""
+        """The text-free pass on the coarse liver's box, every other voxel :data:`OUTSIDE_LOGIT`; ``None`` (the
+        whole-slice pass is then run) when the voxel size is unknown, or the coarse pass or the pass on its box finds
+        no liver. The box is the coarse liver grown by the focus margin, ``coarse_margin_mm`` and the coarse grid's
+        own uncertainty (a pooled pixel, a skipped slice); while the liver found in it comes closer to an edge than
+        the focus margin, it grows by as much around that liver (at most to the whole volume)."""
+        spacing = self._spacing(inputs)
+        if spacing is None:
+            return None
         extent = self._coarse_liver(inputs, network)
         if extent is None:
             return None
         shape = tuple(inputs.shape[-3:])
-        spacing = self._spacing(inputs) or (1.0, 1.0, 1.0)
         margin = self._margin(inputs)
         slack = tuple(int(np.ceil(self.coarse_margin_mm / s - 1e-6)) for s in spacing)
         uncertainty = (int(self.coarse_factor or 1), int(self.coarse_factor or 1), self._coarse_step(inputs))
         reach = tuple(m + s + u for m, s, u in zip(margin, slack, uncertainty))
         box = self._grown(extent, reach, shape)
         part = self._pass_on_box(inputs, network, box)
-        for _ in range(self.max_regrowths):
+        while True:  # the box only grows, up to the whole volume
             liver = liver_box((part[0, self.focus_channel] >= self._focus_logit).cpu().numpy(), (0, 0, 0))
             if liver is None:
-                break
+                return None
             found = tuple(slice(b.start + e.start, b.start + e.stop) for b, e in zip(box, liver))
             needed = self._grown(found, margin, shape)
             if all(n.start >= b.start and n.stop <= b.stop for n, b in zip(needed, box)):

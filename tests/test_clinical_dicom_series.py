@@ -318,3 +318,6 @@ def test_gzipped_nifti_is_read_once_as_nibabel_reads_it_and_a_wrong_crc_or_lengt
     (tmp_path / "cut.nii.gz").write_bytes(path.read_bytes()[:-30])
     with pytest.raises(NoImageError, match="damaged gzip file"):
         check_volume_file(tmp_path / "cut.nii.gz", require_ct=False)
+    (tmp_path / "short.nii.gz").write_bytes(gzip.compress(raw[:-10]))  # an intact stream of a NIfTI cut short
+    with pytest.raises(NoImageError, match="cut short"):
+        check_volume_file(tmp_path / "short.nii.gz", require_ct=False)

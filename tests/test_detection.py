@@ -279,10 +279,19 @@ def test_two_level_text_free_pass_runs_on_the_coarse_livers_box_and_grows_it_to_
     liver = output[0, 1] >= 0
     assert torch.equal(liver, image[0, 0] > 0)  # the whole liver, nothing cut
 
+    long_arm = torch.zeros(1, 3, 80, 40, 40)
+    long_arm[0, 0, 10:20, 10:20, 4:21] = 1
+    long_arm[0, 0, 20:78, 10, 12] = 1  # one voxel thick, 58 long: unseen by the coarse pass, reached by growing
+    output = two_level_inferer()(MetaTensor(long_arm, affine=torch.eye(4)), LesionNetwork())
+    assert torch.equal(output[0, 1] >= 0, long_arm[0, 0] > 0)
+
     network = LesionNetwork()
     no_liver = two_level_inferer()(MetaTensor(torch.zeros(1, 3, 40, 40, 40), affine=torch.eye(4)), network)
     assert network.slices == 5 + 40  # no liver in the coarse pass: every whole slice, as with one level
     assert (no_liver[0, 1] < 0).all()
+    network = LesionNetwork()
+    two_level_inferer()(image, network)  # a plain tensor: no voxel size for the coarse grid, whole slices
+    assert network.slices == 40
     with pytest.raises(ValueError, match="coarse_factor"):
         two_level_inferer(coarse_factor=0)
 
@@ -309,6 +318,9 @@ def test_context_slices_at_inference_are_the_training_layout_also_inside_the_liv
     for z in range(5):
         assert torch.equal(expanded[0, ..., z], training._slice(volume[0], z, 1))
     assert torch.equal(slice_context(volume, 0), volume)
+    for step in (2, 3):  # every step-th slice with its context, as the coarse pass reads them
+        assert torch.equal(slice_context(volume, 1, step), expanded[..., ::step])
+        assert torch.equal(slice_context(volume, 0, step), volume[..., ::step])
 
     image = torch.zeros(1, 2, 16, 16, 8)
     image[0, 0, 4:8, 5:9, 2:5] = torch.tensor([0.6, 0.7, 0.8])  # the liver, each slice its own value

@@ -416,15 +416,17 @@ def damaged_gzip_error(path: PathLike, err: BaseException) -> NoImageError:
     )
 
 
-def read_whole_gzip(path: PathLike) -> None:
-    """Read the whole gzip stream of ``path``, so that its CRC and length are checked; a damaged stream raises the
-    named :class:`NoImageError`."""
+def read_whole_gzip(path: PathLike) -> int:
+    """Read the whole gzip stream of ``path``, so that its CRC and length are checked, and return its decompressed
+    size; a damaged stream raises the named :class:`NoImageError`."""
+    size = 0
     try:
         with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 22):
-                pass
+            while chunk := stream.read(1 << 22):
+                size += len(chunk)
     except (OSError, EOFError, zlib.error) as err:
         raise damaged_gzip_error(path, err) from err
+    return size
 
 
 class CheckedNibabelReader(NibabelReader):

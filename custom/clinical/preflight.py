@@ -71,7 +71,12 @@ def _check_gzip_length(path: Path, expected: int) -> None:
             stream.seek(-4, os.SEEK_END)
             if int.from_bytes(stream.read(4), "little") == expected % (1 << 32):
                 return
-    read_whole_gzip(path)
+    size = read_whole_gzip(path)
+    if size < expected:
+        raise NoImageError(
+            f"'{path}' is cut short: its header describes {expected} bytes but its gzip stream holds {size}. "
+            "Copy or export the file again."
+        )
 
 
 def _check_nifti_geometry(path: Path, image) -> None:

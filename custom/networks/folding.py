@@ -27,12 +27,12 @@ def _batch_norm_affine(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor
 
 def fold_norm_into_next_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
     """A 1x1 convolution computing ``conv(norm(x))``: the batch norm before it folded into its weights."""
-    if conv.kernel_size != (1, 1) or conv.groups != 1:
-        raise ValueError("only a 1x1 convolution without groups can absorb the batch norm before it")
+    if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.stride != (1, 1) or conv.padding != (0, 0):
+        raise ValueError("only a 1x1 convolution without groups, stride or padding absorbs the batch norm before it")
     scale, shift = _batch_norm_affine(norm)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=True).to(conv.weight.device)
     weight = conv.weight.detach()
-    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels, device=weight.device)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=True).to(weight.device, weight.dtype)
+    bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(conv.out_channels)
     fused.weight.data = (weight * scale.detach()[None, :, None, None]).to(memory_format=_layout(conv.weight))
     fused.bias.data = bias + weight[:, :, 0, 0] @ shift.detach()
     return fused
@@ -41,8 +41,15 @@ def fold_norm_into_next_conv(norm: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d
 def fold_scale_into_conv(conv: nn.Conv2d, scale: torch.Tensor) -> nn.Conv2d:
     """A convolution computing ``scale * conv(x)`` for a per-channel ``scale`` (C, 1, 1)."""
     fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, groups=conv.groups
-    ).to(conv.weight.device)
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        padding_mode=conv.padding_mode,
+    ).to(conv.weight.device, conv.weight.dtype)
     factor = scale.detach().flatten()
     fused.weight.data = (conv.weight.detach() * factor[:, None, None, None]).to(memory_format=_layout(conv.weight))
     bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(factor)
