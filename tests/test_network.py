@@ -251,6 +251,43 @@ def test_folded_batch_norms_and_layer_scales_give_the_shipped_networks_outputs(t
             assert before["logits"].abs().max() > 1.0
 
 
+@pytest.mark.parametrize("text_dim", [48, 32], ids=["text_wider", "text_as_wide"])
+def test_pixel_word_attention_in_inference_equals_the_multihead_attention_it_runs(text_dim):
+    from custom.networks.svla import PixelWordAttention
+
+    torch.manual_seed(0)
+    module = PixelWordAttention(32, text_dim, num_heads=2)
+    x, words = torch.randn(3, 32, 5, 6), torch.randn(3, 7, text_dim)
+    word_mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] + [0] * 6], dtype=torch.bool)
+    with torch.no_grad():
+        trained_path = module.train()(x, words, word_mask)
+        fused_path = module.eval()(x, words, word_mask)
+    torch.testing.assert_close(fused_path, trained_path, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # padding tokens are left out: other values there change nothing
+        padded = words.clone()
+        padded[~word_mask] = 100.0
+        torch.testing.assert_close(module(x, padded, word_mask), fused_path, rtol=1e-5, atol=1e-5)
+
+
+def test_full_scale_decoder_merge_equals_the_concatenation_it_replaces():
+    from custom.networks.decoders import FullScaleDecoder
+
+    torch.manual_seed(0)
+    decoder = FullScaleDecoder((8, 16, 24, 32), channels=16, num_heads=2).eval()
+    for module in decoder.modules():  # non-trivial batch norm statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    features = [torch.randn(2, c, 32 // 2**i, 40 // 2**i) for i, c in enumerate((8, 16, 24, 32))]
+    with torch.no_grad():
+        (p1,) = decoder.align_fine(features[:1], features[0].shape[-2:])
+        coarse = decoder.cross_scale(decoder.align_coarse(features[1:], features[2].shape[-2:]))
+        context = decoder.fuse_coarse(torch.cat(coarse, dim=1))
+        context = torch.nn.functional.interpolate(context, size=(32, 40), mode="bilinear", align_corners=False)
+        expected = decoder.merge(torch.cat([p1, context], dim=1))
+        torch.testing.assert_close(decoder(features), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_decoder_attention_equals_the_transformer_layer_it_runs(training):
     torch.manual_seed(0)

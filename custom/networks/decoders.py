@@ -127,8 +127,16 @@ class FullScaleDecoder(nn.Module):
         (p1,) = self.align_fine(features[:1], fine_size)
         coarse = self.cross_scale(self.align_coarse(features[1:], features[2].shape[-2:]))
         global_context = self.fuse_coarse(torch.cat(coarse, dim=1))
-        global_context = F.interpolate(global_context, size=fine_size, mode="bilinear", align_corners=False)
-        return self.merge(torch.cat([p1, global_context], dim=1))
+        # merge(cat([p1, upsample(g)])) with its 1x1 convolution split in two: the part that reads the global
+        # context runs before the upsampling (a 1x1 convolution and bilinear upsampling commute), so neither the
+        # upsampled context nor the concatenation is built at stride 4. Same function, same weights.
+        conv, channels = self.merge[0], p1.shape[1]
+        merged = F.conv2d(p1, conv.weight[:, :channels], conv.bias) + F.interpolate(
+            F.conv2d(global_context, conv.weight[:, channels:]), size=fine_size, mode="bilinear", align_corners=False
+        )
+        for layer in list(self.merge)[1:]:  # its norm and activation
+            merged = layer(merged)
+        return merged
 
 
 class FPNDecoder(nn.Module):

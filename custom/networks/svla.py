@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.layers import DropPath
 from torch import nn
 
@@ -53,8 +54,30 @@ class PixelWordAttention(nn.Module):
     def forward(self, x: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         queries = self.norm(x.flatten(2).transpose(1, 2))
-        aligned, _ = self.attention(queries, words, words, key_padding_mask=~word_mask.bool(), need_weights=False)
+        if self.training:
+            aligned, _ = self.attention(queries, words, words, key_padding_mask=~word_mask.bool(), need_weights=False)
+        else:
+            aligned = self._fused_attention(queries, words, word_mask.bool())
         return aligned.transpose(1, 2).reshape(b, c, h, w)
+
+    def _fused_attention(self, queries: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """``self.attention(queries, words, words, key_padding_mask=~word_mask)`` from the module's own weights by
+        ``F.scaled_dot_product_attention``, ``(B, N, C) -> (B, N, C)``: in inference ``nn.MultiheadAttention``
+        copies the pixel queries into sequence-first layout and back, a pass over stride-4 features per block that
+        the fused kernel does not need. Same result within float tolerance (test)."""
+        attention = self.attention
+        b, n, c = queries.shape
+        heads = attention.num_heads
+        if attention._qkv_same_embed_dim:  # text features as wide as the pixels': one packed projection
+            weights = attention.in_proj_weight.chunk(3)
+        else:
+            weights = (attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight)
+        biases = attention.in_proj_bias.chunk(3) if attention.in_proj_bias is not None else (None,) * 3
+        q = F.linear(queries, weights[0], biases[0]).view(b, n, heads, c // heads).transpose(1, 2)
+        k = F.linear(words, weights[1], biases[1]).view(b, -1, heads, c // heads).transpose(1, 2)
+        v = F.linear(words, weights[2], biases[2]).view(b, -1, heads, c // heads).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=word_mask[:, None, None, :])
+        return attention.out_proj(attended.transpose(1, 2).reshape(b, n, c))
 
 
 class SVLA(nn.Module):
