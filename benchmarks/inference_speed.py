@@ -67,7 +67,9 @@ def network_rows(size: int = 256) -> list[str]:
     text_encoder = BertTextEncoder()
     # folded for inference, as the inference and evaluation workflows run it (custom.handlers.FoldBatchNorms)
     lsms = fold_batch_norms(lsms_tiny(in_channels=2, out_channels=3, text_encoder=text_encoder))
-    lsms_nchw = fold_batch_norms(lsms_tiny(in_channels=2, out_channels=3, text_encoder=text_encoder, channels_last=False))
+    lsms_nchw = fold_batch_norms(
+        lsms_tiny(in_channels=2, out_channels=3, text_encoder=text_encoder, channels_last=False)
+    )
     unet = UNet(2, 2, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2)
     tokens = text_encoder.tokenize(PROMPTS[:1])
     rows = [

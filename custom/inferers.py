@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer
+
 from custom.clinical.geometry import bounding_box
 from custom.postprocessing import largest_component
 

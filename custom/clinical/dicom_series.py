@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from nibabel.arrayproxy import ArrayProxy
 from monai.config import KeysCollection, PathLike
 from monai.data import MetaTensor, NibabelReader, PydicomReader
 from monai.data.utils import orientation_ras_lps
 from monai.transforms import LoadImage, MapTransform, Orientation
 from monai.utils import MetaKeys, ensure_tuple
+from nibabel.arrayproxy import ArrayProxy
 from pydicom.errors import InvalidDicomError
 
 from custom.clinical.errors import (

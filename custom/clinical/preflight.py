@@ -18,7 +18,6 @@ from __future__ import annotations
 import gzip
 import os
 import tempfile
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
