@@ -369,12 +369,16 @@ class AnswerToInputGridd(MapTransform):
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray | None:
-    """The largest connected component (face connectivity) of a binary array, or ``None`` when it is empty."""
-    components, count = ndimage.label(mask)
-    if count == 0:
+    """The largest connected component (face connectivity) of a binary array, or ``None`` when it is empty. The
+    components are labelled inside the mask's box only (same components, a fraction of a whole-volume labelling)."""
+    box = bounding_box(mask)
+    if box is None:
         return None
+    components, count = ndimage.label(mask[box])
     sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
-    return components == (int(np.argmax(sizes)) + 1)
+    largest = np.zeros(np.shape(mask), bool)
+    largest[box] = components == (int(np.argmax(sizes)) + 1)
+    return largest
 
 
 def liver_region(
