@@ -17,7 +17,7 @@ from scipy import ndimage
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
-from custom.clinical.geometry import bounding_box
+from custom.clinical.geometry import bounding_box, grow_box
 from custom.data.geometry import LiverFrame, measure_lesions, segment_of_fractions
 
 __all__ = [
@@ -112,7 +112,7 @@ def lesion_candidates(
     # labelled and split inside the lesions' box grown by a voxel of background (what the splitting reads around
     # each component): the same candidates for a fraction of the work
     box = bounding_box(foreground) or tuple(slice(0, 0) for _ in foreground.shape)
-    box = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(box, foreground.shape))
+    box = grow_box(box, 1, foreground.shape)
     foreground = foreground[box]
     components, count = ndimage.label(foreground, structure=np.ones((3, 3, 3), bool))
     if split_depth_mm is not None and count:

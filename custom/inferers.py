@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 
-from custom.clinical.geometry import bounding_box
+from custom.clinical.geometry import bounding_box, grow_box
 from custom.postprocessing import largest_component
 
 __all__ = ["ReferringSliceInferer", "liver_box", "slice_context"]
@@ -26,7 +26,7 @@ def liver_box(liver: np.ndarray, margin: tuple[int, int, int] = (7, 7, 1)) -> tu
     if largest is None:
         return None
     extent = bounding_box(largest)
-    return tuple(slice(max(e.start - m, 0), min(e.stop + m, n)) for e, m, n in zip(extent, margin, liver.shape))  # type: ignore[return-value]
+    return grow_box(extent, margin, liver.shape)  # type: ignore[return-value]
 
 
 def slice_context(volume: torch.Tensor, context_slices: int, step: int = 1) -> torch.Tensor:
@@ -117,6 +117,7 @@ class ReferringSliceInferer(SliceInferer):
         self.focus_margin_mm = None if focus_margin_mm is None else float(focus_margin_mm)
         self._focus_logit = float(torch.logit(torch.tensor(self.focus_threshold)))
         self._last: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._box: tuple[torch.Tensor, tuple[slice, slice, slice] | None] | None = None
 
     def _slide(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Slide over ``inputs`` already holding their context channels."""
@@ -186,10 +187,6 @@ class ReferringSliceInferer(SliceInferer):
             slice(extent[2].start * step, min((extent[2].stop - 1) * step + 1, depth)),
         )
 
-    @staticmethod
-    def _grown(extent: tuple[slice, ...], margin: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
-        return tuple(slice(max(e.start - m, 0), min(e.stop + m, n)) for e, m, n in zip(extent, margin, shape))
-
     def _pass_on_box(self, inputs: torch.Tensor, network, box: tuple[slice, ...], last=None) -> torch.Tensor:
         """The text-free pass on ``box``, ``(1, K, *box sizes)``; ``last = (box, output)`` of a box with the same
         in-plane extent gives its slices (the network reads one slice at a time), so only new slices are run."""
@@ -221,17 +218,17 @@ class ReferringSliceInferer(SliceInferer):
         slack = tuple(int(np.ceil(self.coarse_margin_mm / s - 1e-6)) for s in spacing)
         uncertainty = (int(self.coarse_factor or 1), int(self.coarse_factor or 1), self._coarse_step(inputs))
         reach = tuple(m + s + u for m, s, u in zip(margin, slack, uncertainty))
-        box = self._grown(extent, reach, shape)
+        box = grow_box(extent, reach, shape)
         part = self._pass_on_box(inputs, network, box)
         while True:  # the box only grows, up to the whole volume
             liver = liver_box((part[0, self.focus_channel] >= self._focus_logit).cpu().numpy(), (0, 0, 0))
             if liver is None:
                 return None
             found = tuple(slice(b.start + e.start, b.start + e.stop) for b, e in zip(box, liver))
-            needed = self._grown(found, margin, shape)
+            needed = grow_box(found, margin, shape)
             if all(n.start >= b.start and n.stop <= b.stop for n, b in zip(needed, box)):
                 break
-            grown = self._grown(found, reach, shape)
+            grown = grow_box(found, reach, shape)
             grown = tuple(slice(min(b.start, g.start), max(b.stop, g.stop)) for b, g in zip(box, grown))
             box, part = grown, self._pass_on_box(inputs, network, grown, (box, part))
         output = torch.full((1, part.shape[1], *shape), OUTSIDE_LOGIT, dtype=part.dtype, device=part.device)
@@ -256,13 +253,21 @@ class ReferringSliceInferer(SliceInferer):
         self._last = (weights, inputs.detach(), output)  # kept, not copied: MONAI's transforms do not work in place
         return output
 
+    def _focus_box(self, inputs: torch.Tensor, text_free: torch.Tensor) -> tuple[slice, slice, slice] | None:
+        """The box of the largest liver component of ``text_free`` grown by the focus margin (:func:`liver_box`),
+        found once per text-free pass and reused by the further expressions of the volume."""
+        if self._box is not None and self._box[0] is text_free:
+            return self._box[1]
+        liver = (torch.sigmoid(text_free[0, self.focus_channel].float()) >= self.focus_threshold).cpu().numpy()
+        box = liver_box(liver, self._margin(inputs))
+        self._box = (text_free, box)
+        return box
+
     def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any):
         if self.focus_channel is None:
             return self._slide(slice_context(inputs, self.context_slices), network, *args, **kwargs)
         text_free = self.text_free(inputs, network)
-        liver = (torch.sigmoid(text_free[0, self.focus_channel].float()) >= self.focus_threshold).cpu().numpy()
-        margin = self._margin(inputs)
-        box = liver_box(liver, margin)
+        box = self._focus_box(inputs, text_free)
         output = text_free.clone()
         output[:, 0] = OUTSIDE_LOGIT
         if box is None:

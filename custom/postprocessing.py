@@ -15,7 +15,7 @@ from monai.utils import convert_to_dst_type
 from monai.utils.type_conversion import dtype_torch_to_numpy
 from scipy import ndimage
 
-from custom.clinical.geometry import bounding_box
+from custom.clinical.geometry import bounding_box, grow_box
 
 __all__ = [
     "select_referred_components",
@@ -210,7 +210,7 @@ class BoxInvertd(MapTransform):
         if not varying.any():
             return fill, None, None
         found = bounding_box(varying)
-        box = [slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(found, channel.shape)]
+        box = grow_box(found, 1, channel.shape)
         crop_affine = source_affine.clone()
         start = [b.start + o for b, o in zip(box, offset)]
         crop_affine[:, 3] = source_affine @ torch.tensor(start + [1], dtype=torch.float64)
@@ -314,7 +314,7 @@ class AnswerToInputGridd(MapTransform):
         found = bounding_box(mask)
         if found is None:
             return None
-        return tuple(slice(max(b.start - 2, 0), min(b.stop + 2, n)) for b, n in zip(found, mask.shape))
+        return grow_box(found, 2, mask.shape)
 
     def _on_input_grid(self, boundary: torch.Tensor, evidence: list[torch.Tensor], box: tuple, data: dict) -> tuple:
         """The answer (uint8, ``boundary`` thresholded) and the ``evidence`` (float32), crops at ``box`` of the
@@ -395,10 +395,7 @@ def liver_region(
         return np.zeros_like(liver), {"liver_found": False}
     extent = bounding_box(largest)
     # the distance transform only needs the liver's box grown by the margin
-    grown = tuple(
-        slice(max(e.start - int(np.ceil(margin_mm / s)), 0), min(e.stop + int(np.ceil(margin_mm / s)), n))
-        for e, s, n in zip(extent, spacing, liver.shape)
-    )
+    grown = grow_box(extent, [int(np.ceil(margin_mm / s)) for s in spacing], liver.shape)
     region = np.zeros_like(liver)
     region[grown] = ndimage.distance_transform_edt(~largest[grown], sampling=spacing) <= margin_mm
     description = {

@@ -191,21 +191,24 @@ def test_load_weights_starts_a_network_from_a_saved_file_and_names_a_mismatch(te
         load_weights(other, tmp_path / "missing.pt")
 
 
+def shipped_network(text_encoder, channels_last: bool) -> LSMS:
+    """LSMS-tiny in evaluation mode with the shipped weights, its input and output channels read from them."""
+    shipped = torch.load("bundle/models/model.pt", map_location="cpu", weights_only=True)
+    network = lsms_tiny(
+        in_channels=next(v.shape[1] for k, v in shipped.items() if v.ndim == 4),  # the stem's input channels
+        out_channels=len(shipped["head.1.bias"]),
+        text_encoder=text_encoder,
+        channels_last=channels_last,
+    ).eval()
+    network.load_state_dict(shipped, strict=False)
+    return network
+
+
 def test_channels_last_layout_gives_the_outputs_of_the_nchw_layout_for_the_shipped_weights(text_encoder, tokens):
     """The layout changes speed only: same weights, same logits and embeddings (float tolerance), with and without
     text; a checkpoint of either layout loads into the other."""
-    shipped = torch.load("bundle/models/model.pt", map_location="cpu", weights_only=True)
-    in_channels = next(v.shape[1] for k, v in shipped.items() if v.ndim == 4)  # the stem's input channels
-    networks = {}
-    for channels_last in (False, True):
-        network = lsms_tiny(
-            in_channels=in_channels,
-            out_channels=len(shipped["head.1.bias"]),
-            text_encoder=text_encoder,
-            channels_last=channels_last,
-        ).eval()
-        network.load_state_dict(shipped, strict=False)
-        networks[channels_last] = network
+    networks = {channels_last: shipped_network(text_encoder, channels_last) for channels_last in (False, True)}
+    in_channels = networks[True].encoder.embeddings[0].layers[0].in_channels
     conv = next(m.weight for m in networks[True].encoder.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1
                 and m.in_channels > 1 and m.kernel_size != (1, 1))  # fmt: skip
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
@@ -227,15 +230,8 @@ def test_folded_batch_norms_and_layer_scales_give_the_shipped_networks_outputs(t
     the same logits and embeddings within float tolerance with and without text, and folding twice changes nothing."""
     from custom.networks.folding import fold_batch_norms
 
-    shipped = torch.load("bundle/models/model.pt", map_location="cpu", weights_only=True)
-    in_channels = next(v.shape[1] for k, v in shipped.items() if v.ndim == 4)
-    network = lsms_tiny(
-        in_channels=in_channels,
-        out_channels=len(shipped["head.1.bias"]),
-        text_encoder=text_encoder,
-        channels_last=channels_last,
-    ).eval()
-    network.load_state_dict(shipped, strict=False)
+    network = shipped_network(text_encoder, channels_last)
+    in_channels = network.encoder.embeddings[0].layers[0].in_channels
     image = torch.rand(2, in_channels, 96, 80) * 2 - 0.5
     with torch.inference_mode():
         expected = [network(image, **text, return_embeddings=True) for text in (tokens, {})]

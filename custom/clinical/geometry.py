@@ -8,7 +8,7 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from custom.clinical.errors import GeometryMismatchError
 
-__all__ = ["as_spatial_array", "affine_of", "bounding_box", "reorient_to", "ras_to_lps"]
+__all__ = ["as_spatial_array", "affine_of", "bounding_box", "grow_box", "reorient_to", "ras_to_lps"]
 
 #: Tolerance (mm) when comparing two affines of the same grid.
 AFFINE_ATOL_MM = 1e-3
@@ -31,6 +31,13 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     found = np.flatnonzero(mask[tuple(box)].any(axis=tuple(others)))
     box[fastest] = slice(int(found[0]), int(found[-1]) + 1)
     return tuple(box)
+
+
+def grow_box(box: tuple[slice, ...], margin, shape) -> tuple[slice, ...]:
+    """``box`` (a tuple of slices) grown by ``margin`` voxels on either side (one int, or one per axis) and clipped
+    to an array of ``shape``."""
+    margins = (margin,) * len(box) if np.isscalar(margin) else tuple(margin)
+    return tuple(slice(max(b.start - int(m), 0), min(b.stop + int(m), int(n))) for b, m, n in zip(box, margins, shape))
 
 
 def as_spatial_array(volume) -> np.ndarray:
