@@ -1,19 +1,22 @@
 """Inference speed and memory on CPU: network per slice, the whole workflow, and its stages.
 
-Usage: ``python -m benchmarks.inference_speed [--slices 120 300] [--prompts 5] [--skip_network]`` from the
-repository root. In one run it prints
+Usage: ``python -m benchmarks.inference_speed [--slices 120 300] [--prompts 5] [--repeats 3] [--skip_network]`` from
+the repository root. In one run it prints
 
 - ms per slice of LSMS-tiny (with an expression; batch norms and layer scales folded, as inference runs it) and of
-  MONAI's 2D UNet (16-256, 2 residual units) at 256x256, batch 1 and 32, and their ratio;
+  MONAI's 2D UNet (16-256, 2 residual units) at 256x256, batch 1 and 32, and their ratio (best of 5 passes, the
+  networks timed in turn);
+- the wall time of ``python -c "import monai"``, which every ``python -m monai.bundle`` command pays first;
 - for generated 512x512 CTs of each ``--slices`` count (the bundle's sample case resampled to 0.66 mm in-plane and
   1.6 mm slices, written as NIfTI; nothing is downloaded): wall time and peak resident memory of
   ``python -m monai.bundle run inference`` with one prompt and with ``--prompts`` prompts on the same volume (one
-  ``--datalist``), each in a fresh process, and the seconds inside the workflow;
+  ``--datalist``), each in a fresh process, and the seconds inside the workflow (medians of ``--repeats`` processes);
 - the time of each stage of the one-prompt run (load, resample, window and tokenise, liver location by the coarse
   pass, text-free pass, referring pass, liver region, lesion candidates, referral, writing), measured in-process on
   the same inputs.
 
-Figures depend on the machine and on what else runs on it: compare the rows of one run.
+The allocator is set as the inference workflow sets it (``custom.runtime.keep_freed_memory``). Figures depend on
+the machine and on what else runs on it: compare the rows of one run.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +41,7 @@ from scipy import ndimage
 
 from custom.networks import BertTextEncoder, lsms_tiny
 from custom.networks.folding import fold_batch_norms
+from custom.runtime import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "bundle" / "sample" / "sample_case.nii.gz"
@@ -49,18 +54,22 @@ PROMPTS = [
 ]
 
 
-def ms_per_slice(network: torch.nn.Module, batch: int, size: int, repeats: int = 3, **text) -> float:
-    """Best of ``repeats`` timed forward passes (after one warm-up), in ms per slice."""
-    network.eval()
+def ms_per_slice(networks: dict[str, tuple[torch.nn.Module, dict]], batch: int, size: int, repeats: int = 5):
+    """``{name: ms per slice}``, the best of ``repeats`` timed forward passes (after one warm-up) of each network,
+    timed in turn (one pass of each per round), so that a slower or faster spell of the machine reaches all of
+    them; ``networks`` maps a name to the network and its keyword inputs (the tokenised expression)."""
     image = torch.rand(batch, 2, size, size)
+    best = dict.fromkeys(networks, float("inf"))
     with torch.inference_mode():
-        network(image, **text)
-        best = float("inf")
+        for network, inputs in networks.values():
+            network.eval()
+            network(image, **inputs)
         for _ in range(repeats):
-            start = time.perf_counter()
-            network(image, **text)
-            best = min(best, time.perf_counter() - start)
-    return 1000.0 * best / batch
+            for name, (network, inputs) in networks.items():
+                start = time.perf_counter()
+                network(image, **inputs)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return {name: 1000.0 * seconds / batch for name, seconds in best.items()}
 
 
 def network_rows(size: int = 256) -> list[str]:
@@ -77,15 +86,13 @@ def network_rows(size: int = 256) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for batch in (1, 32):
-        lsms_ms = ms_per_slice(lsms, batch, size, **tokens)
-        unet_ms = ms_per_slice(unet, batch, size)
-        nchw_ms = ms_per_slice(lsms_nchw, batch, size, **tokens)
+        ms = ms_per_slice({"lsms": (lsms, tokens), "unet": (unet, {}), "nchw": (lsms_nchw, tokens)}, batch, size)
         cells = [
-            f"{lsms_ms:.1f}",
-            f"{unet_ms:.1f}",
-            f"{lsms_ms / unet_ms:.2f}",
-            f"{nchw_ms:.1f}",
-            f"{nchw_ms / unet_ms:.2f}",
+            f"{ms['lsms']:.1f}",
+            f"{ms['unet']:.1f}",
+            f"{ms['lsms'] / ms['unet']:.2f}",
+            f"{ms['nchw']:.1f}",
+            f"{ms['nchw'] / ms['unet']:.2f}",
         ]
         rows.append(f"| {batch} | " + " | ".join(cells) + " |")
     return rows
@@ -106,18 +113,16 @@ def generated_ct(slices: int, folder: Path) -> Path:
     return path
 
 
-def run_process(args: list[str]) -> tuple[float, float, str]:
-    """Run ``python -m monai.bundle <args>`` in a fresh process; (wall s, peak RSS GB, output)."""
+def run_process(command: list[str]) -> tuple[float, float, str]:
+    """Run ``python <command>`` in a fresh process from the repository root; (wall s, peak RSS GB, output)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if result.returncode != 0:
-        raise SystemExit(f"error: inference failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"error: {' '.join(command[:4])} failed:\n{result.stderr[-3000:]}")
     # ru_maxrss of children is the largest child so far: report it only when this child raised it
     return wall, max(peak, before) / 1024**2, result.stdout + result.stderr
 
@@ -131,22 +136,30 @@ def workflow_seconds(output: str) -> float:
     return float("nan")
 
 
-def process_rows(slices: list[int], prompts: int, folder: Path) -> list[str]:
+def process_rows(slices: list[int], prompts: int, folder: Path, repeats: int) -> list[str]:
+    """One row per CT size and prompt count: the median of ``repeats`` fresh processes (wall and workflow seconds),
+    and the largest peak RSS; a first row times ``import monai`` alone, which every ``python -m monai.bundle``
+    command pays before any bundle code runs."""
     rows = ["| CT | prompts | process wall (s) | workflow (s) | peak RSS (GB) |", "|---|---|---|---|---|"]
+    imports = [run_process(["-c", "import monai"])[0] for _ in range(repeats)]
+    rows.append(f'| (`python -c "import monai"` alone) | | {statistics.median(imports):.1f} | | |')
     for count in slices:
         image = generated_ct(count, folder)
         for n in (1, prompts):
             out = folder / f"out_{count}_{n}"
-            args = ["run", "inference", "--config_file", "bundle/configs/inference.json", "--output_dir", str(out)]
-            args += ["--overwrite", "true"]
+            args = ["-m", "monai.bundle", "run", "inference", "--config_file", "bundle/configs/inference.json"]
+            args += ["--output_dir", str(out), "--overwrite", "true"]
             if n == 1:
                 args += ["--image", str(image), "--prompt", PROMPTS[0]]
             else:
                 datalist = folder / f"datalist_{count}.json"
                 datalist.write_text(json.dumps([{"image": str(image), "prompt": prompt} for prompt in PROMPTS[:n]]))
                 args += ["--datalist", str(datalist)]
-            wall, peak_gb, output = run_process(args)
-            rows.append(f"| 512x512x{count} | {n} | {wall:.1f} | {workflow_seconds(output):.1f} | {peak_gb:.2f} |")
+            runs = [run_process(args) for _ in range(repeats)]
+            wall = statistics.median(run[0] for run in runs)
+            workflow = statistics.median(workflow_seconds(run[2]) for run in runs)
+            peak_gb = max(run[1] for run in runs)
+            rows.append(f"| 512x512x{count} | {n} | {wall:.1f} | {workflow:.1f} | {peak_gb:.2f} |")
     return rows
 
 
@@ -231,16 +244,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slices", type=int, nargs="+", default=[120, 300])
     parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="fresh processes per row, whose median is reported (default 3)"
+    )
     parser.add_argument("--skip_network", action="store_true", help="leave out the per-slice network timing")
     parser.add_argument("--work_dir", default=None, help="where the generated CTs and outputs go (default: a temp dir)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    keep_freed_memory()  # as the inference workflow sets its allocator (its `keep_freed_memory` option)
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(args.work_dir or temporary).resolve()
         folder.mkdir(parents=True, exist_ok=True)
         if not args.skip_network:
             print("\n".join(["Network, 256x256 slices, 2 channels, inference mode:", *network_rows(), ""]))
-        print("\n".join(["Inference workflow (fresh process each):", *process_rows(args.slices, args.prompts, folder)]))
+        print(
+            "\n".join(
+                [
+                    "Inference workflow (fresh process each):",
+                    *process_rows(args.slices, args.prompts, folder, args.repeats),
+                ]
+            )
+        )
         image = generated_ct(args.slices[0], folder)
         print(
             "\n".join(

@@ -13,7 +13,6 @@ affine (``original_affine``) -> ``Orientation(axcodes="RAS")`` -> model -> mask 
 
 from __future__ import annotations
 
-import gzip
 import warnings
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from isal import igzip, isal_zlib
 from monai.config import KeysCollection, PathLike
 from monai.data import MetaTensor, NibabelReader, PydicomReader
 from monai.data.utils import orientation_ras_lps
@@ -408,6 +408,11 @@ def read_source_datasets(meta: Mapping) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(str(path), stop_before_pixels=True) for path in files]
 
 
+# what reading a damaged gzip stream raises: a bad CRC or length (``gzip.BadGzipFile``, an ``OSError``), a stream cut
+# short (``EOFError``), undecodable data (``isal_zlib.error``; ``zlib.error`` from Python's own ``gzip``)
+_GZIP_ERRORS = (OSError, EOFError, isal_zlib.error, zlib.error)
+
+
 def damaged_gzip_error(path: PathLike, err: BaseException) -> NoImageError:
     """The error that names a damaged (or not) gzip file ``path`` and what to do."""
     return NoImageError(
@@ -421,10 +426,10 @@ def read_whole_gzip(path: PathLike) -> int:
     size; a damaged stream raises the named :class:`NoImageError`."""
     size = 0
     try:
-        with gzip.open(path, "rb") as stream:
+        with igzip.open(path, "rb") as stream:
             while chunk := stream.read(1 << 22):
                 size += len(chunk)
-    except (OSError, EOFError, zlib.error) as err:
+    except _GZIP_ERRORS as err:
         raise damaged_gzip_error(path, err) from err
     return size
 
@@ -434,7 +439,7 @@ class CheckedNibabelReader(NibabelReader):
 
     nibabel stops reading at the last voxel, before the gzip trailer, so a damaged file (a wrong CRC or length)
     would be read silently. Here the voxels are read through nibabel's own ``ArrayProxy`` from one gzip stream that
-    is then read to its end, which makes Python's ``gzip`` check the CRC and length: one decompression, the same
+    is then read to its end, which makes the gzip reader check the CRC and length: one decompression, the same
     array; a damaged file raises the named :class:`NoImageError`. Other files are read as ``NibabelReader`` reads
     them.
     """
@@ -445,11 +450,11 @@ class CheckedNibabelReader(NibabelReader):
             return super()._get_array_data(img, filename)
         spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
         try:
-            with gzip.open(filename, "rb") as stream:
+            with igzip.open(filename, "rb") as stream:
                 data = np.asanyarray(ArrayProxy(stream, spec, order=proxy.order))
                 while stream.read(1 << 20):  # the rest of the stream: its end checks the CRC and the length
                     pass
-        except (OSError, EOFError, zlib.error) as err:
+        except _GZIP_ERRORS as err:
             raise damaged_gzip_error(filename, err) from err
         return data
 
