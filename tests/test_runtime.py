@@ -15,40 +15,52 @@ from custom.user_inputs import OptionError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# page faults of five rounds of eight 16 MB feature maps written and then freed together (as a network pass leaves
-# its activations), after one such warm-up series
-FAULTS = """
-import resource, sys, torch
+# In a fresh process: eight 30 MB feature maps written, freed together (as a network pass leaves its activations),
+# then written again. Prints whether the settings applied, how many MB of the first eight glibc served as separate
+# mappings, how many MB of heap it still holds once they are freed, and the page faults of the second eight.
+ALLOCATIONS = """
+import ctypes, resource, sys, torch
 from custom.runtime import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
 applied = keep_freed_memory(sys.argv[1])
-def rounds():
-    for _ in range(5):
-        maps = [torch.empty(4 << 20).fill_(1.0) for _ in range(8)]
-        del maps
-rounds()
+size = 30 << 20  # under the 32 MB glibc accepts as its mmap threshold, larger than any block start-up frees
+mapped_before = libc.mallinfo2().hblkhd
+maps = [torch.empty(size // 4).fill_(1.0) for _ in range(8)]
+mapped = libc.mallinfo2().hblkhd - mapped_before
+del maps
+heap_kept = libc.mallinfo2().arena
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-rounds()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+maps = [torch.empty(size // 4).fill_(1.0) for _ in range(8)]
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(applied, mapped >> 20, heap_kept >> 20, faults)
 """
 
 
-def _faults(enabled: str) -> tuple[str, int]:
+def _allocations(enabled: str) -> tuple[str, int, int, int]:
     result = subprocess.run(
-        [sys.executable, "-c", FAULTS, enabled], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", ALLOCATIONS, enabled], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    applied, faults = result.stdout.split()
-    return applied, int(faults)
+    applied, mapped_mb, heap_kept_mb, faults = result.stdout.split()
+    return applied, int(mapped_mb), int(heap_kept_mb), int(faults)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator settings are glibc's")
 def test_freed_feature_maps_are_reused_instead_of_faulted_in_again():
-    applied_off, faults_off = _faults("false")
-    applied_on, faults_on = _faults("true")
+    applied_off, mapped_off, _, faults_off = _allocations("false")
+    applied_on, mapped_on, heap_kept_on, faults_on = _allocations("true")
     assert (applied_off, applied_on) == ("False", "True")
-    # by default the freed maps go back to the system and every round faults them in again (4,096 faults per map);
-    # kept, the next round reuses their pages
-    assert faults_off > 5 * 8 * 1000
-    assert faults_on < faults_off / 10
+    # by default each 30 MB map is a mapping of its own, returned to the system when freed
+    assert mapped_off >= 8 * 30
+    # kept: served from the heap, which keeps the freed maps' pages, so writing the next maps faults far fewer in
+    assert mapped_on == 0
+    assert heap_kept_on >= 8 * 30
+    assert faults_on < faults_off / 4
 
 
 def test_without_mallopt_nothing_is_changed(monkeypatch):
