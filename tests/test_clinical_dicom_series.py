@@ -286,7 +286,8 @@ def test_reader_keeps_the_image_reader_interface(tmp_path):
 
 def test_gzipped_nifti_is_read_once_as_nibabel_reads_it_and_a_wrong_crc_or_length_is_named(tmp_path):
     """The checked reader gives nibabel's scaled array (slope and intercept applied); a stream of two gzip members
-    (as bgzip writes) is read whole; a wrong CRC is found when the voxels are read, a file cut short before."""
+    (as bgzip writes) is read whole; a wrong CRC or undecodable data is found when the voxels are read, a file cut
+    short before."""
     from monai.data import NibabelReader
 
     from custom.clinical.dicom_series import CheckedNibabelReader, load_clinical_image
@@ -315,6 +316,11 @@ def test_gzipped_nifti_is_read_once_as_nibabel_reads_it_and_a_wrong_crc_or_lengt
     (tmp_path / "bad_crc.nii.gz").write_bytes(bytes(bad_crc))
     with pytest.raises(NoImageError, match="damaged gzip file.*CRC"):
         load_clinical_image(tmp_path / "bad_crc.nii.gz", require_ct=False)  # the reader alone finds it
+    undecodable = bytearray(gzip.compress(raw))  # a 10-byte header, then the first deflate block's header bits
+    undecodable[10] |= 0b110  # block type 3, which deflate reserves: the stream cannot be decoded
+    (tmp_path / "undecodable.nii.gz").write_bytes(bytes(undecodable))
+    with pytest.raises(NoImageError, match="damaged gzip file"):
+        load_clinical_image(tmp_path / "undecodable.nii.gz", require_ct=False)
     (tmp_path / "cut.nii.gz").write_bytes(path.read_bytes()[:-30])
     with pytest.raises(NoImageError, match="damaged gzip file"):
         check_volume_file(tmp_path / "cut.nii.gz", require_ct=False)

@@ -14,7 +14,6 @@ affine (``original_affine``) -> ``Orientation(axcodes="RAS")`` -> model -> mask 
 from __future__ import annotations
 
 import warnings
-import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -408,9 +407,9 @@ def read_source_datasets(meta: Mapping) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(str(path), stop_before_pixels=True) for path in files]
 
 
-# what reading a damaged gzip stream raises: a bad CRC or length (``gzip.BadGzipFile``, an ``OSError``), a stream cut
-# short (``EOFError``), undecodable data (``isal_zlib.error``; ``zlib.error`` from Python's own ``gzip``)
-_GZIP_ERRORS = (OSError, EOFError, isal_zlib.error, zlib.error)
+# what reading a damaged gzip stream with ``igzip`` raises: a bad CRC or length (``gzip.BadGzipFile``, an
+# ``OSError``), a stream cut short (``EOFError``), undecodable data (``isal_zlib.error``)
+_GZIP_ERRORS = (OSError, EOFError, isal_zlib.error)
 
 
 def damaged_gzip_error(path: PathLike, err: BaseException) -> NoImageError:
