@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 from typing import Any
 
@@ -33,10 +32,9 @@ def keep_freed_memory(enabled: Any = True, mmap_threshold_mb: int = 32, trim_thr
 
     if not as_bool(enabled, "keep_freed_memory"):
         return False
-    name = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the process's own symbols: its C library's
+    except (OSError, TypeError):  # no such handle (Windows)
         mallopt = None
     if mallopt is None:
         logger.info("keep_freed_memory: the C library has no mallopt; allocator settings left as they are.")
