@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from custom.runtime import keep_freed_memory
+from custom.runtime import keep_freed_memory, skip_exit_collection
 from custom.user_inputs import OptionError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,3 +72,36 @@ def test_the_option_is_a_boolean():
     assert keep_freed_memory("false") is False
     with pytest.raises(OptionError, match="keep_freed_memory"):
         keep_freed_memory("sometimes")
+
+
+# In a fresh process: an object in a reference cycle, reachable from a module until the interpreter tears the modules
+# down at exit; its finaliser says whether the exit collection reached it.
+LEFT_AT_EXIT = """
+import sys
+from custom.runtime import skip_exit_collection
+
+class Node:
+    def __del__(self):
+        print("collected at exit", flush=True)
+
+node = Node()
+node.self = node
+print(skip_exit_collection(sys.argv[1]), skip_exit_collection(sys.argv[1]), flush=True)
+"""
+
+
+def _left_at_exit(enabled: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", LEFT_AT_EXIT, enabled], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return result.stdout.splitlines()
+
+
+def test_the_exit_collection_is_skipped_only_when_asked():
+    assert _left_at_exit("false") == ["False False", "collected at exit"]
+    assert _left_at_exit("true") == ["True True"]
+
+
+def test_the_exit_option_is_a_boolean():
+    with pytest.raises(OptionError, match="skip_exit_collection"):
+        skip_exit_collection("maybe")
