@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 from monai.transforms import Compose, Orientationd
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
@@ -327,3 +328,33 @@ def test_gzipped_nifti_is_read_once_as_nibabel_reads_it_and_a_wrong_crc_or_lengt
     (tmp_path / "short.nii.gz").write_bytes(gzip.compress(raw[:-10]))  # an intact stream of a NIfTI cut short
     with pytest.raises(NoImageError, match="cut short"):
         check_volume_file(tmp_path / "short.nii.gz", require_ct=False)
+
+
+@pytest.mark.parametrize("byte_order", ["<", ">"])
+def test_whole_number_nifti_keeps_its_type_and_others_are_float32(tmp_path, byte_order):
+    """An int16 NIfTI without scaling loads as int16 with its values (in C order, as MONAI lays it out), in either
+    byte order; a scaled one and a float64 one load as float32; the DICOM series of the same HU as float32."""
+    from custom.clinical.dicom_series import in_c_order
+
+    hu = synthetic_hu().astype(np.dtype(f"{byte_order}i2"))
+    affine = GEOMETRIES["axial_ras"]
+    nib.save(nib.Nifti1Image(hu, affine), tmp_path / "int16.nii.gz")
+    scaled = nib.Nifti1Image(hu, affine)
+    scaled.header.set_slope_inter(0.5, -24.0)
+    nib.save(scaled, tmp_path / "scaled.nii.gz")
+    nib.save(nib.Nifti1Image(hu.astype(np.float64), affine), tmp_path / "float64.nii")
+    write_ct_series(hu.astype(np.float32), affine, tmp_path / "series", rescale_intercept=-1024.0)
+
+    whole = load_clinical_image(tmp_path / "int16.nii.gz")
+    assert whole.dtype == torch.int16 and whole.is_contiguous()
+    np.testing.assert_array_equal(whole[0].numpy(), hu)
+    for name, expected in (("scaled.nii.gz", hu * 0.5 - 24.0), ("float64.nii", hu), ("series", hu)):
+        image = load_clinical_image(tmp_path / name)
+        assert image.dtype == torch.float32, name
+        np.testing.assert_array_equal(image[0].numpy(), expected.astype(np.float32))
+
+    fortran = np.asfortranarray(hu)
+    for array in (fortran, fortran.astype(">i2")):  # PyTorch's copy, and numpy's for a type PyTorch does not hold
+        ordered = in_c_order(array)
+        assert ordered.flags.c_contiguous
+        np.testing.assert_array_equal(ordered, hu)
