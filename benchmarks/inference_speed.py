@@ -205,6 +205,7 @@ def stage_rows(image: Path, folder: Path) -> list[str]:
         "Invertd": "back to the input grid",
         "BoxInvertd": "back to the input grid",
         "CopyItemsd": "copies",
+        "CompactCopyd": "copies",
         "ApplyNotPresentRuled": "referral",
         "LiverRegiond": "liver region",
         "LesionCandidatesd": "lesion candidates",
