@@ -333,7 +333,7 @@ def test_gzipped_nifti_is_read_once_as_nibabel_reads_it_and_a_wrong_crc_or_lengt
 @pytest.mark.parametrize("byte_order", ["<", ">"])
 def test_whole_number_nifti_keeps_its_type_and_others_are_float32(tmp_path, byte_order):
     """An int16 NIfTI without scaling loads as int16 with its values (in C order, as MONAI lays it out), in either
-    byte order; a scaled one and a float64 one load as float32; the DICOM series of the same HU as float32."""
+    byte order; a scaled, a float64 and an int32 one load as float32, and so does the DICOM series of the same HU."""
     from custom.clinical.dicom_series import in_c_order
 
     hu = synthetic_hu().astype(np.dtype(f"{byte_order}i2"))
@@ -343,12 +343,14 @@ def test_whole_number_nifti_keeps_its_type_and_others_are_float32(tmp_path, byte
     scaled.header.set_slope_inter(0.5, -24.0)
     nib.save(scaled, tmp_path / "scaled.nii.gz")
     nib.save(nib.Nifti1Image(hu.astype(np.float64), affine), tmp_path / "float64.nii")
+    nib.save(nib.Nifti1Image(hu.astype(np.int32), affine), tmp_path / "int32.nii.gz")
     write_ct_series(hu.astype(np.float32), affine, tmp_path / "series", rescale_intercept=-1024.0)
 
     whole = load_clinical_image(tmp_path / "int16.nii.gz")
     assert whole.dtype == torch.int16 and whole.is_contiguous()
     np.testing.assert_array_equal(whole[0].numpy(), hu)
-    for name, expected in (("scaled.nii.gz", hu * 0.5 - 24.0), ("float64.nii", hu), ("series", hu)):
+    cases = (("scaled.nii.gz", hu * 0.5 - 24.0), ("float64.nii", hu), ("int32.nii.gz", hu), ("series", hu))
+    for name, expected in cases:
         image = load_clinical_image(tmp_path / name)
         assert image.dtype == torch.float32, name
         np.testing.assert_array_equal(image[0].numpy(), expected.astype(np.float32))

@@ -498,15 +498,16 @@ def clinical_reader_for(path: PathLike, series_uid: str | None = None, require_c
 def load_clinical_image(path: PathLike, series_uid: str | None = None, require_ct: bool = True) -> MetaTensor:
     """Load a NIfTI file or a CT DICOM series as a channel-first ``MetaTensor`` (1, X, Y, Z) in its source grid.
 
-    Voxels stored as whole numbers (a NIfTI file of int16 without scaling: most CT files) keep their integer type,
-    which holds them exactly in less memory; every other volume (a DICOM series in HU, scaled or float NIfTI) is
-    float32. Named ``ClinicalInputError`` subclasses reach the caller unchanged (``LoadImage`` with a runtime reader
-    does not fall back to other readers that would read a mixed or gapped series silently).
+    Voxels stored as integers of up to 16 bits without scaling (a NIfTI file of int16: most CT files) keep their
+    type, which holds them exactly in half the memory; every other volume (a DICOM series in HU, a scaled, float or
+    wider-integer NIfTI) is float32. Named ``ClinicalInputError`` subclasses reach the caller unchanged
+    (``LoadImage`` with a runtime reader does not fall back to other readers that would read a mixed or gapped series
+    silently).
     """
     reader = clinical_reader_for(path, series_uid, require_ct)
     try:
         image = LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=None)(path, reader)
-        if image.is_floating_point() or image.dtype == torch.bool:
+        if image.is_floating_point() or image.dtype == torch.bool or image.element_size() > 2:
             image = image.to(torch.float32)
         return image
     except ClinicalInputError:
