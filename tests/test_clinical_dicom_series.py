@@ -356,7 +356,11 @@ def test_whole_number_nifti_keeps_its_type_and_others_are_float32(tmp_path, byte
         np.testing.assert_array_equal(image[0].numpy(), expected.astype(np.float32))
 
     fortran = np.asfortranarray(hu)
-    for array in (fortran, fortran.astype(">i2")):  # PyTorch's copy, and numpy's for a type PyTorch does not hold
+    read_only = fortran.copy(order="F")
+    read_only.flags.writeable = False
+    # PyTorch's copy, and numpy's for a type PyTorch does not hold and for a read-only array
+    for array in (fortran, fortran.astype(">i2"), read_only):
         ordered = in_c_order(array)
         assert ordered.flags.c_contiguous
         np.testing.assert_array_equal(ordered, hu)
+    assert load_clinical_image(tmp_path / "float64.nii").is_contiguous()  # an uncompressed file, through MONAI's read
