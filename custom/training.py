@@ -8,6 +8,9 @@
   a resumed run repeats exactly the epochs an uninterrupted run would have had.
 - ``python -m custom.training publish --run_dir runs/training``: the one step that replaces the bundle's shipped
   weights (``bundle/models/model.pt``) with a run's best model, logged, keeping the replaced file in the run folder.
+- ``python -m custom.training widen --weights bundle/models/model.pt --windows 2 3 --out widened.pt``: a weights file
+  for a network with more HU windows or neighbouring slices (``--context_slices 0 2``) that starts with the outputs
+  of the original one, for ``--initial_weights`` (:func:`custom.networks.weights.widen_input_channels`).
 
 MONAI's ``CheckpointSaver``/``CheckpointLoader`` are not used for the full state: ``CheckpointSaver`` writes through
 a non-atomic ``DiskSaver`` (a kill during a save leaves a truncated file) and keeps no evaluator best metric.
@@ -36,7 +39,7 @@ from custom.user_inputs import as_bool
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
-__all__ = ["ResumableTraining", "RunFolderError", "check_run_dir", "publish_weights", "STATE_FILE"]
+__all__ = ["ResumableTraining", "RunFolderError", "check_run_dir", "publish_weights", "widen_weights", "STATE_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,16 +187,45 @@ def publish_weights(run_dir: str | os.PathLike, bundle_dir: str | os.PathLike = 
     return target
 
 
+def widen_weights(
+    weights: str | os.PathLike,
+    out: str | os.PathLike,
+    windows: tuple[int, int],
+    context_slices: tuple[int, int],
+    overwrite: bool = False,
+) -> Path:
+    """Write to ``out`` the weights at ``weights`` widened to more input channels
+    (:func:`custom.networks.weights.widen_input_channels`); an existing ``out`` only with ``overwrite``."""
+    from custom.networks.weights import read_weights, widen_input_channels
+
+    widened = widen_input_channels(read_weights(weights), windows, context_slices)
+    target = Path(out)
+    atomic_write(target, lambda tmp: torch.save(widened, tmp), overwrite=overwrite, protected=[weights])
+    logger.warning(f"Wrote {target}: {windows[1]} windows, {context_slices[1]} context slices, from {weights}.")
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m custom.training", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     publish = commands.add_parser("publish", help="replace the bundle's shipped weights by a run's best model")
     publish.add_argument("--run_dir", required=True, help="the training run folder (holds models/model.pt)")
     publish.add_argument("--bundle_dir", default="bundle", help="the bundle folder (default: bundle)")
+    widen = commands.add_parser("widen", help="a weights file for more HU windows or neighbouring slices")
+    widen.add_argument("--weights", default="bundle/models/model.pt", help="the weights to widen")
+    widen.add_argument("--windows", type=int, nargs=2, default=(2, 2), metavar=("FROM", "TO"), help="HU windows")
+    widen.add_argument(
+        "--context_slices", type=int, nargs=2, default=(0, 0), metavar=("FROM", "TO"), help="neighbours on each side"
+    )
+    widen.add_argument("--out", required=True, help="the widened weights file to write")
+    widen.add_argument("--overwrite", type=as_bool, default=False, help="replace an existing --out (true/false)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        publish_weights(args.run_dir, args.bundle_dir)
+        if args.command == "publish":
+            publish_weights(args.run_dir, args.bundle_dir)
+        else:
+            widen_weights(args.weights, args.out, tuple(args.windows), tuple(args.context_slices), args.overwrite)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

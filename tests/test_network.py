@@ -189,19 +189,93 @@ def test_load_weights_starts_a_network_from_a_saved_file_and_names_a_mismatch(te
         load_weights(lsms_tiny(text_encoder=text_encoder, out_channels=3), path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_weights(other, tmp_path / "missing.pt")
+    detailed = lsms_tiny(text_encoder=text_encoder, detail_channels=8).eval()
+    with pytest.raises(CheckpointError, match="does not match the network"):
+        load_weights(detailed, path)  # the file has no detail head
+    assert load_weights(detailed, path, may_lack=["detail"]) is detailed  # the head keeps its zero correction
+    with torch.no_grad():
+        torch.testing.assert_close(detailed(image, **tokens), net(image, **tokens), rtol=0, atol=1e-5)
+    with pytest.raises(CheckpointError, match="does not match the network"):
+        load_weights(lsms_tiny(text_encoder=text_encoder, in_channels=2), path, may_lack=["detail"])
 
 
-def shipped_network(text_encoder, channels_last: bool) -> LSMS:
-    """LSMS-tiny in evaluation mode with the shipped weights, its input and output channels read from them."""
+def shipped_network(text_encoder, channels_last: bool, detail_channels: int | None = None) -> LSMS:
+    """LSMS-tiny in evaluation mode with the shipped weights, its input and output channels and its detail head's
+    width read from them (``detail_channels`` gives the width of a head the shipped weights may lack)."""
     shipped = torch.load("bundle/models/model.pt", map_location="cpu", weights_only=True)
+    shipped_detail = shipped.get("detail.correction.weight")
     network = lsms_tiny(
-        in_channels=next(v.shape[1] for k, v in shipped.items() if v.ndim == 4),  # the stem's input channels
+        in_channels=shipped["encoder.embeddings.0.layers.0.weight"].shape[1],
         out_channels=len(shipped["head.1.bias"]),
         text_encoder=text_encoder,
         channels_last=channels_last,
+        detail_channels=shipped_detail.shape[1] if shipped_detail is not None else detail_channels or 0,
     ).eval()
     network.load_state_dict(shipped, strict=False)
     return network
+
+
+@pytest.mark.parametrize("windows, context_slices", [((2, 3), (0, 0)), ((2, 2), (0, 2)), ((2, 3), (0, 1))])
+def test_widened_weights_start_with_the_outputs_of_the_original_network(
+    text_encoder, tokens, windows, context_slices, tmp_path
+):
+    """Widening the shipped weights to more HU windows or neighbouring slices (python -m custom.training widen):
+    the widened network gives the original logits for the original channels, whatever the new channels hold, and
+    the file is written once, never over the weights it reads."""
+    from custom.clinical.errors import OutputExistsError
+    from custom.training import main as training_main
+    from custom.training import widen_weights
+
+    original = shipped_network(text_encoder, channels_last=True)
+    (w0, w1), (c0, c1) = windows, context_slices
+    k1 = 2 * c1 + 1
+    out = tmp_path / "widened.pt"
+    assert training_main(["widen", "--windows", str(w0), str(w1), "--context_slices", str(c0), str(c1),
+                          "--out", str(out)]) == 0  # fmt: skip
+    widened = lsms_tiny(in_channels=w1 * k1, out_channels=original.head[1].out_channels, text_encoder=text_encoder)
+    widened.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    widened.eval()
+    torch.manual_seed(2)
+    image = torch.rand(2, w0, 96, 80) * 2 - 0.5
+    wide_image = torch.rand(2, w1 * k1, 96, 80) * 2 - 0.5  # new windows and slices hold anything
+    for w in range(w0):
+        wide_image[:, w * k1 + c1] = image[:, w]
+    with torch.inference_mode():
+        torch.testing.assert_close(widened(wide_image, **tokens), original(image, **tokens), rtol=1e-5, atol=1e-5)
+    with pytest.raises(OutputExistsError):
+        widen_weights("bundle/models/model.pt", out, windows, context_slices)
+    assert training_main(["widen", "--windows", "3", "2", "--out", str(out.with_name("narrower.pt"))]) == 1
+
+
+def test_a_detail_head_starts_with_the_outputs_of_the_network_without_it_then_refines_them(text_encoder, tokens):
+    """A stride-2 detail head added to trained weights starts at zero correction (same logits), gives logits of the
+    input's size, and once its correction is non-zero changes the logits where the image has detail."""
+    plain = shipped_network(text_encoder, channels_last=True)
+    if plain.detail is not None:  # the shipped weights have a head: compare with a network without one
+        plain = lsms_tiny(
+            in_channels=plain.encoder.embeddings[0].layers[0].in_channels,
+            out_channels=plain.head[1].out_channels,
+            text_encoder=text_encoder,
+        ).eval()
+        plain.load_state_dict(shipped_network(text_encoder, True).state_dict(), strict=False)
+    detailed = lsms_tiny(
+        in_channels=plain.encoder.embeddings[0].layers[0].in_channels,
+        out_channels=plain.head[1].out_channels,
+        text_encoder=text_encoder,
+        detail_channels=8,
+    ).eval()
+    missing, unexpected = detailed.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(key.startswith("detail.") for key in missing)
+    image = torch.rand(2, detailed.detail.image_features[0].in_channels, 97, 83) * 2 - 0.5
+    with torch.inference_mode():
+        for text in (tokens, {}):
+            before = plain(image, **text)
+            after = detailed(image, **text)
+            assert after.shape == before.shape == (2, plain.head[1].out_channels, 97, 83)
+            torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+        torch.nn.init.normal_(detailed.detail.correction.weight, std=0.5)
+        changed = (detailed(image) - plain(image)).abs()
+    assert changed.amax() > 0.1
 
 
 def test_channels_last_layout_gives_the_outputs_of_the_nchw_layout_for_the_shipped_weights(text_encoder, tokens):
@@ -224,13 +298,22 @@ def test_channels_last_layout_gives_the_outputs_of_the_nchw_layout_for_the_shipp
     networks[False].load_state_dict(networks[True].state_dict(), strict=True)
 
 
+@pytest.mark.parametrize("detail_channels", [None, 8], ids=["as_shipped", "detail_head"])
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
-def test_folded_batch_norms_and_layer_scales_give_the_shipped_networks_outputs(text_encoder, tokens, channels_last):
+def test_folded_batch_norms_and_layer_scales_give_the_shipped_networks_outputs(
+    text_encoder, tokens, channels_last, detail_channels
+):
     """Inference folds the batch norms and layer scales into the convolutions: no batch norm or layer scale left,
-    the same logits and embeddings within float tolerance with and without text, and folding twice changes nothing."""
+    the same logits and embeddings within float tolerance with and without text, and folding twice changes nothing.
+    A detail head the weights lack gets random weights and batch-norm statistics, so its folding is checked too."""
     from custom.networks.folding import fold_batch_norms
 
-    network = shipped_network(text_encoder, channels_last)
+    network = shipped_network(text_encoder, channels_last, detail_channels)
+    if detail_channels and "detail.correction.weight" not in torch.load("bundle/models/model.pt", weights_only=True):
+        torch.manual_seed(4)
+        for name, value in network.detail.state_dict().items():
+            if value.is_floating_point():
+                value.copy_(torch.rand_like(value) + 0.5 if "running_var" in name else torch.randn_like(value) * 0.3)
     in_channels = network.encoder.embeddings[0].layers[0].in_channels
     image = torch.rand(2, in_channels, 96, 80) * 2 - 0.5
     with torch.inference_mode():

@@ -1,4 +1,5 @@
-"""Decoders from the encoder's features F1..F4 to stride-4 features: the Full-Scale Decoder and a plain FPN."""
+"""Decoders from the encoder's features F1..F4 to stride-4 features (the Full-Scale Decoder and a plain FPN), and
+a stride-2 detail head that refines the output logits from the image itself."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ __all__ = [
     "CrossScaleAttention",
     "FullScaleDecoder",
     "FPNDecoder",
+    "DetailHead",
     "pre_norm_encoder_layer",
 ]
 
@@ -155,3 +157,37 @@ class FPNDecoder(nn.Module):
         for lateral, feature in zip(reversed(self.laterals[:-1]), reversed(features[:-1])):
             x = lateral(feature) + F.interpolate(x, size=feature.shape[-2:], mode="bilinear", align_corners=False)
         return self.smooth(x)
+
+
+class DetailHead(nn.Module):
+    """Refine stride-4 logits at stride 2 from shallow features of the image itself.
+
+    ``image (B, C, H, W), decoded (B, D, H / 4, W / 4), logits (B, K, H / 4, W / 4) -> logits (B, K, H, W)``
+    (H, W multiples of 4). A lesion a few pixels across covers about one stride-4 feature: this head sees it at
+    stride 2 (two 3x3 convolutions of the image) beside the decoded context (projected, then upsampled), and adds a
+    correction, upsampled from stride 2, to the upsampled logits. The correction's last convolution starts at zero,
+    so a network given this head starts with the outputs it had without it (its other weights load unchanged).
+    """
+
+    def __init__(self, in_channels: int, decoded_channels: int, out_channels: int, channels: int = 16) -> None:
+        super().__init__()
+        self.image_features = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            ConvNormAct(channels, channels, kernel_size=3),
+        )
+        self.context = ConvNormAct(decoded_channels, channels)
+        self.fuse = ConvNormAct(2 * channels, channels)
+        self.correction = nn.Conv2d(channels, out_channels, 1)
+        nn.init.zeros_(self.correction.weight)
+        nn.init.zeros_(self.correction.bias)
+
+    def forward(self, image: torch.Tensor, decoded: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        fine = self.image_features(image)
+        context = F.interpolate(self.context(decoded), size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        correction = self.correction(self.fuse(torch.cat([fine, context], dim=1))).contiguous()
+        size = image.shape[-2:]
+        return F.interpolate(logits.contiguous(), size=size, mode="bilinear", align_corners=False) + F.interpolate(
+            correction, size=size, mode="bilinear", align_corners=False
+        )

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from custom.networks.decoders import FPNDecoder, FullScaleDecoder
+from custom.networks.decoders import DetailHead, FPNDecoder, FullScaleDecoder
 from custom.networks.encoder import LanguageGuidedEncoder
 from custom.networks.text_encoder import BertTextEncoder
 from custom.networks.weights import text_encoder_frozen
@@ -74,6 +74,8 @@ class LSMS(nn.Module):
         decoder: ``"fsd"`` (Full-Scale Decoder) or ``"fpn"`` (plain FPN-style decoder, ablation).
         drop_path_rate: stochastic depth of the encoder.
         text_encoder: an already built text encoder to use instead of building one from ``text_model_path``.
+        detail_channels: width of the stride-2 detail head (:class:`DetailHead`) that refines the logits from the
+            image itself; 0 leaves it out (the stride-4 logits are upsampled as they are).
         channels_last: keep the convolution weights and the feature maps in channels-last (NHWC) memory layout.
             The encoder is mostly depthwise and strip convolutions, which CPUs run much faster in NHWC; outputs equal
             those of the NCHW layout within float tolerance, and checkpoints load into either.
@@ -102,6 +104,7 @@ class LSMS(nn.Module):
         decoder: str = "fsd",
         drop_path_rate: float = 0.1,
         text_encoder: nn.Module | None = None,
+        detail_channels: int = 0,
         channels_last: bool = True,
     ) -> None:
         super().__init__()
@@ -132,6 +135,9 @@ class LSMS(nn.Module):
             else FPNDecoder(embed_dims, decoder_channels)
         )
         self.head = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(decoder_channels, out_channels, 1))
+        self.detail = (
+            DetailHead(in_channels, decoder_channels, out_channels, detail_channels) if detail_channels else None
+        )
         self.pixel_projection = nn.Conv2d(decoder_channels, embedding_dim, 1)
         self.sentence_projection = nn.Linear(text_dim, embedding_dim) if use_language else None
         self.register_load_state_dict_post_hook(_frozen_text_encoder_comes_pretrained)
@@ -173,9 +179,12 @@ class LSMS(nn.Module):
         decoded = self.decoder(self.encoder(padded, words, word_mask))
         # the few output channels are upsampled in NCHW: bilinear upsampling of a 3-channel map is about 3x slower
         # in channels-last on CPU
-        logits = F.interpolate(
-            self.head(decoded).contiguous(), size=padded.shape[-2:], mode="bilinear", align_corners=False
-        )
+        if self.detail is not None:
+            logits = self.detail(padded, decoded, self.head(decoded)).contiguous()
+        else:
+            logits = F.interpolate(
+                self.head(decoded).contiguous(), size=padded.shape[-2:], mode="bilinear", align_corners=False
+            )
         logits = logits[..., :height, :width].contiguous()
         if not return_embeddings:
             return logits

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -17,9 +18,14 @@ __all__ = [
     "load_weights",
     "read_weights",
     "text_encoder_frozen",
+    "widen_input_channels",
 ]
 
 TEXT_ENCODER_PREFIX = "text_encoder."
+#: The first convolution of the encoder's stem, the only weight that reads the input channels.
+STEM_WEIGHT = "encoder.embeddings.0.layers.0.weight"
+
+logger = logging.getLogger(__name__)
 
 
 def text_encoder_frozen(network: nn.Module) -> bool:
@@ -47,9 +53,10 @@ class ShippedWeights:
             state = {k: v for k, v in state.items() if not k.startswith(TEXT_ENCODER_PREFIX)}
         return state
 
-    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+        """Load ``state_dict`` into the network; returns its missing and unexpected keys (``strict=False``)."""
         try:
-            self.network.load_state_dict(state_dict, strict=strict)
+            return self.network.load_state_dict(state_dict, strict=strict)
         except RuntimeError as err:
             raise CheckpointError(
                 f"The checkpoint does not match the network: {str(err).splitlines()[0]} ... Check that the "
@@ -94,8 +101,55 @@ def check_checkpoint(path: str | os.PathLike) -> str:
     return str(path)
 
 
-def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_weights(network: nn.Module, path: str | os.PathLike, may_lack: Sequence[str] = ()) -> nn.Module:
     """Load the weights file at ``path`` (:func:`read_weights`) into ``network`` through :class:`ShippedWeights`;
-    returns ``network``."""
-    ShippedWeights(network).load_state_dict(read_weights(path))
+    returns ``network``.
+
+    ``may_lack``: names of submodules (e.g. ``"detail"``, a detail head added to earlier weights) the file may leave
+    out; they keep their initialisation (logged). Any other missing key, an unexpected key or a shape mismatch
+    raises :class:`CheckpointError`.
+    """
+    weights = ShippedWeights(network)
+    if not may_lack:
+        weights.load_state_dict(read_weights(path))
+        return network
+    prefixes = tuple(f"{name}." for name in may_lack)
+    keys = weights.load_state_dict(read_weights(path), strict=False)
+    missing = [k for k in keys.missing_keys if not k.startswith(prefixes)]
+    if missing or keys.unexpected_keys:
+        raise CheckpointError(
+            f"The checkpoint '{path}' does not match the network: missing {missing[:3]}, unexpected "
+            f"{list(keys.unexpected_keys)[:3]} ... Check that the network_def arguments (variant, windows, context "
+            "slices, ablation switches) are the ones the checkpoint was trained with."
+        )
+    fresh = sorted({k.split(".")[0] for k in keys.missing_keys} & set(may_lack))
+    if fresh:
+        logger.info("%s has no weights for %s: they start from their initialisation.", path, ", ".join(fresh))
     return network
+
+
+def widen_input_channels(
+    state: Mapping[str, torch.Tensor], windows: tuple[int, int], context_slices: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """``state`` for a network with more input channels: more HU windows and/or more neighbouring slices.
+
+    ``windows`` and ``context_slices`` are ``(from, to)`` pairs. Input channel ``w * K + k`` is window ``w`` of slice
+    ``k`` of the ``K = 2 * context_slices + 1`` (``HUWindowd`` after ``ReferringSlicesd``); the old windows are the
+    first ones of the new list and the old slices the middle ones. The stem keeps its weights for the old channels
+    and gets zeros for the new ones, so the widened network starts with the outputs of the original one whatever
+    the new channels hold. ``(O, W0 * K0, kh, kw) -> (O, W1 * K1, kh, kw)``; the other weights are unchanged.
+    """
+    (w0, w1), (c0, c1) = windows, context_slices
+    k0, k1 = 2 * c0 + 1, 2 * c1 + 1
+    stem = state[STEM_WEIGHT]
+    if w1 < w0 or c1 < c0 or stem.shape[1] != w0 * k0:
+        raise CheckpointError(
+            f"Cannot widen a stem of {stem.shape[1]} input channels from {w0} windows and {c0} context slices to "
+            f"{w1} windows and {c1} context slices: give the weights' own windows and context slices first, and at "
+            "least as many after."
+        )
+    widened = stem.new_zeros(stem.shape[0], w1 * k1, *stem.shape[2:])
+    offset = c1 - c0
+    for w in range(w0):
+        widened[:, w * k1 + offset : w * k1 + offset + k0] = stem[:, w * k0 : (w + 1) * k0]
+    return {**state, STEM_WEIGHT: widened}
