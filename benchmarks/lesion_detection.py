@@ -19,7 +19,9 @@ grid, are brought back to it (:func:`text_free_on_input_grid`), as the answers a
 Printed (and written to ``--out`` as JSON): lesion recall (Dice >= 0.1 with the predicted components that touch
 the lesion) and mean per-lesion Dice by density and size (< 1, 1-5, > 5 ml), false-positive components (touching
 no lesion) per case, liver Dice, the referring summary (3D Dice per expression overall and per kind, negatives
-answered empty ...) and the wall time of the whole evaluation.
+answered empty ...) and the wall time of the whole evaluation. The JSON also lists every lesion (``lesions``: case,
+id, density, volume, Dice, found, the share of its voxels predicted, ``covered``, and the highest all-lesion
+probability over it, ``max_probability``), which tells a missed lesion merged with a neighbour from one not seen.
 """
 
 from __future__ import annotations
@@ -143,7 +145,12 @@ def evaluate_split(
         lesions, false_positive_count = match_detections(on_input["lesions"] >= 0.5, instance_map, voxel_ml)
         density = {a["id"]: a.get("density", "unknown") for a in case.get("lesion_attributes", [])}
         lesions_found += [
-            {**lesion, "density": density.get(lesion["id"], "unknown"), "case_id": case["case_id"]}
+            {
+                **lesion,
+                "density": density.get(lesion["id"], "unknown"),
+                "case_id": case["case_id"],
+                "max_probability": float(on_input["lesions"][instance_map == lesion["id"]].max()),
+            }
             for lesion in lesions
         ]
         false_positives.append(false_positive_count)

@@ -217,7 +217,9 @@ def match_detections(
 
     A lesion's Dice is taken with the union of the predicted 3D components (26-connectivity) that overlap it; it is
     found when that Dice is at least ``min_dice``. Returns one dict per lesion (``id``, ``volume_ml``, ``dice``,
-    ``found``) and the number of false-positive components (touching no lesion).
+    ``found``, and ``covered``: the share of its voxels predicted, which tells a lesion merged with a larger
+    neighbour, covered but below ``min_dice``, from one not seen) and the number of false-positive components
+    (touching no lesion).
     """
     pred = np.asarray(pred).astype(bool)
     instance_map = np.asarray(instance_map).astype(np.int64)
@@ -230,7 +232,10 @@ def match_detections(
         union = np.isin(components, touching) if touching.size else np.zeros_like(pred)
         size = int(lesion.sum())
         dice = 2.0 * float(np.logical_and(lesion, union).sum()) / float(size + union.sum())
-        lesions.append({"id": lesion_id, "volume_ml": size * voxel_ml, "dice": dice, "found": dice >= min_dice})
+        covered = float(np.logical_and(lesion, pred).sum()) / size
+        lesions.append(
+            {"id": lesion_id, "volume_ml": size * voxel_ml, "dice": dice, "found": dice >= min_dice, "covered": covered}
+        )
     if count == 0:
         return lesions, 0
     touches_lesion = ndimage.maximum(instance_map > 0, components, np.arange(1, count + 1))

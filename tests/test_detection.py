@@ -344,8 +344,15 @@ def test_detection_matches_lesions_counts_false_positives_and_summarizes_by_size
     pred[15:17, 15:17, 4] = True  # touches no lesion
     lesions, false_positives = match_detections(pred, instances, voxel_ml=0.1)
     assert false_positives == 1
-    assert lesions[0] == {"id": 1, "volume_ml": pytest.approx(3.2), "dice": pytest.approx(2 * 16 / 48), "found": True}
+    assert lesions[0] == {
+        "id": 1,
+        "volume_ml": pytest.approx(3.2),
+        "dice": pytest.approx(2 * 16 / 48),
+        "found": True,
+        "covered": pytest.approx(0.5),
+    }
     assert lesions[1]["found"] is False and lesions[1]["dice"] == 0.0 and lesions[1]["volume_ml"] == pytest.approx(0.4)
+    assert lesions[1]["covered"] == 0.0
     summary = summarize_detection(
         [{**lesions[0], "density": "hypodense"}, {**lesions[1], "density": "hyperdense"}],
         [false_positives, 0],
@@ -371,6 +378,7 @@ def test_candidate_detection_gives_a_merged_candidate_to_one_lesion_only():
     assert lesions[1]["dice"] == 0.0 and not lesions[1]["found"] and not lesions[2]["found"]
     components, _ = match_detections(merged > 0, instances, voxel_ml=0.1)
     assert components[1]["found"]  # as a binary component, the merged one finds both lesions
+    assert components[1]["covered"] == 1.0 and components[2]["covered"] == 0.0
     split = merged.copy()
     split[6:8, :, 0] = 3
     lesions, _ = match_candidate_detections(split, instances, voxel_ml=0.1)
