@@ -36,6 +36,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, LoadImage
+from scipy import ndimage
 
 from custom.data.datalist import load_datalist
 from custom.handlers import write_csv
@@ -144,14 +145,15 @@ def evaluate_split(
         on_input = text_free_on_input_grid(outputs, item, volume_preprocessing, candidate_threshold)
         lesions, false_positive_count = match_detections(on_input["lesions"] >= 0.5, instance_map, voxel_ml)
         density = {a["id"]: a.get("density", "unknown") for a in case.get("lesion_attributes", [])}
+        highest = ndimage.maximum(on_input["lesions"], instance_map, [lesion["id"] for lesion in lesions])
         lesions_found += [
             {
                 **lesion,
                 "density": density.get(lesion["id"], "unknown"),
                 "case_id": case["case_id"],
-                "max_probability": float(on_input["lesions"][instance_map == lesion["id"]].max()),
+                "max_probability": float(value),
             }
-            for lesion in lesions
+            for lesion, value in zip(lesions, np.atleast_1d(highest))
         ]
         false_positives.append(false_positive_count)
         if "candidates" in on_input:

@@ -266,7 +266,7 @@ def test_a_detail_head_starts_with_the_outputs_of_the_network_without_it_then_re
     ).eval()
     missing, unexpected = detailed.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and missing and all(key.startswith("detail.") for key in missing)
-    image = torch.rand(2, detailed.detail.image_features[0].in_channels, 97, 83) * 2 - 0.5
+    image = torch.rand(2, detailed.encoder.embeddings[0].layers[0].in_channels, 97, 83) * 2 - 0.5
     with torch.inference_mode():
         for text in (tokens, {}):
             before = plain(image, **text)

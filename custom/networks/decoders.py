@@ -21,11 +21,11 @@ __all__ = [
 
 
 class ConvNormAct(nn.Sequential):
-    """Convolution, batch norm, ReLU. ``(B, C_in, H, W) -> (B, C_out, H, W)``."""
+    """Convolution, batch norm, ReLU. ``(B, C_in, H, W) -> (B, C_out, H / stride, W / stride)``."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1) -> None:
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
@@ -172,10 +172,7 @@ class DetailHead(nn.Module):
     def __init__(self, in_channels: int, decoded_channels: int, out_channels: int, channels: int = 16) -> None:
         super().__init__()
         self.image_features = nn.Sequential(
-            nn.Conv2d(in_channels, channels, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-            ConvNormAct(channels, channels, kernel_size=3),
+            ConvNormAct(in_channels, channels, kernel_size=3, stride=2), ConvNormAct(channels, channels, kernel_size=3)
         )
         self.context = ConvNormAct(decoded_channels, channels)
         self.fuse = ConvNormAct(2 * channels, channels)

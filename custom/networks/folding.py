@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from custom.networks.decoders import ConvNormAct, DetailHead
+from custom.networks.decoders import ConvNormAct
 from custom.networks.encoder import OverlapPatchEmbed
 from custom.networks.svla import SVLABlock
 
@@ -82,9 +82,6 @@ def fold_batch_norms(network: nn.Module) -> nn.Module:
                 else:
                     folded.append(layer)
             module.layers = nn.Sequential(*folded)
-        elif isinstance(module, DetailHead) and isinstance(module.image_features[1], nn.BatchNorm2d):
-            features = module.image_features
-            features[0], features[1] = _fuse_after(features[0], features[1]), nn.Identity()
         elif isinstance(module, ConvNormAct) and isinstance(module[1], nn.BatchNorm2d):
             module[0], module[1] = _fuse_after(module[0], module[1]), nn.Identity()
         elif isinstance(module, SVLABlock) and isinstance(module.norm1, nn.BatchNorm2d):

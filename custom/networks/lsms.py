@@ -180,7 +180,7 @@ class LSMS(nn.Module):
         # the few output channels are upsampled in NCHW: bilinear upsampling of a 3-channel map is about 3x slower
         # in channels-last on CPU
         if self.detail is not None:
-            logits = self.detail(padded, decoded, self.head(decoded)).contiguous()
+            logits = self.detail(padded, decoded, self.head(decoded))
         else:
             logits = F.interpolate(
                 self.head(decoded).contiguous(), size=padded.shape[-2:], mode="bilinear", align_corners=False

@@ -109,12 +109,8 @@ def load_weights(network: nn.Module, path: str | os.PathLike, may_lack: Sequence
     out; they keep their initialisation (logged). Any other missing key, an unexpected key or a shape mismatch
     raises :class:`CheckpointError`.
     """
-    weights = ShippedWeights(network)
-    if not may_lack:
-        weights.load_state_dict(read_weights(path))
-        return network
+    keys = ShippedWeights(network).load_state_dict(read_weights(path), strict=not may_lack)
     prefixes = tuple(f"{name}." for name in may_lack)
-    keys = weights.load_state_dict(read_weights(path), strict=False)
     missing = [k for k in keys.missing_keys if not k.startswith(prefixes)]
     if missing or keys.unexpected_keys:
         raise CheckpointError(
