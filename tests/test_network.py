@@ -6,6 +6,7 @@ import torch
 from custom.losses import LSMSLoss, PixelSentenceContrastiveLoss
 from custom.networks import LSMS, BertTextEncoder, lsms_tiny
 from custom.networks.decoders import pre_norm_encoder_layer
+from custom.networks.weights import STEM_WEIGHT
 
 EXPRESSIONS = ["the largest hypodense lesion in the right lobe", "the small cyst in the left lobe"]
 
@@ -205,7 +206,7 @@ def shipped_network(text_encoder, channels_last: bool, detail_channels: int | No
     shipped = torch.load("bundle/models/model.pt", map_location="cpu", weights_only=True)
     shipped_detail = shipped.get("detail.correction.weight")
     network = lsms_tiny(
-        in_channels=shipped["encoder.embeddings.0.layers.0.weight"].shape[1],
+        in_channels=shipped[STEM_WEIGHT].shape[1],
         out_channels=len(shipped["head.1.bias"]),
         text_encoder=text_encoder,
         channels_last=channels_last,

@@ -1,5 +1,5 @@
 """Decoders from the encoder's features F1..F4 to stride-4 features (the Full-Scale Decoder and a plain FPN), and
-a stride-2 detail head that refines the output logits from the image itself."""
+a stride-2 detail head that corrects the output logits from the image itself."""
 
 from __future__ import annotations
 
@@ -160,13 +160,13 @@ class FPNDecoder(nn.Module):
 
 
 class DetailHead(nn.Module):
-    """Refine stride-4 logits at stride 2 from shallow features of the image itself.
+    """A stride-2 correction of the upsampled stride-4 logits, from shallow features of the image itself.
 
-    ``image (B, C, H, W), decoded (B, D, H / 4, W / 4), logits (B, K, H / 4, W / 4) -> logits (B, K, H, W)``
-    (H, W multiples of 4). A lesion a few pixels across covers about one stride-4 feature: this head sees it at
-    stride 2 (two 3x3 convolutions of the image) beside the decoded context (projected, then upsampled), and adds a
-    correction, upsampled from stride 2, to the upsampled logits. The correction's last convolution starts at zero,
-    so a network given this head starts with the outputs it had without it (its other weights load unchanged).
+    ``image (B, C, H, W), decoded (B, D, H / 4, W / 4) -> correction (B, K, H, W)`` (H, W multiples of 4), to be added
+    to the logits upsampled to (H, W). A lesion a few pixels across covers about one stride-4 feature: this head sees
+    it at stride 2 (two 3x3 convolutions of the image) beside the decoded context (projected, then upsampled). The
+    correction's last convolution starts at zero, so a network given this head starts with the outputs it had
+    without it (its other weights load unchanged).
     """
 
     def __init__(self, in_channels: int, decoded_channels: int, out_channels: int, channels: int = 16) -> None:
@@ -180,11 +180,8 @@ class DetailHead(nn.Module):
         nn.init.zeros_(self.correction.weight)
         nn.init.zeros_(self.correction.bias)
 
-    def forward(self, image: torch.Tensor, decoded: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
         fine = self.image_features(image)
         context = F.interpolate(self.context(decoded), size=fine.shape[-2:], mode="bilinear", align_corners=False)
         correction = self.correction(self.fuse(torch.cat([fine, context], dim=1))).contiguous()
-        size = image.shape[-2:]
-        return F.interpolate(logits.contiguous(), size=size, mode="bilinear", align_corners=False) + F.interpolate(
-            correction, size=size, mode="bilinear", align_corners=False
-        )
+        return F.interpolate(correction, size=image.shape[-2:], mode="bilinear", align_corners=False)

@@ -179,12 +179,11 @@ class LSMS(nn.Module):
         decoded = self.decoder(self.encoder(padded, words, word_mask))
         # the few output channels are upsampled in NCHW: bilinear upsampling of a 3-channel map is about 3x slower
         # in channels-last on CPU
+        logits = F.interpolate(
+            self.head(decoded).contiguous(), size=padded.shape[-2:], mode="bilinear", align_corners=False
+        )
         if self.detail is not None:
-            logits = self.detail(padded, decoded, self.head(decoded))
-        else:
-            logits = F.interpolate(
-                self.head(decoded).contiguous(), size=padded.shape[-2:], mode="bilinear", align_corners=False
-            )
+            logits = logits + self.detail(padded, decoded)
         logits = logits[..., :height, :width].contiguous()
         if not return_embeddings:
             return logits
