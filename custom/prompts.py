@@ -8,7 +8,14 @@ from pathlib import Path
 from custom.errors import InputError
 from custom.text import DEFAULT_MAX_TOKENS, load_tokenizer
 
-__all__ = ["PromptError", "check_prompt", "images_in", "prompt_items"]
+__all__ = ["MAX_PROMPT_CHARS", "PromptError", "check_one_input", "check_prompt", "images_in", "prompt_items"]
+
+
+#: A prompt longer than this many characters is refused before it is tokenized (32 tokens are far shorter).
+MAX_PROMPT_CHARS = 1000
+#: The longest word read as a word: the tokenizer reads a longer one (100 characters for BERT's WordPiece) as one
+#: unknown token, so a prompt of one huge "word" would pass any token limit unread.
+MAX_WORD_CHARS = 64
 
 
 class PromptError(InputError, ValueError):
@@ -24,6 +31,17 @@ def check_prompt(prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, tokenizer=No
         raise PromptError(
             "The prompt is empty. Describe the lesion to segment, e.g. --prompt 'the largest lesion in the right lobe'."
         )
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptError(
+            f"The prompt has {len(text)} characters, far more than the {max_tokens} tokens the model reads. "
+            "Shorten it to one lesion description (lobe or segment, size, density, position)."
+        )
+    longest = max(text.split(), key=len)
+    if len(longest) > MAX_WORD_CHARS:
+        raise PromptError(
+            f"The prompt holds a 'word' of {len(longest)} characters ({longest[:20]!r}...), which the model cannot "
+            "read. Describe the lesion in words, e.g. --prompt 'the largest lesion in the right lobe'."
+        )
     if tokenizer is None:
         tokenizer = load_tokenizer()
     count = len(tokenizer(text)["input_ids"])
@@ -33,6 +51,27 @@ def check_prompt(prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, tokenizer=No
             "Shorten it to one lesion description (lobe or segment, size, density, position)."
         )
     return text
+
+
+def check_one_input(
+    image: str | None, datalist: str | None, dataset_dir: str | None, prompt_given: bool | None = None
+) -> None:
+    """Refuse a combination of inputs of which one would be ignored (see :func:`prompt_items`)."""
+    given = [f"--{name}" for name, value in (("image", image), ("datalist", datalist), ("dataset_dir", dataset_dir))
+             if value not in (None, "")]  # fmt: skip
+    if len(given) > 1:
+        raise PromptError(f"{' and '.join(given)} are both given, and one of them would be ignored. Pass only one.")
+    if prompt_given is None:
+        return
+    if datalist and prompt_given:
+        raise PromptError(
+            "--prompt is given with --datalist, whose entries carry their own prompts; it would be ignored. "
+            "Remove --prompt, or put the prompt in the datalist entries."
+        )
+    if (image or dataset_dir) and not prompt_given:
+        raise PromptError(
+            f"{given[0]} is given without --prompt. Say what to segment, e.g. --prompt 'the largest hypodense lesion'."
+        )
 
 
 def images_in(folder: str | Path) -> list[Path]:
@@ -59,6 +98,7 @@ def prompt_items(
     text_model_path: str | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     sample_image: str | None = None,
+    prompt_given: bool | None = None,
 ) -> list[dict]:
     """Items ``{"image": path, "text": prompt}`` for inference, from the first of these that is given:
 
@@ -67,7 +107,11 @@ def prompt_items(
     - ``image`` with ``prompt`` (``image`` None: ``sample_image``, the bundle's sample CT).
 
     Prompts are counted with ``tokenizer``, else the one of ``text_model_path`` (the network's text encoder).
+    Inputs that would be ignored are refused: two of ``image``, ``datalist`` and ``dataset_dir``, and, when
+    ``prompt_given`` is known (True/False, from the command line), a prompt beside a ``datalist`` (whose entries
+    have their own) or an ``image`` or ``dataset_dir`` without one (only the sample CT has a default prompt).
     """
+    check_one_input(image, datalist, dataset_dir, prompt_given)
     if tokenizer is None:
         tokenizer = load_tokenizer(text_model_path)
     if dataset_dir and not datalist:

@@ -44,6 +44,7 @@ __all__ = [
     "check_choice",
     "check_device",
     "command_line_options",
+    "given_on_command_line",
     "guard_overrides",
     "install_error_hook",
     "parse_override",
@@ -103,6 +104,16 @@ def command_line_options(argv: Sequence[str] | None = None) -> dict[str, Any] | 
                 value = True
         options[name.replace("-", "_") if name.replace("-", "_") in MONAI_RUN_ARGS else name] = value
     return options
+
+
+def given_on_command_line(ids: Iterable[str], argv: Sequence[str] | None = None) -> bool | None:
+    """Whether any of ``ids`` is an option of this ``python -m monai.bundle`` command line; None when the process was
+    not started that way (the Python API, the MONAI Label app), where what was given cannot be told from a default."""
+    options = command_line_options(argv)
+    if options is None:
+        return None
+    wanted = {ReferenceResolver.normalize_id(i) for i in ids}
+    return any(ReferenceResolver.normalize_id(name) in wanted for name in options)
 
 
 def _config_files(value: Any) -> list[str]:
@@ -192,10 +203,27 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key, value
 
 
+#: What MONAI's parser reads as config code in a value: Python (``$``), a reference (``@``), a macro (``%``).
+CONFIG_CODE_PREFIXES = ("$", "@", "%")
+
+
+def _refuse_config_code(value: Any, name: str) -> None:
+    """Refuse a command-line value of a setting that MONAI's parser would read as config code.
+
+    No option of this bundle takes config code from the command line: a path, a device name or a switch that starts
+    with ``$`` would run as Python and one that starts with ``@`` or ``%`` would copy another setting. Config files
+    (``--config_file "['a.json','b.json']"``) are the place for expressions."""
+    if isinstance(value, str) and value.lstrip().startswith(CONFIG_CODE_PREFIXES):
+        raise OptionError(
+            f"--{name} is given {value[:40]!r}, which MONAI would read as config code ({value.lstrip()[0]!r} "
+            "starts an expression, a reference or a macro); command-line values are data. Pass the value itself, "
+            "or put expressions in a config file given with --config_file."
+        )
+
+
 def _typed(value: Any, default: Any, name: str) -> Any:
     """``value`` (a command-line string or what ``fire`` made of it) converted to the type of ``default``."""
-    if isinstance(value, str) and value.startswith(("$", "@", "%")):
-        return value  # an explicit config expression on a pipeline option: MONAI's documented syntax
+    _refuse_config_code(value, name)
     if isinstance(default, bool):
         return as_bool(value, name)
     if isinstance(default, (int, float)):
@@ -211,13 +239,15 @@ def _typed(value: Any, default: Any, name: str) -> Any:
                 raise OptionError(f"--{name} must be a whole number, got {value!r}. Pass e.g. --{name} {default}.")
             return int(number)
         return number
-    if isinstance(default, list) and not isinstance(value, list):
+    if isinstance(default, (list, dict)) and not isinstance(value, (list, dict)):
+        kind = type(default)
         try:
             parsed = json.loads(value) if isinstance(value, str) else value
         except json.JSONDecodeError:
             parsed = None
-        if not isinstance(parsed, list):
-            raise OptionError(f"--{name} must be a list, got {value!r}. Pass e.g. --{name} '{json.dumps(default)}'.")
+        if not isinstance(parsed, kind):
+            what = "a list" if kind is list else "a JSON object"
+            raise OptionError(f"--{name} must be {what}, got {value!r}. Pass e.g. --{name} '{json.dumps(default)}'.")
         return parsed
     return value
 
@@ -251,12 +281,21 @@ def _command_line_values(
             values[id] = raw if isinstance(raw, str) else str(raw)
         elif id in optional and (raw is None or (isinstance(raw, str) and raw.strip().lower() in ("null", "none"))):
             values[id] = None
-        elif isinstance(default, (bool, int, float, list)):
-            value = _typed(raw, default, name)
-            if not (isinstance(value, str) and value.startswith(("$", "@", "%"))):
-                values[id] = value
-        # other options (defaults that are None, text or config expressions) keep MONAI's reading of the value
+        elif isinstance(default, (bool, int, float, list, dict)):
+            values[id] = _typed(raw, default, name)
+        else:  # text, null or a config expression by default: the value given, as text (null: None)
+            _refuse_config_code(raw, name)
+            text = raw if isinstance(raw, str) else _as_text(raw)
+            values[id] = None if default is None and str(text).strip().lower() in ("null", "none") else text
     return values
+
+
+def _as_text(value: Any) -> Any:
+    """What ``fire`` made of a command-line value, back as the text typed (a number, or a list or dict as JSON);
+    True (a ``--flag`` without a value) and None stay as they are."""
+    if value is True or value is None:
+        return value
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 def guard_overrides(
@@ -320,7 +359,7 @@ def _within(value: Any, low: float | None, high: float | None, name: str) -> Any
         return None
     whole = isinstance(low, int) and not isinstance(low, bool)
     if isinstance(value, str) and value.startswith(("$", "@")):
-        return value  # a config expression: MONAI's syntax, evaluated as written
+        return value  # a config file's own expression (command-line values were refused above)
     number = _typed(value, 0 if whole else 0.0, name)
     if (low is not None and number < low) or (high is not None and number > high):
         bounds = f"from {low} to {high}" if low is not None and high is not None else f"at least {low}"

@@ -14,6 +14,7 @@ All cases run once, two at a time, in the module's ``results`` fixture; each tes
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ from typing import Callable
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 
@@ -140,7 +142,47 @@ def inputs(tmp_path_factory) -> Path:
         (root / name).write_text(text)
     (root / "dataset_without_images").mkdir()
     (root / "dataset_without_images" / "notes.txt").write_text("nothing\n")
+    hostile_inputs(root, data, affine, ras_data, ras_affine)
     return root
+
+
+def hostile_inputs(root: Path, data: np.ndarray, affine: np.ndarray, ras_data, ras_affine) -> None:
+    """Inputs a hostile or careless user gives: values that are not HU, grids that are not a CT's, a pipe, a bomb."""
+    inverted = nib.Nifti1Image(data, affine)
+    inverted.header.set_slope_inter(-1.0, 0.0)
+    nib.save(inverted, str(root / "inverted_slope.nii.gz"))
+    save(root / "inverted_values.nii.gz", (-data).astype(np.int16), affine)
+    save(root / "times_1e30.nii.gz", data.astype(np.float32) * np.float32(1e30), affine)
+    block = np.full(data.shape, 40, np.int16)
+    block[0, 0, 0] = -1000
+    save(root / "constant_block.nii.gz", block, affine)
+    metres, micrometres = affine.copy(), affine.copy()
+    metres[:3, :3] *= 1000.0 / np.abs(affine[:3, :3]).max()
+    micrometres[:3, :3] *= 0.001
+    save(root / "voxels_1000mm.nii.gz", data, metres)
+    save(root / "voxels_0.001mm.nii.gz", data, micrometres)
+    save(root / "line.nii.gz", np.full((232, 1, 1), -1000, np.int16), affine)
+    infinite_slope = bytearray((root / "plain.nii").read_bytes())
+    infinite_slope[112:116] = np.array([np.inf], "<f4").tobytes()  # scl_slope
+    (root / "infinite_slope.nii").write_bytes(bytes(infinite_slope))
+    os.mkfifo(root / "pipe.nii.gz")
+    header = nib.Nifti1Header()
+    header.set_data_shape((1024, 1024, 1024))
+    header.set_data_dtype(np.int16)
+    header.set_zooms((0.5, 0.5, 0.5))
+    header.set_sform(np.diag([0.5, 0.5, 0.5, 1.0]), code=1)
+    with gzip.open(root / "bomb.nii.gz", "wb", compresslevel=1) as bomb:  # declares 2 GiB, stores a few MB
+        header.write_to(bomb)
+        bomb.write(b"\0" * (352 - header.sizeof_hdr))
+        zeros = bytes(1 << 24)
+        for _ in range(128):
+            bomb.write(zeros)
+    (root / "link_target").mkdir()
+    files = write_ct_series(ras_data, ras_affine, root / "no_pixels")
+    for file in files:
+        dataset = pydicom.dcmread(file)
+        del dataset.PixelData
+        dataset.save_as(file)
 
 
 # ---------------------------------------------------------------------------------------------------- cases
@@ -154,6 +196,7 @@ class Case:
     prepare: Callable[[Path, Path], None] | None = None  # (inputs, out) -> None, before the run
     check: Callable[[Path, Path, Path], None] | None = None  # (inputs, out, marker) -> None, after a successful run
     fast: bool = True
+    prompt: bool = True  # inference with --image or --dataset_dir gets --prompt PROMPT unless given
     notes: dict = field(default_factory=dict)
 
 
@@ -192,6 +235,22 @@ def nifti_for_dicom_without_frame_of_reference(inputs: Path, out: Path, marker: 
     masks = list(out.rglob("*_mask.nii.gz"))
     assert len(masks) == 1 and not list(out.rglob("*.dcm"))
     assert nib.load(masks[0]).shape[:2] == (512, 512)
+
+
+def linked_case(inputs: Path, out: Path) -> None:
+    """The case folder ``out/ct`` is a symbolic link to a folder among the inputs (which must stay unchanged)."""
+    out.mkdir(parents=True)
+    (out / "ct").symlink_to(inputs / "link_target", target_is_directory=True)
+
+
+def stale_staging(out: Path) -> Path:
+    """A staging folder of a process id that no longer runs (above Linux's largest pid)."""
+    return out / "ct" / f".lsms-{(1 << 22) + 7}-0123456789ab.tmp"
+
+
+def stale_staging_removed(inputs: Path, out: Path, marker: Path) -> None:
+    verbatim(PROMPT)(inputs, out, marker)
+    assert not stale_staging(out).exists(), "the staging folder of a killed run was left in place"
 
 
 def run_dir_with_model(inputs: Path, out: Path) -> None:
@@ -351,6 +410,60 @@ CASES = [
         ["--image", IMG, "--checkpoint", "{inputs}/other_weights.pt"],
         "does not match the network",
     ),
+    # command-line values other than the prompt are data too
+    Case(
+        "checkpoint given as Python",
+        ["--image", IMG, "--checkpoint", "$__import__('os').mkdir('{marker}') or 'x.pt'"],
+        "--checkpoint is given",
+    ),
+    Case("device given as Python", ["--image", IMG, "--device", "$__import__('os').mkdir('{marker}')"], "config code"),
+    Case("overwrite given as Python", ["--image", IMG, "--overwrite", "$True"], "config code"),
+    Case("checkpoint given as a reference", ["--image", IMG, "--checkpoint", "@sample_image"], "config code"),
+    Case("text model folder that is not one", ["--image", IMG, "--text_model_path", "/etc"], "not a Hugging Face"),
+    # inputs that would be ignored
+    Case("datalist and image both given", ["--image", IMG, "--datalist", "{inputs}/twice.json"], "both given"),
+    Case("dataset folder and image both given", ["--image", IMG, "--dataset_dir", "{inputs}/a"], "both given"),
+    Case("datalist with a prompt", ["--datalist", "{inputs}/twice.json", "--prompt", PROMPT], "--prompt is given"),
+    Case("image without a prompt", ["--image", IMG], "without --prompt", prompt=False),
+    Case("prompt of one huge word", ["--image", IMG, "--prompt", "\U0001f600" * 10000], "characters"),
+    Case("prompt of one long word", ["--image", IMG, "--prompt", "a" * 500], "characters"),
+    # values that are not CT in HU, grids that are not a CT's
+    Case("NIfTI with a negative scl_slope", ["--image", "{inputs}/inverted_slope.nii.gz"], "negative scl_slope"),
+    Case("CT with its values inverted", ["--image", "{inputs}/inverted_values.nii.gz"], "inverted"),
+    Case("CT times 1e30", ["--image", "{inputs}/times_1e30.nii.gz"], "not a CT in Hounsfield units"),
+    Case("constant block with one air voxel", ["--image", "{inputs}/constant_block.nii.gz"], "one value"),
+    Case("NIfTI with an infinite scl_slope", ["--image", "{inputs}/infinite_slope.nii"], "scl_slope inf"),
+    Case("voxels of 1000 mm", ["--image", "{inputs}/voxels_1000mm.nii.gz"], "more than any body"),
+    Case("voxels of 0.001 mm", ["--image", "{inputs}/voxels_0.001mm.nii.gz"], "not the images of a CT"),
+    Case("a 232x1x1 volume", ["--image", "{inputs}/line.nii.gz"], "not the images of a CT"),
+    Case("a pipe named .nii.gz", ["--image", "{inputs}/pipe.nii.gz"], "not a regular file"),
+    Case("gzip bomb declaring 1024^3 voxels", ["--image", "{inputs}/bomb.nii.gz"], "no CT is"),
+    Case("DICOM slices without pixel data", ["--image", "{inputs}/no_pixels"], "holds no pixel data"),
+    # output folders the bundle owns, and folders that lead elsewhere
+    Case("empty output folder name", ["--image", IMG, "--output_dir", ""], "output folder is empty"),
+    Case("output folder is the bundle", ["--image", IMG, "--output_dir", "bundle"], "bundle's own files"),
+    Case(
+        "output folder is the shipped weights' folder",
+        ["--image", IMG, "--output_dir", "bundle/models"],
+        "bundle's own files",
+    ),  # fmt: skip
+    Case("output folder is the checkout", ["--image", IMG, "--output_dir", "."], "bundle's own files"),
+    Case(
+        "case folder that is a symbolic link", ["--image", IMG], "symbolic link", prepare=lambda i, o: linked_case(i, o)
+    ),
+    Case(
+        "output file that is a folder, with --overwrite true",
+        ["--image", IMG, "--overwrite", "true"],
+        "exists as a folder",
+        prepare=lambda inputs, out: (out / "ct" / f"{expression_slug(PROMPT)}_mask.nii.gz").mkdir(parents=True),
+    ),
+    Case(
+        "staging folder left by a killed run",
+        ["--image", IMG],
+        code=0,
+        prepare=lambda inputs, out: stale_staging(out).mkdir(parents=True),
+        check=lambda inputs, out, marker: stale_staging_removed(inputs, out, marker),
+    ),
     # training and evaluation
     Case(
         "training --epochs abc",
@@ -415,6 +528,9 @@ def cli_args(case: Case, inputs: Path, out: Path, marker: Path) -> list[str]:
     args = [a.format(**values) for a in case.args]
     if case.config == "inference" and "--output_dir" not in args:
         args += ["--output_dir", str(out)]
+    prompted = {"--prompt", "--displayable_configs#prompt", "--datalist"} & set(args)
+    if case.config == "inference" and case.prompt and not prompted and {"--image", "--dataset_dir"} & set(args):
+        args += ["--prompt", PROMPT]
     if case.fast and case.config == "inference" and FAST[0] not in args:
         args += FAST
     return ["run", "--config_file", f"bundle/configs/{case.config}.json", *args]

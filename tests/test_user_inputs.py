@@ -29,7 +29,9 @@ def test_options_take_the_type_of_their_default():
     for value, default in (("abc", 150), ("3.5", 150), ("nan", 2.0), ("inf", 2.0), ("abc", [1, 2])):
         with pytest.raises(OptionError):
             _typed(value, default, "option")
-    assert _typed("$@other", 2.0, "x") == "$@other"  # MONAI's expression syntax stays available for settings
+    for code in ("$@other", "@other", "%other", "$True", " $1"):  # config code in a command-line value is refused
+        with pytest.raises(OptionError, match="config code"):
+            _typed(code, 2.0, "x")
 
 
 def test_command_line_is_read_as_typed_only_for_monai_bundle():

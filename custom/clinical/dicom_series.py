@@ -390,9 +390,14 @@ class CTSeriesReader(PydicomReader):
 
     def _get_array_data(self, img, filename):
         """Pixel values with RescaleSlope/Intercept applied (HU), as float32; a clear error if undecodable."""
+        if "PixelData" not in img and "FloatPixelData" not in img and "DoubleFloatPixelData" not in img:
+            raise NoImageError(
+                f"'{filename}' holds no pixel data (a DICOM header without its image: a structured report, a "
+                "presentation state, or a file saved without pixels). Pass the folder of the CT image slices."
+            )
         try:
             data = super()._get_array_data(img, filename)
-        except Exception as err:  # pydicom raises several types for missing or undecodable pixel data
+        except Exception as err:  # pydicom raises several types for undecodable pixel data
             raise NoImageError(
                 f"Cannot decode the pixel data of '{filename}' ({type(err).__name__}: {err}). For compressed transfer "
                 "syntaxes install a pydicom pixel plugin (pylibjpeg, gdcm), or re-export the series uncompressed."
@@ -477,6 +482,9 @@ def in_c_order(array: np.ndarray) -> np.ndarray:
 def _nifti_reader_or_error(path: Path) -> NibabelReader:
     if not path.exists():
         raise NoImageError(f"Input '{path}' does not exist.")
+    if not path.is_file():  # a folder, a FIFO or a device named .nii.gz: reading it could block for ever
+        kind = "a folder" if path.is_dir() else "not a regular file (a pipe, socket or device)"
+        raise NoImageError(f"'{path}' is {kind}. Pass the NIfTI file itself, saved on disk.")
     return CheckedNibabelReader()
 
 

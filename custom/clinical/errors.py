@@ -18,6 +18,7 @@ __all__ = [
     "GeometryMismatchError",
     "OutputExistsError",
     "ProtectedInputError",
+    "OutputWriteError",
 ]
 
 
@@ -63,3 +64,15 @@ class OutputExistsError(InputError, FileExistsError):
 
 class ProtectedInputError(InputError, ValueError):
     """An output path that points at an input file."""
+
+
+class OutputWriteError(InputError, OSError):
+    """Outputs that the file system refused to take (a full disk, a read-only or vanished folder); nothing of them
+    was published."""
+
+    def __init__(self, folder, error: OSError):
+        super().__init__(
+            f"The outputs could not be written to '{folder}' ({error.strerror or type(error).__name__}); nothing of "
+            "them was kept. Free space or pass a writable --output_dir, and run again."
+        )
+        self.folder = str(folder)

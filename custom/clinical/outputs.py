@@ -21,6 +21,7 @@ import hashlib
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -32,7 +33,7 @@ from monai.transforms import MapTransform
 from monai.utils import MetaKeys
 
 from custom.clinical.dicom_series import is_nifti_path, ras_mask_to_source_frames
-from custom.clinical.errors import OutputExistsError
+from custom.clinical.errors import OutputExistsError, OutputWriteError, ProtectedInputError
 from custom.clinical.geometry import as_binary_uint8, ras_view
 from custom.clinical.measurements import build_record
 from custom.clinical.not_present import NotPresentRule
@@ -53,6 +54,53 @@ def expression_slug(expression: str, max_length: int = 48) -> str:
     """File-name-safe identifier of an expression: lowercase words joined by '_' plus a short hash of the text."""
     words = re.sub(r"[^a-z0-9]+", "_", expression.lower()).strip("_")[:max_length].strip("_") or "expression"
     return f"{words}-{hashlib.sha1(expression.encode('utf-8')).hexdigest()[:6]}"
+
+
+#: Hidden folder in which one call stages its outputs before publishing them: ``.lsms-<pid>-<random>.tmp``.
+STAGING_PATTERN = re.compile(r"^\.lsms-(?:(\d+)-)?[0-9a-f]{12}\.tmp$")
+#: A staging folder without a process id (written by an older version) is removed once it is this old.
+STALE_STAGING_S = 3600.0
+
+
+def check_case_folder(folder: Path) -> None:
+    """Refuse a case folder that is a symbolic link (outputs would land wherever it points) or not a folder."""
+    if folder.is_symlink():
+        raise ProtectedInputError(
+            f"The case folder '{folder}' is a symbolic link to '{os.path.realpath(folder)}'; outputs are written into "
+            "real folders only. Remove the link, or pass another --output_dir."
+        )
+    if folder.exists() and not folder.is_dir():
+        raise ProtectedInputError(
+            f"'{folder}' is a file where a case folder goes. Move it, or pass another --output_dir."
+        )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(folder: Path) -> list[Path]:
+    """Remove the staging folders in ``folder`` left by a process that was killed while writing (its id no longer
+    runs); return them."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = STAGING_PATTERN.match(entry.name)
+        if match is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = match.group(1)
+        stale = not _process_alive(int(pid)) if pid else time.time() - entry.stat().st_mtime > STALE_STAGING_S
+        if stale and int(pid or 0) != os.getpid():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 def _safe_name(name: str) -> str:
@@ -162,8 +210,10 @@ class ReferringOutputWriter:
         paths = self.output_paths(case_id, expression_id or expression_slug(expression), dicom_seg)
         self._check_free(paths)
         folder = paths["mask"].parent
+        check_case_folder(folder)
+        remove_stale_staging(folder)
         new_folder = not folder.exists()
-        staging = folder / f".lsms-{uuid.uuid4().hex[:12]}.tmp"
+        staging = folder / f".lsms-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
         staged = {kind: staging / path.name for kind, path in paths.items()}
         published = False
         try:
@@ -172,6 +222,10 @@ class ReferringOutputWriter:
             )
             self._publish(staged, paths)
             published = True
+        except OSError as err:
+            if isinstance(err, (OutputExistsError, ProtectedInputError)) or err.errno is None:
+                raise
+            raise OutputWriteError(folder, err) from err
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if new_folder and not published and folder.is_dir() and not any(folder.iterdir()):

@@ -32,7 +32,7 @@ from custom.clinical.dicom_series import (
     read_whole_gzip,
 )
 from custom.clinical.errors import ClinicalInputError, NoImageError, NotCTError, OutputExistsError, ProtectedInputError
-from custom.clinical.outputs import ReferringOutputWriter, case_id_of, expression_slug
+from custom.clinical.outputs import ReferringOutputWriter, case_id_of, check_case_folder, expression_slug
 from custom.user_inputs import as_bool
 
 __all__ = ["InvalidValuesError", "check_hounsfield", "check_inference_inputs", "check_output_dir", "check_volume_file"]
@@ -43,6 +43,20 @@ MIN_HU_CEILING = -500.0
 MAX_HU_FLOOR = 0.0
 #: How to force a volume that fails the Hounsfield check.
 FORCE_HINT = "--require_ct false"
+#: No CT in HU holds values beyond this (int16 padding is -32768; extended-range metal stays below 65536).
+MAX_ABS_HU = 100_000.0
+#: In a CT in HU air outnumbers dense bone and metal; more than this share of voxels above +500 HU, and more of
+#: them than below -500 HU, is a CT with its values inverted (a negative scl_slope) or not in HU.
+MAX_DENSE_SHARE = 0.2
+#: Extent of one axis of a body CT, in mm: at least a few centimetres across in-plane, at most two metres.
+MIN_IN_PLANE_MM, MAX_EXTENT_MM = 20.0, 2000.0
+#: Voxels across each of two axes at least (a CT volume is a stack of images, not a line of voxels).
+MIN_IN_PLANE_VOXELS = 16
+#: More voxels than this are refused before reading (a 512 x 512 x 8192 volume; the pipeline resamples to 1.5 mm).
+MAX_VOXELS = 1 << 31
+#: A .nii.gz whose voxels take more than this many times its own size is refused before reading: CT compresses
+#: about 2 to 10 times; a file that declares gigabytes of (nearly) one value is not a CT.
+MAX_GZIP_RATIO = 200
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -78,8 +92,9 @@ def _check_gzip_length(path: Path, expected: int) -> None:
         )
 
 
-def _check_nifti_geometry(path: Path, image) -> None:
-    """Refuse a NIfTI whose header gives no usable voxel size or position (nibabel would read 0 mm as 1 mm)."""
+def _check_nifti_geometry(path: Path, image):
+    """Refuse a NIfTI whose header gives no usable voxel size or position (nibabel would read 0 mm as 1 mm); return
+    the header as stored."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as stream:  # the header as stored: nibabel's loader turns 0 mm into 1 mm
         stored = type(image.header).from_fileobj(stream, check=False)
@@ -94,6 +109,51 @@ def _check_nifti_geometry(path: Path, image) -> None:
         raise NoImageError(
             f"'{path}' has {problem}: lesion sizes and the model's scale depend on real voxel sizes in mm. "
             "Export the CT again with its spacing and orientation (e.g. from the DICOM series with dcm2niix)."
+        )
+    return stored
+
+
+def check_grid(shape: Sequence[int], spacing: Sequence[float], source: str) -> None:
+    """Refuse a voxel grid that is not a body CT's: a line or a point of voxels, an extent below a few centimetres
+    in-plane or beyond two metres (voxel sizes in metres or micrometres), or too many voxels to hold."""
+    shape = [int(n) for n in shape[:3]]
+    spacing = [float(abs(v)) for v in spacing[:3]]
+    extent = [n * v for n, v in zip(shape, spacing)]
+    sizes = ", ".join(f"{v:g}" for v in spacing)
+    fix = "Export the CT again with its voxel sizes in mm (e.g. from the DICOM series with dcm2niix)."
+    if int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:
+        raise NoImageError(
+            f"'{source}' has {' x '.join(map(str, shape))} voxels, more than this bundle holds in memory "
+            f"({MAX_VOXELS:.2g}). Pass the CT resampled to 1 mm or coarser, or a crop around the liver."
+        )
+    if max(extent) > MAX_EXTENT_MM:
+        raise NoImageError(
+            f"'{source}' spans {max(extent) / 1000:.3g} m along one axis (voxel sizes {sizes} mm), more than any "
+            f"body; its voxel sizes are not in mm. {fix}"
+        )
+    if sum(n >= MIN_IN_PLANE_VOXELS and e >= MIN_IN_PLANE_MM for n, e in zip(shape, extent)) < 2:
+        extents = " x ".join(f"{e:.3g}" for e in extent)
+        raise NoImageError(
+            f"'{source}' is {' x '.join(map(str, shape))} voxels of {sizes} mm ({extents} mm): not the images of "
+            f"a CT (each at least {MIN_IN_PLANE_VOXELS} voxels and {MIN_IN_PLANE_MM:g} mm across). Pass the CT volume itself (a stack of axial images), with its voxel sizes in mm."
+        )
+
+
+def _check_nifti_scaling(path: Path, stored, require_ct: bool) -> None:
+    """Refuse a NIfTI whose stored value scaling (scl_slope, scl_inter) is not finite, or (``require_ct``) inverts
+    the values (a negative slope turns air into bone)."""
+    slope, inter = float(stored["scl_slope"]), float(stored["scl_inter"])
+    if slope == 0 or np.isnan(slope):  # "no scaling" (the NIfTI standard's 0; NaN as nibabel writes and reads it)
+        return
+    if not (np.isfinite(slope) and np.isfinite(inter)):
+        raise NoImageError(
+            f"'{path}' has value scaling scl_slope {slope:g}, scl_inter {inter:g} in its header, which gives no "
+            "usable values. Export the CT again (scl_slope 1 and scl_inter 0 for values stored in HU)."
+        )
+    if require_ct and slope < 0:
+        raise NotCTError(
+            f"'{path}' has a negative scl_slope ({slope:g}), which inverts its values (air would read as bone): it is "
+            f"not a CT in Hounsfield units as stored. Export the CT again in HU, or {FORCE_HINT} to run anyway."
         )
 
 
@@ -116,7 +176,15 @@ def check_volume_file(path: str | os.PathLike, series_uid: str | None = None, re
             raise NoImageError(
                 f"Cannot read '{path}' as NIfTI ({type(err).__name__}: {err}). Pass a NIfTI CT volume."
             ) from err
-        expected = int(image.dataobj.offset) + int(np.prod(shape)) * np.dtype(dtype).itemsize
+        expected = int(image.dataobj.offset) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if len(shape) >= 3:
+            check_grid(shape, [float(v) for v in image.header.get_zooms()[:3]], str(path))
+        if compressed and expected > MAX_GZIP_RATIO * max(path.stat().st_size, 1) and expected > (64 << 20):
+            raise NoImageError(
+                f"'{path}' declares {expected / 2**30:.3g} GiB of voxels in a {path.stat().st_size / 2**20:.3g} MiB "
+                f"file (more than {MAX_GZIP_RATIO} times its size: nearly one value throughout), which no CT is. "
+                "Pass the CT volume itself."
+            )
         if compressed:
             _check_gzip_length(path, expected)
         elif path.stat().st_size < expected:
@@ -135,7 +203,8 @@ def check_volume_file(path: str | os.PathLike, series_uid: str | None = None, re
                     else "Split the 4D file and pass one volume."
                 )
             )
-        _check_nifti_geometry(path, image)
+        stored = _check_nifti_geometry(path, image)
+        _check_nifti_scaling(path, stored, require_ct)
         if np.dtype(dtype).kind == "c":
             raise NoImageError(
                 f"'{path}' stores complex ({np.dtype(dtype).name}) voxels; a CT holds real Hounsfield units. "
@@ -163,14 +232,31 @@ def check_hounsfield(volume, source: str, require_ct: bool = True) -> None:
             f"'{source}' holds {bad} NaN or infinite voxel(s) of {values.size}; the model cannot read them. "
             "Replace them (e.g. by -1024 HU, air) in the file and run again."
         )
+    affine = getattr(volume, "affine", None)
+    if affine is not None and values.ndim >= 3:
+        linear = np.asarray(affine.detach().cpu().numpy() if hasattr(affine, "detach") else affine)[:3, :3]
+        check_grid(values.shape[-3:], np.linalg.norm(linear, axis=0), source)
     if not require_ct:
         return
     low, high = float(values.min()), float(values.max())
-    if low > MIN_HU_CEILING or high < MAX_HU_FLOOR:
+    not_hu = f"Pass the CT in HU, or {FORCE_HINT} to run anyway."
+    if low > MIN_HU_CEILING or high < MAX_HU_FLOOR or max(-low, high) > MAX_ABS_HU:
         raise NotCTError(
             f"'{source}' has values from {low:g} to {high:g}, which is not a CT in Hounsfield units (a CT holds air at "
-            f"-1000 HU and soft tissue above 0 HU): an MR, a rescaled or uint8 export, or a CT without its "
-            f"RescaleIntercept. Pass the CT in HU, or {FORCE_HINT} to run anyway."
+            f"-1000 HU and soft tissue above 0 HU, and nothing beyond +-{MAX_ABS_HU:g}): an MR, a rescaled or uint8 "
+            f"export, or a CT without its RescaleIntercept. {not_hu}"
+        )
+    sample = values.reshape(-1)[:: max(1, values.size // 4_000_000)]
+    dense, air = float(np.mean(sample > 500.0)), float(np.mean(sample < -500.0))
+    if dense > MAX_DENSE_SHARE and dense > air:
+        raise NotCTError(
+            f"'{source}' has {dense:.0%} of its voxels above +500 HU and {air:.0%} below -500 HU: air reads as bone, "
+            f"so its values are inverted or not in Hounsfield units. {not_hu}"
+        )
+    low_q, high_q = np.percentile(sample, [1.0, 99.0])
+    if low_q == high_q:
+        raise NotCTError(
+            f"'{source}' holds one value ({low_q:g}) in at least 98% of its voxels: no anatomy to read. {not_hu}"
         )
 
 
@@ -187,10 +273,40 @@ def _can_create_in(folder: Path) -> bool:
         return False
 
 
-def check_output_dir(output_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> Path:
-    """The output folder, resolved; refused if it cannot be made or written, or lies in an input DICOM series."""
+#: Folders of a bundle that hold what it ships; patient results never go into them.
+BUNDLE_CONTENT = ("configs", "models", "docs", "sample", "custom")
+#: The folder that holds this ``custom`` package: the repository checkout, or a packaged bundle.
+CODE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _protected_folders(bundle_root: str | os.PathLike | None) -> tuple[list[Path], list[Path]]:
+    """(folders that are never an output folder themselves, folders whose whole tree is never written)."""
+    roots = [CODE_ROOT] + ([Path(bundle_root).resolve()] if bundle_root not in (None, "") else [])
+    trees = [CODE_ROOT / "custom"] + [root / name for root in roots for name in BUNDLE_CONTENT]
+    return roots, trees
+
+
+def check_output_dir(
+    output_dir: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike] = (),
+    bundle_root: str | os.PathLike | None = None,
+) -> Path:
+    """The output folder, resolved; refused if it is not given, cannot be made or written, lies in an input DICOM
+    series, or is the bundle (or the checkout holding it) or one of the folders the bundle ships
+    (:data:`BUNDLE_CONTENT` of ``bundle_root`` and of :data:`CODE_ROOT`)."""
+    if output_dir is None or not str(output_dir).strip():
+        raise ProtectedInputError(
+            "The output folder is empty (--output_dir ''). Pass a folder, e.g. --output_dir outputs."
+        )
     out = Path(output_dir).expanduser()
     resolved = out.resolve()
+    roots, trees = _protected_folders(bundle_root)
+    if resolved in roots or any(_inside(resolved, tree) for tree in trees):
+        raise ProtectedInputError(
+            f"The output folder '{out}' is {'' if resolved in roots else 'inside '}the bundle's own files (weights, "
+            "configs, code); patient results are never written there. Pass a folder of its own, e.g. "
+            "--output_dir outputs."
+        )
     if resolved.exists() and not resolved.is_dir():
         raise ProtectedInputError(f"The output folder '{out}' is a file. Pass a folder with --output_dir.")
     existing = next((p for p in (resolved, *resolved.parents) if p.exists()), None)
@@ -233,6 +349,7 @@ def check_inference_inputs(
     montage: bool = False,
     series_uid: str | None = None,
     require_ct: bool = True,
+    bundle_root: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Check every (image, prompt) item and its outputs before the model runs; return the items with ``case_id``.
 
@@ -243,6 +360,7 @@ def check_inference_inputs(
         montage: the run also writes montages (their paths are checked too).
         series_uid: the series to read from DICOM folders holding several.
         require_ct: refuse inputs that are not CT (DICOM modality, uint8 NIfTI, HU range after loading).
+        bundle_root: the bundle folder, whose shipped content is never an output folder (:func:`check_output_dir`).
     """
     overwrite, montage, require_ct = (
         as_bool(overwrite, "overwrite"),
@@ -255,12 +373,13 @@ def check_inference_inputs(
     formats = {}
     for path in dict.fromkeys(paths):
         formats[path] = check_volume_file(path, series_uid, require_ct)
-    out = check_output_dir(output_dir, [p for p in paths if formats[p]["dicom"]])
+    out = check_output_dir(output_dir, [p for p in paths if formats[p]["dicom"]], bundle_root)
     writer = ReferringOutputWriter(out, overwrite=overwrite, montage=montage)
     checked, owners = [], {}
     for item, path, case_id in zip(items, paths, _unique_case_ids(paths)):
         text = str(item["text"])
         planned = writer.output_paths(case_id, expression_slug(text), formats[path]["dicom_seg"])
+        check_case_folder(planned["mask"].parent)
         for source in (p.resolve() for p in paths if formats[p]["dicom"]):
             if _inside(planned["mask"].parent, source):
                 raise ProtectedInputError(
@@ -274,6 +393,11 @@ def check_inference_inputs(
                     "Remove the repeated entry."
                 )
             owners[target] = path
+            if target.is_symlink() or target.is_dir():
+                raise ProtectedInputError(
+                    f"The output '{target}' exists as a {'symbolic link' if target.is_symlink() else 'folder'}; "
+                    "outputs are written as new files only. Move it, or pass another --output_dir."
+                )
             if not overwrite and target.exists():
                 raise OutputExistsError(target)
         checked.append(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from custom.text import DEFAULT_MAX_TOKENS, default_text_model_path, load_tokenizer
+from custom.text import DEFAULT_MAX_TOKENS, check_text_model_path, load_tokenizer
 
 __all__ = ["BertTextEncoder"]
 
@@ -37,7 +37,7 @@ class BertTextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoModel
 
-        self.model_path = model_path or default_text_model_path()
+        self.model_path = check_text_model_path(model_path)
         self.model = AutoModel.from_pretrained(self.model_path)
         self.hidden_size = int(self.model.config.hidden_size)
         self.freeze = freeze
