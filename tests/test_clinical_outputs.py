@@ -193,3 +193,53 @@ def test_bounding_box_is_the_box_find_objects_gives_in_any_memory_layout(layout)
     assert bounding_box(array.astype(np.uint8)) == ndimage.find_objects(array.astype(np.uint8))[0]
     assert bounding_box(np.zeros_like(array)) is None
     assert bounding_box(np.ones((1, 4, 1), bool)) == (slice(0, 1), slice(0, 4), slice(0, 1))
+
+
+def test_a_full_disk_is_named_and_nothing_is_published(tmp_path, monkeypatch):
+    """A write the file system refuses (ENOSPC) ends as the named OutputWriteError; no output and no staging
+    folder is left."""
+    import errno
+
+    import custom.clinical.outputs as outputs
+    from custom.clinical.errors import OutputWriteError
+
+    nib.save(nib.Nifti1Image(case_volume(), AFFINE_LPS), tmp_path / "case_008.nii.gz")
+    image = load_ct_ras(tmp_path / "case_008.nii.gz")
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "write_overlay_png", no_space)
+    writer = ReferringOutputWriter(tmp_path / "out", rule={"min_max_probability": 0.6, "min_volume_ml": 0.2})
+    with pytest.raises(OutputWriteError, match="No space left on device"):
+        writer(image, probabilities_like(image, 0.9), "the largest lesion")
+    assert not any((tmp_path / "out").rglob("*")), list((tmp_path / "out").rglob("*"))
+
+
+def test_staging_folders_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from custom.clinical.outputs import remove_stale_staging
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".lsms-{int(finished.stdout)}-0123456789ab.tmp"
+    alive = tmp_path / f".lsms-{os.getppid()}-0123456789ab.tmp"
+    other = tmp_path / ".lsms-notes.tmp"
+    for folder in (dead, alive, other):
+        folder.mkdir()
+    assert remove_stale_staging(tmp_path) == [dead]
+    assert not dead.exists() and alive.is_dir() and other.is_dir()
+
+
+def test_a_case_folder_that_is_a_link_is_refused(tmp_path):
+    from custom.clinical.errors import ProtectedInputError
+    from custom.clinical.outputs import check_case_folder
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "case").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(ProtectedInputError, match="symbolic link"):
+        check_case_folder(tmp_path / "out" / "case")
+    check_case_folder(tmp_path / "out" / "new_case")  # a folder still to be made is fine

@@ -49,3 +49,36 @@ def test_a_pinned_value_resolves_verbatim():
     assert parser.get_parsed_content("data") == ["$__import__('os').getcwd()"]
     assert parser.get_parsed_content("checkpoint") == "@prompt"
     assert parser.get_parsed_content("nested") == {"v": 2.5}
+
+
+def test_what_was_given_is_told_only_for_monai_bundle_command_lines():
+    from custom.user_inputs import given_on_command_line
+
+    argv = [MAIN, "run", "inference", "--config_file", "c.json", "--image", "ct.nii.gz"]
+    assert given_on_command_line(["prompt", "displayable_configs#prompt"], argv) is False
+    assert given_on_command_line(["prompt", "displayable_configs#prompt"], [*argv, "--displayable_configs#prompt", "x"])
+    assert given_on_command_line(["prompt"], ["pytest", "--prompt", "x"]) is None
+
+
+def test_prompts_of_unreadable_words_and_ignored_inputs_are_refused():
+    from custom.prompts import PromptError, check_one_input, check_prompt
+
+    class Tokenizer:  # counts words: the character rules act before any tokenizer
+        def __call__(self, text):
+            return {"input_ids": text.split()}
+
+    assert check_prompt(" the largest lesion ", tokenizer=Tokenizer()) == "the largest lesion"
+    for prompt in ("\U0001f600" * 10000, "a" * 100000, "the " + "x" * 65):
+        with pytest.raises(PromptError, match="characters"):
+            check_prompt(prompt, tokenizer=Tokenizer())
+    check_one_input("ct.nii.gz", None, None, prompt_given=True)
+    check_one_input(None, None, None, prompt_given=False)  # the sample CT with its own prompt
+    for args, message in (
+        (("ct.nii.gz", "pairs.json", None, None), "both given"),
+        (("ct.nii.gz", None, "folder", True), "both given"),
+        ((None, "pairs.json", None, True), "--prompt is given with --datalist"),
+        (("ct.nii.gz", None, None, False), "without --prompt"),
+        ((None, None, "folder", False), "without --prompt"),
+    ):
+        with pytest.raises(PromptError, match=message):
+            check_one_input(*args)

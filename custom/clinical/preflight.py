@@ -113,9 +113,10 @@ def _check_nifti_geometry(path: Path, image):
     return stored
 
 
-def check_grid(shape: Sequence[int], spacing: Sequence[float], source: str) -> None:
-    """Refuse a voxel grid that is not a body CT's: a line or a point of voxels, an extent below a few centimetres
-    in-plane or beyond two metres (voxel sizes in metres or micrometres), or too many voxels to hold."""
+def check_grid(shape: Sequence[int], spacing: Sequence[float], source: str, require_ct: bool = True) -> None:
+    """Refuse a voxel grid that cannot be resampled (an extent beyond two metres: voxel sizes in metres; too many
+    voxels to hold) or, with ``require_ct``, is not a body CT's (a line or a point of voxels, or images below a
+    few centimetres across: voxel sizes in micrometres)."""
     shape = [int(n) for n in shape[:3]]
     spacing = [float(abs(v)) for v in spacing[:3]]
     extent = [n * v for n, v in zip(shape, spacing)]
@@ -131,11 +132,12 @@ def check_grid(shape: Sequence[int], spacing: Sequence[float], source: str) -> N
             f"'{source}' spans {max(extent) / 1000:.3g} m along one axis (voxel sizes {sizes} mm), more than any "
             f"body; its voxel sizes are not in mm. {fix}"
         )
-    if sum(n >= MIN_IN_PLANE_VOXELS and e >= MIN_IN_PLANE_MM for n, e in zip(shape, extent)) < 2:
+    if require_ct and sum(n >= MIN_IN_PLANE_VOXELS and e >= MIN_IN_PLANE_MM for n, e in zip(shape, extent)) < 2:
         extents = " x ".join(f"{e:.3g}" for e in extent)
         raise NoImageError(
             f"'{source}' is {' x '.join(map(str, shape))} voxels of {sizes} mm ({extents} mm): not the images of "
-            f"a CT (each at least {MIN_IN_PLANE_VOXELS} voxels and {MIN_IN_PLANE_MM:g} mm across). Pass the CT volume itself (a stack of axial images), with its voxel sizes in mm."
+            f"a CT (each at least {MIN_IN_PLANE_VOXELS} voxels and {MIN_IN_PLANE_MM:g} mm across). Pass the CT "
+            f"volume itself (a stack of axial images) with its voxel sizes in mm, or {FORCE_HINT}."
         )
 
 
@@ -178,7 +180,7 @@ def check_volume_file(path: str | os.PathLike, series_uid: str | None = None, re
             ) from err
         expected = int(image.dataobj.offset) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if len(shape) >= 3:
-            check_grid(shape, [float(v) for v in image.header.get_zooms()[:3]], str(path))
+            check_grid(shape, [float(v) for v in image.header.get_zooms()[:3]], str(path), require_ct)
         if compressed and expected > MAX_GZIP_RATIO * max(path.stat().st_size, 1) and expected > (64 << 20):
             raise NoImageError(
                 f"'{path}' declares {expected / 2**30:.3g} GiB of voxels in a {path.stat().st_size / 2**20:.3g} MiB "
@@ -235,7 +237,7 @@ def check_hounsfield(volume, source: str, require_ct: bool = True) -> None:
     affine = getattr(volume, "affine", None)
     if affine is not None and values.ndim >= 3:
         linear = np.asarray(affine.detach().cpu().numpy() if hasattr(affine, "detach") else affine)[:3, :3]
-        check_grid(values.shape[-3:], np.linalg.norm(linear, axis=0), source)
+        check_grid(values.shape[-3:], np.linalg.norm(linear, axis=0), source, require_ct)
     if not require_ct:
         return
     low, high = float(values.min()), float(values.max())
