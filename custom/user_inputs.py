@@ -10,15 +10,18 @@ with :func:`guard_overrides`, which, before anything else reads them:
   ``python -m monai.bundle``, else the value given to ``ConfigWorkflow``), so that ``@prompt`` resolves to the text
   itself and nothing in it is evaluated or resolved;
 - converts the other command-line options to the type of their default strictly (``--epochs abc`` and
-  ``--overwrite maybe`` are refused; booleans are ``true``/``false``/``yes``/``no``/``1``/``0``), and checks the
+  ``--overwrite maybe`` are refused; booleans are ``true``/``false``/``yes``/``no``/``1``/``0``), takes text options
+  (paths, device names) as the text given, refuses config code (``$``, ``@``, ``%``) in any of them, and checks the
   numeric options a config lists in ``"option_limits"`` against their ranges;
 - makes the process print an :class:`~custom.errors.InputError` as one clear last line instead of a traceback
   (``--debug true`` keeps the traceback).
 
-Limits (MONAI's parser acts before any config code runs): a command-line value that starts with ``%`` is read by
-MONAI as a macro (a key of a config file), and a value ``$import <module>`` imports that module before the guard
-runs; neither evaluates an expression. MONAI's parser also rewrites ``#`` to ``::`` in every config string. The
-MONAI Label app never passes request data through overrides at all (:class:`UserDataWorkflow`).
+Limits (MONAI's parser acts before any config code runs): a command-line value that starts with ``%`` is replaced
+by ``ConfigParser.parse()`` as a macro, and a value ``$import <module>`` is executed by MONAI's reference resolver,
+which evaluates every import statement of the config at the first resolution, before the guard runs. Closing either
+would mean editing the resolver's private tables from inside its own loop, so the guard refuses them afterwards where
+it can (other options) and takes the prompt as the text given. MONAI's parser also rewrites ``#`` to ``::`` in every
+config string. The MONAI Label app never passes request data through overrides at all (:class:`UserDataWorkflow`).
 """
 
 from __future__ import annotations
