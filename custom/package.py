@@ -1,14 +1,21 @@
 """Write the bundle as MONAI model-zoo and MONAI Label users get it: one self-contained folder.
 
-``python -m custom.package --out dist/lsms_referring_lesion_segmentation`` copies ``bundle/`` (configs, models,
-docs, sample, LICENSE) and this ``custom`` package into one folder and sets every config's ``bundle_root`` to ``"."``,
-so that the folder runs on its own, like a zoo bundle, from inside it::
+``python -m custom.package --out dist/lsms_referring_lesion_segmentation`` copies an explicit list of the bundle's
+files (:data:`BUNDLE_FILES`: configs, weights, docs, sample, LICENSE, ``large_files.yml``) and the ``.py`` files of
+this ``custom`` package into one folder, never anything else written under ``bundle/`` (run outputs, evaluations,
+patient results), and sets every config's ``bundle_root`` to ``"."``, so that the folder runs on its own, like a zoo
+bundle, from inside it::
 
     cd dist/lsms_referring_lesion_segmentation
     python -m monai.bundle run inference --config_file configs/inference.json --image ct.nii.gz --prompt "..."
 
 (``python -m`` puts the working folder, hence the bundle's ``custom/``, on ``sys.path``.) The repository stays the
 only place where the components are written; the folder is generated, never edited by hand.
+
+The output folder is checked first (symlinks resolved): never the checkout, a folder that contains it, or a folder
+inside its ``bundle/``, ``custom/`` or ``.git/``. Every packaged folder holds a marker file, :data:`MARKER`;
+``--overwrite`` only replaces a folder that holds it (one this command wrote), and the new folder is complete
+before it takes the old one's place.
 
 The model zoo keeps files over 1 MB out of git and lists them in the bundle's ``large_files.yml`` (path, address,
 hash), which its CI downloads before checking the bundle; an existing file whose hash matches is not downloaded.
@@ -24,15 +31,47 @@ import hashlib
 import json
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
-__all__ = ["BUNDLE_NAME", "LARGE_FILE_BYTES", "large_files", "package_bundle", "write_large_files"]
+from custom.errors import InputError
+
+__all__ = [
+    "BUNDLE_FILES",
+    "BUNDLE_NAME",
+    "LARGE_FILE_BYTES",
+    "MARKER",
+    "PackageError",
+    "PackageExistsError",
+    "check_output_folder",
+    "large_files",
+    "package_bundle",
+    "packaged_files",
+    "write_large_files",
+]
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 #: Folder name of the packaged bundle (the model-zoo name).
 BUNDLE_NAME = "lsms_referring_lesion_segmentation"
-#: What is never copied: run outputs, caches and byte code.
-IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "eval", ".*")
+#: What is shipped from ``bundle/``: (glob pattern relative to ``bundle/``, required). Nothing else is copied.
+BUNDLE_FILES = (
+    ("LICENSE", True),
+    ("large_files.yml", True),
+    ("configs/*.json", True),
+    ("configs/logging.conf", False),
+    ("models/model.pt", True),
+    ("models/referral_scorer.pt", True),
+    ("docs/README.md", True),
+    ("docs/data_license.txt", False),
+    ("docs/images/*.png", False),
+    ("sample/sample.json", True),
+    ("sample/sample_case.nii.gz", True),
+)
+#: Marker file in every packaged folder: ``--overwrite`` only replaces a folder that holds it.
+MARKER = ".lsms-package"
+MARKER_TEXT = "Written by python -m custom.package; python -m custom.package --overwrite may replace this folder.\n"
+#: Folders of the repository that packaging never writes into or replaces.
+PROTECTED = ("bundle", "custom", ".git")
 
 
 #: Files above this size are listed in ``large_files.yml`` (the model zoo's pre-commit limit, 1024 kB).
@@ -67,30 +106,141 @@ def write_large_files(bundle_dir: str | Path = REPOSITORY / "bundle", url_base: 
     return out
 
 
-def package_bundle(out: str | Path, overwrite: bool = False, repository: str | Path = REPOSITORY) -> Path:
-    """Write the self-contained bundle into ``out`` (a new folder; ``overwrite`` replaces an existing one)."""
-    repository, out = Path(repository), Path(out)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"'{out}' exists already; pass another --out, or --overwrite to replace it.")
-        shutil.rmtree(out)
-    staging = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(repository / "bundle", staging, ignore=IGNORED)
-    shutil.copytree(repository / "custom", staging / "custom", ignore=IGNORED)
-    for config in sorted((staging / "configs").glob("*.json")):
+class PackageError(InputError, ValueError):
+    """An output folder packaging must not write, or a bundle file that is missing; the message names the fix."""
+
+
+class PackageExistsError(InputError, FileExistsError):
+    """The output folder exists and ``--overwrite`` was not given."""
+
+
+def _refusal(real: Path, repository: Path) -> str | None:
+    """Why the resolved folder ``real`` must never be written by packaging, or None."""
+    if real == repository:
+        return "is the repository checkout"
+    if repository.is_relative_to(real):
+        return "contains the repository checkout"
+    for name in PROTECTED:
+        if real.is_relative_to(repository / name):
+            return f"is inside the repository's {name}/ folder"
+    return None
+
+
+def _is_empty_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder with nothing in it."""
+    return path.is_dir() and not any(path.iterdir())
+
+
+def check_output_folder(out: str | Path, overwrite: bool = False, repository: str | Path = REPOSITORY) -> Path:
+    """The resolved output folder for ``out``, or :class:`PackageError` / :class:`PackageExistsError` naming the fix.
+
+    Refused: the checkout, a folder containing it or inside its ``bundle/``, ``custom/`` or ``.git/``; an existing
+    file; an existing, non-empty folder unless ``overwrite``, and even then unless it holds :data:`MARKER`.
+    """
+    real, repository = Path(out).resolve(), Path(repository).resolve()
+    fix = f"Pass a folder of its own outside bundle/ and custom/, e.g. --out dist/{BUNDLE_NAME}"
+    reason = _refusal(real, repository)
+    if reason is not None:
+        raise PackageError(f"--out '{out}' {reason} ('{real}'); packaging never writes or replaces it. {fix}.")
+    if not real.exists() or _is_empty_folder(real):
+        return real
+    if not real.is_dir():
+        raise PackageError(f"--out '{out}' is a file, not a folder; it is left untouched. {fix}.")
+    if not overwrite:
+        raise PackageExistsError(
+            f"'{out}' exists already; it is left untouched. Pass another --out, or --overwrite to replace a folder "
+            "that python -m custom.package wrote."
+        )
+    marker = real / MARKER
+    if marker.is_symlink() or not marker.is_file():
+        raise PackageError(
+            f"'{out}' was not written by python -m custom.package (it has no {MARKER} file), so --overwrite leaves it "
+            f"untouched. {fix}, or remove that folder yourself if it is yours to remove."
+        )
+    return real
+
+
+def packaged_files(repository: str | Path = REPOSITORY) -> dict[str, Path]:
+    """What a packaged bundle holds, ``{relative path: source file}``: :data:`BUNDLE_FILES` of ``bundle/`` and the
+    ``.py`` files of ``custom/`` (no caches; no hidden files anywhere). A required file that is missing is a
+    :class:`PackageError`."""
+    repository = Path(repository)
+    bundle, files = repository / "bundle", {}
+    for pattern, required in BUNDLE_FILES:
+        found = sorted(p for p in bundle.glob(pattern) if p.is_file() and not p.name.startswith("."))
+        if required and not found:
+            raise PackageError(
+                f"The bundle file 'bundle/{pattern}' is missing, so the bundle cannot be packaged. Restore it "
+                f"(git checkout -- bundle/{pattern}) and package again."
+            )
+        files.update({p.relative_to(bundle).as_posix(): p for p in found})
+    code = repository / "custom"
+    for path in sorted(code.rglob("*.py")):
+        relative = path.relative_to(code)
+        if path.is_file() and not any(part.startswith((".", "__pycache__")) for part in relative.parts):
+            files[f"custom/{relative.as_posix()}"] = path
+    return files
+
+
+def _set_bundle_root(folder: Path) -> None:
+    """Set ``bundle_root`` to ``"."`` in every config of ``folder/configs`` that has one."""
+    for config in sorted((folder / "configs").glob("*.json")):
         content = json.loads(config.read_text())
         if "bundle_root" in content:
             content["bundle_root"] = "."
             config.write_text(json.dumps(content, indent=4) + "\n")
-    staging.rename(out)
-    return out
+
+
+def _write_folder(staging: Path, repository: Path) -> None:
+    """Copy :func:`packaged_files` into the new folder ``staging``, set ``bundle_root`` and write the marker."""
+    for relative, source in packaged_files(repository).items():
+        target = staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    _set_bundle_root(staging)
+    (staging / MARKER).write_text(MARKER_TEXT)
+
+
+def _move_into_place(staging: Path, real: Path) -> None:
+    """Put the finished ``staging`` folder at ``real``, replacing an empty folder or a checked packaged one."""
+    if not real.exists():
+        staging.rename(real)
+    elif _is_empty_folder(real):
+        real.rmdir()
+        staging.rename(real)
+    else:
+        old = real.with_name(f".{real.name}.{uuid.uuid4().hex[:12]}.old")
+        real.rename(old)
+        staging.rename(real)
+        shutil.rmtree(old)
+
+
+def package_bundle(out: str | Path, overwrite: bool = False, repository: str | Path | None = None) -> Path:
+    """Write the self-contained bundle into ``out``, a new folder; returns ``Path(out)``.
+
+    ``overwrite`` replaces a folder this function wrote before (:func:`check_output_folder`). The folder is written
+    whole under a temporary name beside ``out`` first, then moved into place.
+    """
+    repository = Path(REPOSITORY if repository is None else repository).resolve()
+    real = check_output_folder(out, overwrite, repository)
+    real.parent.mkdir(parents=True, exist_ok=True)
+    staging = real.with_name(f".{real.name}.{uuid.uuid4().hex[:12]}.tmp")
+    staging.mkdir()
+    try:
+        _write_folder(staging, repository)
+        _move_into_place(staging, real)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return Path(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m custom.package", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=f"dist/{BUNDLE_NAME}", help=f"output folder (default dist/{BUNDLE_NAME})")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an output folder that this command wrote before"
+    )
     parser.add_argument("--large_files", action="store_true", help=f"rewrite bundle/{LARGE_FILES_NAME} and stop")
     parser.add_argument("--url_base", default="", help=f"address of the uploaded large files ({LARGE_FILES_NAME})")
     args = parser.parse_args(argv)
@@ -99,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         path = package_bundle(args.out, overwrite=args.overwrite)
-    except FileExistsError as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"Wrote the bundle to {path}")

@@ -1,13 +1,17 @@
 """Training runs that keep what they have: their own run folder, a resumable full state, explicit publishing.
 
-- :func:`check_run_dir` (in ``initialize`` of ``train.json``): a run folder that already holds a run is only
-  reused with ``--resume true``; ``--resume true`` on a folder without a saved state is refused.
+- :func:`check_run_dir` (in ``initialize`` of ``train.json``, before any folder is created): a run folder must be
+  a folder of its own (not the filesystem root, the user's home, the checkout or a folder containing it, nor inside
+  the bundle or its ``custom`` code); a run folder that already holds a run is only reused with ``--resume true``;
+  ``--resume true`` on a folder without a saved state is refused.
 - :class:`ResumableTraining` (a trainer handler): saves the network, optimiser, scheduler, trainer counters and the
   best validation metric to ``<ckpt_dir>/training_state.pt`` every ``interval`` epochs, atomically (temporary file,
   fsync, rename), and restores them when resuming. Every epoch starts from seeds derived from ``(seed, epoch)``, so
   a resumed run repeats exactly the epochs an uninterrupted run would have had.
 - ``python -m custom.training publish --run_dir runs/training``: the one step that replaces the bundle's shipped
-  weights (``bundle/models/model.pt``) with a run's best model, logged, keeping the replaced file in the run folder.
+  weights (``bundle/models/model.pt``) with a run's best model, logged. Every replaced file is kept in the run
+  folder as ``models/replaced/model-<UTC time>-<sha256[:12]>.pt``, never over a kept one; publishing the weights
+  that are shipped already changes nothing.
 - ``python -m custom.training widen --weights bundle/models/model.pt --windows 2 3 --out widened.pt``: a weights file
   for a network with more HU windows or neighbouring slices (``--context_slices 0 2``) that starts with the outputs
   of the original one, for ``--initial_weights`` (:func:`custom.networks.weights.widen_input_channels`).
@@ -25,6 +29,7 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +38,23 @@ import torch.distributed as dist
 from monai.data.utils import set_rnd
 from monai.utils import min_version, optional_import, set_determinism
 
+from custom.clinical.errors import OutputExistsError
 from custom.clinical.writers import atomic_write
 from custom.errors import InputError
 from custom.user_inputs import as_bool
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
-__all__ = ["ResumableTraining", "RunFolderError", "check_run_dir", "publish_weights", "widen_weights", "STATE_FILE"]
+__all__ = [
+    "PublishError",
+    "ResumableTraining",
+    "RunFolderError",
+    "check_run_dir",
+    "keep_replaced",
+    "publish_weights",
+    "widen_weights",
+    "STATE_FILE",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +62,82 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "training_state.pt"
 #: File name of the best model (network weights only) inside the checkpoint folder.
 MODEL_FILE = "model.pt"
+#: Folder of the run's checkpoint folder where ``publish`` keeps every shipped model it replaced.
+REPLACED_FOLDER = "replaced"
+#: The folder that holds the ``custom`` package: the repository checkout, or a packaged bundle.
+CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
 class RunFolderError(InputError, ValueError):
     """A training run folder that cannot be used as asked (it holds a run already, or there is nothing to resume)."""
 
 
-def check_run_dir(ckpt_dir: str | os.PathLike, resume: Any = False) -> bool:
-    """Refuse to start a new run over a saved one, and to resume without a saved state. Returns ``resume``."""
+def _protected_folders(root: Path) -> list[Path]:
+    """The folders of ``root`` a run must never write into: the bundle and its code (``bundle/`` and ``custom/`` of
+    the repository, or the shipped folders of a packaged bundle)."""
+    if (root / "bundle").is_dir():
+        return [root / "bundle", root / "custom"]
+    return [root / name for name in ("configs", "models", "docs", "sample", "custom")]
+
+
+def _home() -> Path | None:
+    """The user's home folder, resolved (None where it cannot be determined)."""
+    try:
+        return Path.home().resolve()
+    except (RuntimeError, KeyError):
+        return None
+
+
+def unsafe_folder_reason(folder: str | os.PathLike, root: str | os.PathLike = CODE_ROOT) -> str | None:
+    """Why training must not create its folders in ``folder`` (symlinks resolved), or None where it may.
+
+    Refused: the filesystem root, the user's home, the checkout ``root`` or a folder that contains it, and any folder
+    inside the bundle or its code (:func:`_protected_folders`).
+    """
+    real, root = Path(folder).resolve(), Path(root).resolve()
+    if real == Path(real.anchor):
+        return "is the filesystem root"
+    if real == _home():
+        return "is your home folder"
+    if real == root:
+        return "is the repository checkout"
+    if root.is_relative_to(real):
+        return f"contains the repository checkout ('{root}')"
+    for protected in _protected_folders(root):
+        if real.is_relative_to(protected):
+            return f"is inside the bundle's own files ('{protected}')"
+    return None
+
+
+def _check_run_folders(folders: Mapping[str, str | os.PathLike | None]) -> None:
+    """Raise :class:`RunFolderError` for the first of ``{option: folder}`` that training must not write into."""
+    for option, folder in folders.items():
+        if folder is None:
+            continue
+        reason = unsafe_folder_reason(folder)
+        if reason is not None:
+            raise RunFolderError(
+                f"{option} '{folder}' {reason}, not a folder for a training run (it gets logs/ and models/); nothing "
+                "was created. Give the run a folder of its own: --run_dir runs/<name>."
+            )
+
+
+def check_run_dir(
+    ckpt_dir: str | os.PathLike,
+    resume: Any = False,
+    run_dir: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+) -> bool:
+    """Check the run's folders before anything is created; returns ``resume``.
+
+    Refuses (:class:`RunFolderError`) a run folder (``run_dir``, else the parent of ``ckpt_dir``), checkpoint
+    folder or log folder (``output_dir``) that is not a folder of the run's own (:func:`unsafe_folder_reason`), a new
+    run over a saved one, and ``resume`` without a saved state.
+    """
     resume = as_bool(resume, "resume")
     folder = Path(ckpt_dir)
+    run_folder = Path(run_dir) if run_dir is not None else folder.parent
+    _check_run_folders({"--run_dir": run_folder, "--ckpt_dir": folder, "--output_dir": output_dir})
     saved = [p for p in (folder / STATE_FILE, folder / MODEL_FILE) if p.is_file()]
     if resume and not (folder / STATE_FILE).is_file():
         raise RunFolderError(
@@ -167,22 +248,92 @@ class ResumableTraining:
         atomic_write(self.path, lambda tmp: torch.save(state, tmp), overwrite=True)
 
 
+class PublishError(InputError, ValueError):
+    """A run whose model cannot be published, or a bundle folder that is not one."""
+
+
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """sha256 of the file at ``path`` (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _utc_stamp() -> str:
+    """The current UTC time for file names, e.g. ``20250131T235959Z``."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _run_model(run_dir: str | os.PathLike) -> Path:
+    """The best model of the run in ``run_dir`` (``models/model.pt``), checked to hold network weights."""
+    from custom.networks.weights import CheckpointError, check_checkpoint
+
+    source = Path(run_dir) / "models" / MODEL_FILE
+    if not source.is_file():
+        raise PublishError(
+            f"The run folder '{run_dir}' has no best model: '{source}' does not exist (training writes it at its "
+            "first validation). Pass the folder of a run that has validated at least once: --run_dir runs/<name>."
+        )
+    try:
+        check_checkpoint(source)
+    except CheckpointError as err:
+        raise PublishError(
+            f"'{source}' holds no network weights (a PyTorch state dict of tensors), so it cannot be published. "
+            "Pass the folder of a run of this bundle's training: --run_dir runs/<name>."
+        ) from err
+    return source
+
+
+def keep_replaced(model: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
+    """Keep a copy of ``model`` as ``<run_dir>/models/replaced/model-<UTC time>-<sha12>.pt``; returns its path.
+
+    A kept copy is never overwritten (exclusive create); a file of the same sha256 kept already is reused.
+    """
+    model = Path(model)
+    digest = _sha256(model)
+    folder = Path(run_dir) / "models" / REPLACED_FOLDER
+    for kept in sorted(folder.glob(f"model-*-{digest[:12]}*.pt")):
+        if kept.is_file() and _sha256(kept) == digest:
+            return kept
+    stamp = _utc_stamp()
+    for attempt in range(1, 100):
+        suffix = "" if attempt == 1 else f"-{attempt}"
+        kept = folder / f"model-{stamp}-{digest[:12]}{suffix}.pt"
+        try:
+            return atomic_write(kept, lambda tmp: shutil.copyfile(model, tmp), overwrite=False, protected=[model])
+        except OutputExistsError:
+            continue
+    raise PublishError(f"Could not find a free file name in '{folder}' to keep '{model}'. Publish again.")
+
+
+def _check_bundle_dir(bundle_dir: Path) -> None:
+    """Refuse a ``--bundle_dir`` that is not a bundle folder (no ``configs/metadata.json``)."""
+    if not (bundle_dir / "configs" / "metadata.json").is_file():
+        raise PublishError(
+            f"'{bundle_dir}' is not a bundle folder (it has no configs/metadata.json). Pass the bundle with "
+            "--bundle_dir bundle (the default)."
+        )
 
 
 def publish_weights(run_dir: str | os.PathLike, bundle_dir: str | os.PathLike = "bundle") -> Path:
-    """Replace ``<bundle_dir>/models/model.pt`` by the best model of a run; keep the replaced file in the run folder."""
-    from custom.networks.weights import check_checkpoint
+    """Replace ``<bundle_dir>/models/model.pt`` by the best model of a run; returns the bundle's model path.
 
-    source = Path(run_dir) / "models" / MODEL_FILE
-    check_checkpoint(source)
+    The replaced file is kept first (:func:`keep_replaced`); weights identical to the shipped ones change nothing.
+    """
+    source = _run_model(run_dir)
+    _check_bundle_dir(Path(bundle_dir))
     target = Path(bundle_dir) / "models" / MODEL_FILE
+    new = _sha256(source)
     if target.is_file():
-        kept = Path(run_dir) / "models" / "replaced_model.pt"
-        shutil.copy2(target, kept)
-        logger.warning(f"Replacing {target} (sha256 {_sha256(target)[:12]}); the previous file is kept as {kept}.")
-    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp), overwrite=True)
+        old = _sha256(target)
+        if old == new:
+            logger.warning(f"{target} is already the model of {source} (sha256 {new[:12]}); nothing was changed.")
+            return target
+        kept = keep_replaced(target, run_dir)
+        logger.warning(f"Replacing {target} (sha256 {old[:12]}); the replaced file is kept as {kept}.")
+    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp), overwrite=True, protected=[source])
     logger.warning(f"Published {source} as {target} (sha256 {_sha256(target)[:12]}).")
     return target
 
@@ -209,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m custom.training", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     publish = commands.add_parser("publish", help="replace the bundle's shipped weights by a run's best model")
-    publish.add_argument("--run_dir", required=True, help="the training run folder (holds models/model.pt)")
+    publish.add_argument(
+        "--run_dir", required=True, help="the training run folder (holds models/model.pt; keeps models/replaced/)"
+    )
     publish.add_argument("--bundle_dir", default="bundle", help="the bundle folder (default: bundle)")
     widen = commands.add_parser("widen", help="a weights file for more HU windows or neighbouring slices")
     widen.add_argument("--weights", default="bundle/models/model.pt", help="the weights to widen")
