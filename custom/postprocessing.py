@@ -16,6 +16,7 @@ from monai.utils.type_conversion import dtype_torch_to_numpy
 from scipy import ndimage
 
 from custom.clinical.geometry import bounding_box, grow_box
+from custom.scope import liver_scope
 
 __all__ = [
     "select_referred_components",
@@ -381,18 +382,34 @@ def largest_component(mask: np.ndarray) -> np.ndarray | None:
     return largest
 
 
+#: The scope answer when the network finds no liver at all.
+NO_LIVER_SCOPE = {"in_scope": False, "reason": "no liver in view: the network finds no liver tissue in this image"}
+
+
 def liver_region(
-    liver_probability: np.ndarray, spacing: tuple[float, ...], threshold: float = 0.5, margin_mm: float = 5.0
+    liver_probability: np.ndarray,
+    spacing: tuple[float, ...],
+    threshold: float = 0.5,
+    margin_mm: float = 5.0,
+    hounsfield: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """The largest 3D component of ``liver_probability >= threshold``, grown by ``margin_mm``.
 
     ``liver_probability`` (X, Y, Z) with voxel ``spacing`` in mm -> (bool (X, Y, Z) region, all False when no liver
-    is found, and a JSON-ready description: ``liver_found``, ``liver_volume_ml``, ``box_voxels`` of the liver).
+    is found, and a JSON-ready description: ``liver_found``, ``liver_volume_ml``, ``box_voxels`` of the liver). With
+    ``hounsfield`` (X, Y, Z, RAS grid) the liver found is also checked against the anatomy around it
+    (:func:`custom.scope.liver_scope`, under ``scope``); out of scope, the region is empty.
     """
     liver = liver_probability >= threshold
     largest = largest_component(liver)
     if largest is None:
-        return np.zeros_like(liver), {"liver_found": False}
+        return np.zeros_like(liver), {
+            "liver_found": False,
+            **({"scope": NO_LIVER_SCOPE} if hounsfield is not None else {}),
+        }
+    scope = None if hounsfield is None else liver_scope(largest, hounsfield, spacing)
+    if scope is not None and not scope["in_scope"]:
+        return np.zeros_like(liver), {"liver_found": False, "scope": scope}
     extent = bounding_box(largest)
     # the distance transform only needs the liver's box grown by the margin
     grown = grow_box(extent, [int(np.ceil(margin_mm / s)) for s in spacing], liver.shape)
@@ -402,6 +419,7 @@ def liver_region(
         "liver_found": True,
         "liver_volume_ml": float(largest.sum() * np.prod(spacing) / 1000.0),
         "box_voxels": [[e.start, e.stop] for e in extent],
+        **({"scope": scope} if scope is not None else {}),
     }
     return region, description
 
@@ -411,7 +429,9 @@ class LiverRegiond(MapTransform):
 
     ``liver_key`` (1, X, Y, Z) liver probabilities (a MetaTensor: its affine gives the voxel spacing) -> ``keys``
     (1, X, Y, Z) zeroed outside the largest liver component grown by ``margin_mm`` (lesions lie inside the liver;
-    the margin forgives an imprecise liver border); everything zeroed when no liver is found. The region's
+    the margin forgives an imprecise liver border); everything zeroed when no liver is found, or, given the HU image
+    under ``image_key`` (same grid), when the liver found is not plausibly a liver in view (:func:`liver_scope`). The
+    region's
     description (:func:`liver_region`) is stored under ``region_key`` for the record and the (X, Y, Z) boolean region
     under ``mask_key``. Data that hold ``mask_key`` already (the region of the same volume, computed for an earlier
     expression) reuse it and its description. Without a liver output (a 1-channel network) the data pass unchanged.
@@ -425,10 +445,11 @@ class LiverRegiond(MapTransform):
         margin_mm: float = 5.0,
         region_key: str = "liver_region",
         mask_key: str = "liver_region_mask",
+        image_key: str | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.liver_key, self.threshold, self.margin_mm, self.region_key = liver_key, threshold, margin_mm, region_key
-        self.mask_key = mask_key
+        self.mask_key, self.image_key = mask_key, image_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -439,7 +460,10 @@ class LiverRegiond(MapTransform):
             affine = np.asarray(liver.affine) if hasattr(liver, "affine") else np.eye(4)
             spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(0)))
             array = liver.detach().cpu().numpy() if isinstance(liver, torch.Tensor) else np.asarray(liver)
-            region, d[self.region_key] = liver_region(array[0], spacing, self.threshold, self.margin_mm)
+            image = d.get(self.image_key) if self.image_key is not None else None
+            if image is not None:
+                image = (image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image))[0]
+            region, d[self.region_key] = liver_region(array[0], spacing, self.threshold, self.margin_mm, image)
             d[self.mask_key] = torch.as_tensor(region)
         region = torch.as_tensor(d[self.mask_key])
         for key in self.key_iterator(d):

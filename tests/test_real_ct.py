@@ -21,18 +21,9 @@ from skimage.draw import polygon2mask
 
 from tests.test_bundle import SHIPPED, cli
 
-#: Hand-drawn outline of the liver on the slice, (column, row) pixel corners.
-LIVER_OUTLINE = [
-    (122, 178),
-    (175, 178),
-    (190, 235),
-    (215, 250),
-    (212, 300),
-    (190, 330),
-    (150, 335),
-    (115, 310),
-    (105, 260),
-]
+#: Hand-drawn outline of the liver on the slice, (column, row) pixel corners (a margin around the liver).
+LIVER_OUTLINE = [tuple(v) for v in json.loads((Path(__file__).resolve().parents[1] / "data" / "realct" /
+                 "explicit_VR-UN_liver_outline.json").read_text())["coarse"]]  # fmt: skip
 TOLERANCE_MM = 6.0
 
 

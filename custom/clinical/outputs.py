@@ -267,9 +267,11 @@ class ReferringOutputWriter:
                 "written as NIfTI in the series' own grid instead."
             )
         if region is not None and not region.get("liver_found", True):
+            reason = region.get("scope", {}).get("reason")
             notes.append(
-                "No liver found in this image, so no lesion is answered: lesions are looked for inside the liver "
-                "only. Check that the image is an abdominal CT that shows the liver."
+                (f"Out of scope, {reason}" if reason else "No liver found in this image")
+                + ", so no lesion is answered: this model answers about liver lesions only. Check that the image is "
+                "an abdominal CT that shows the liver."
             )
         record = build_record(
             expression,

@@ -7,6 +7,7 @@ input file (``ProtectedInputError``).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import textwrap
@@ -177,11 +178,18 @@ def write_nifti_mask(mask, reference, out_path: PathLike, mask_affine=None, over
 
 
 def _source_headers(source: Sequence) -> list[pydicom.Dataset]:
-    """pydicom datasets of the source images (paths are read without pixel data)."""
-    return [
-        item if isinstance(item, pydicom.Dataset) else pydicom.dcmread(str(item), stop_before_pixels=True)
-        for item in source
-    ]
+    """pydicom datasets of the source images (paths are read without pixel data).
+
+    An empty SpecificCharacterSet (present but without a value, as some scanners write it) means the default
+    repertoire; it is dropped from a copy of the header, since highdicom refuses '' as a character set."""
+    headers = []
+    for item in source:
+        header = item if isinstance(item, pydicom.Dataset) else pydicom.dcmread(str(item), stop_before_pixels=True)
+        if "SpecificCharacterSet" in header and not header.SpecificCharacterSet:
+            header = copy.copy(header)
+            del header.SpecificCharacterSet
+        headers.append(header)
+    return headers
 
 
 def _lo(text: str) -> str:
