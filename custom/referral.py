@@ -21,6 +21,7 @@ from monai.utils import convert_to_dst_type
 
 from custom.candidates import FEATURE_NAMES, candidate_evidence, candidate_feature_table, lesion_candidates
 from custom.clinical.measurements import voxel_volume_ml
+from custom.confidence import ConfidenceCalibration
 from custom.errors import InputError
 from custom.networks.scorer import CandidateScorer
 
@@ -156,8 +157,11 @@ class CandidateReferrald(MapTransform):
     these probabilities over it, its detection probability) with the expression's words from ``text_encoder``
     (tokens under ``input_ids_key`` / ``attention_mask_key``; ``input_ids_key=None`` withholds them). Stored:
     ``decision_key`` (``found``, ``confidence``, ``features`` with ``none_probability``, ``max_probability`` and
-    ``volume_ml`` of the answer, ``rule``) and ``referral_key`` (``none_probability`` and every candidate with its
-    ``score``, ``chosen`` flag and attributes).
+    ``volume_ml`` of the answer, the mean text-conditioned probability over the chosen voxels ``evidence_mean``, the
+    chosen candidates' mean score ``chosen_score``, the best score ``top_score``, ``rule``) and ``referral_key``
+    (``none_probability`` and every candidate with its ``score``, ``chosen`` flag and attributes). ``confidence`` is
+    the probability that the answer is right (:class:`custom.confidence.ConfidenceCalibration` of ``calibration``,
+    a dict of its arguments; None: the raw score, 1 minus the none probability for a found answer).
     """
 
     def __init__(
@@ -173,8 +177,10 @@ class CandidateReferrald(MapTransform):
         none_threshold: float = 0.5,
         select_threshold: float = 0.5,
         evidence_threshold: float = 0.5,
+        calibration: Mapping | None = None,
     ) -> None:
         super().__init__(keys)
+        self.calibration = ConfidenceCalibration(**dict(calibration or {}))
         self.scorer = scorer.eval() if scorer is not None else None  # None: a config that answers by the rule
         self.text_encoder = text_encoder
         self.candidates_key, self.input_ids_key, self.attention_mask_key = (
@@ -229,14 +235,19 @@ class CandidateReferrald(MapTransform):
             chosen = choose_candidates(scores, none_probability, self.none_threshold, self.select_threshold)
             chosen_mask = np.isin(candidate_map, chosen + 1)
             found = bool(chosen.size)
+            features = {
+                "none_probability": none_probability,
+                "max_probability": float(probability[chosen_mask].max()) if found else 0.0,
+                "volume_ml": float(chosen_mask.sum() * voxel_volume_ml(_affine(probabilities))),
+                "evidence_mean": float(probability[chosen_mask].mean()) if found else 0.0,
+                "chosen_score": float(np.mean(scores[chosen])) if found else 0.0,
+                "top_score": float(np.max(scores, initial=0.0)),
+            }
+            confidence = self.calibration(found, features)
             d[self.decision_key] = {
                 "found": found,
-                "confidence": float(1.0 - none_probability if found else none_probability),
-                "features": {
-                    "none_probability": none_probability,
-                    "max_probability": float(probability[chosen_mask].max()) if found else 0.0,
-                    "volume_ml": float(chosen_mask.sum() * voxel_volume_ml(_affine(probabilities))),
-                },
+                "confidence": confidence,
+                "features": {**features, "confidence": confidence},
                 "rule": {"none_threshold": self.none_threshold, "select_threshold": self.select_threshold},
             }
             d[self.referral_key] = {
