@@ -10,21 +10,30 @@ Start it from anywhere (see README.md beside this file)::
 - ``bundle_path``: the bundle folder; default: the ``bundle/`` folder of this repository. The bundle is used from
   disk as it is: nothing is downloaded from the model zoo.
 - ``config_file``: the inference config in ``<bundle_path>/configs``; default ``inference.json``.
+- ``allow_remote``: ``true`` to listen on an address other machines can reach (with ``--host``); default ``false``:
+  the server listens on 127.0.0.1 and refuses other addresses (``lib/network.py``).
+- ``datastore_writes``: ``true`` to let clients add, change and delete studies and labels; default ``false``
+  (``lib/datastore.py``).
+- ``logs``: ``true`` to serve the server log at ``GET /logs/``; default ``false``.
+
+Every request passes the app's guard first (``lib/guard.py``): endpoints the app does not offer are 404/405 with a
+detail, and inference requests whose options would be lost are 4xx.
 """
 
-import json
 import logging
 import os
-from typing import Dict, Optional
-from urllib.parse import parse_qs
+from typing import Dict
 
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
-from starlette.requests import Request
-from starlette.responses import JSONResponse
 
+from lib.datastore import WRITES_OFF, GuardedDatastore, check_name
+from lib.guard import guard_requests
 from lib.infer import LSMSReferringInfer
+from lib.network import check_bind_address
+from lib.options import AppOptions
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +44,12 @@ MODEL_NAME = "lsms"
 
 
 class MyApp(MONAILabelApp):
+    """The LSMS model on a studies folder, read-only and for this machine only unless the ``--conf`` options open it."""
+
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
         conf = dict(conf or {})
+        self.options = AppOptions.from_conf(conf)
+        check_bind_address(self.options.allow_remote)  # before anything slow: uvicorn has not opened its socket yet
         self.bundle_path = os.path.realpath(os.path.expanduser(conf.get("bundle_path", DEFAULT_BUNDLE_PATH)))
         self.config_file = conf.get("config_file", "inference.json")
 
@@ -46,7 +59,7 @@ class MyApp(MONAILabelApp):
             raise ValueError(f"Unknown model(s) {unknown}; this app serves only '{MODEL_NAME}' (--conf models lsms).")
         if not os.path.isdir(self.bundle_path):
             raise FileNotFoundError(f"Bundle folder not found: {self.bundle_path} (set it with --conf bundle_path).")
-        guard_infer_requests()
+        guard_requests(self.options)
 
         super().__init__(
             app_dir=app_dir,
@@ -56,6 +69,10 @@ class MyApp(MONAILabelApp):
             description="Type a sentence; get the 3D mask and the measurements of the lesion(s) it refers to.",
             version="1.0",
         )
+
+    def init_datastore(self) -> Datastore:
+        """MONAI Label's datastore of ``--studies``, its writes refused unless ``--conf datastore_writes true``."""
+        return GuardedDatastore(super().init_datastore(), writes=self.options.datastore_writes)
 
     def init_infers(self) -> Dict[str, InferTask]:
         task = LSMSReferringInfer(self.bundle_path, config_file=self.config_file, conf=self.conf)
@@ -80,93 +97,28 @@ class MyApp(MONAILabelApp):
                 detail=f"Image '{image_id}' is not in this server's studies datastore; pass the id of a study "
                 "listed by GET /datastore/ (server paths and uploaded files are not read).",
             )
+        self._check_save_label(request)
         request["image_id"] = image_id  # MONAI Label replaces "image" by the file path
         return super().infer(request, store)
 
+    def _check_save_label(self, request) -> None:
+        """Refuse, before inference, an answer to be saved as a label (``save_label``) that would be refused after.
 
-#: Largest request body read by :class:`InferRequestCheck` (a prompt and options; images come from the datastore).
-MAX_INFER_BODY = 1 << 20
-
-
-def _infer_request_problem(query: Dict[str, list], form) -> Optional[str]:
-    """What is wrong with an infer request's image id and ``params``, or None."""
-    if not (query.get("image") or query.get("session_id")):
-        return "Pass the image id of a study: POST /infer/<model>?image=<id> (see GET /datastore/)."
-    params = form.get("params")
-    if params is None or params == "":
-        return None
-    if not isinstance(params, str):
-        return "'params' must be a form field holding a JSON object, not a file."
-    try:
-        value = json.loads(params)
-    except json.JSONDecodeError as err:
-        value, detail = None, f" ({err})"
-    else:
-        detail = ""
-    if not isinstance(value, dict):
-        return f'\'params\' must be a JSON object such as {{"prompt": "the largest lesion"}}{detail}.'
-    return None
-
-
-class InferRequestCheck:
-    """ASGI wrapper around the server: answers 422 for ``POST /infer/...`` requests MONAI Label would fail on with
-    a 500 (``params`` that are not a JSON object, no image id), before MONAI Label reads them.
-
-    The body (at most :data:`MAX_INFER_BODY` bytes) is read once, checked, and replayed to the server unchanged.
-    """
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if (
-            scope.get("type") != "http"
-            or scope.get("method") != "POST"
-            or not scope.get("path", "").startswith("/infer/")
-        ):
-            await self.app(scope, receive, send)
+        MONAI Label saves the mask in the studies folder under ``label_tag`` when ``save_label`` is true (any value
+        Python counts as true, the string "false" included): a datastore write.
+        """
+        if not request.get("save_label"):
             return
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > MAX_INFER_BODY:
-                detail = "The request is too large: send the prompt in 'params' and the image as a datastore id."
-                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
-                return
-        replayed = False
+        if not self.options.datastore_writes:
+            raise HTTPException(status_code=403, detail=f"'save_label' saves the answer as a label. {WRITES_OFF}")
+        check_name(request.get("label_tag", "original"), "label tag")
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        try:
-            form = await Request(scope, replay).form()
-        except Exception as err:  # a body that is not a form
-            problem = f"The request body is not a form ({type(err).__name__}); send 'params' as a form field."
-        else:
-            problem = _infer_request_problem(query, form)
-        if problem is not None:
-            await JSONResponse({"detail": problem}, status_code=422)(scope, receive, send)
-            return
-        replayed = False
-        await self.app(scope, replay, send)
-
-
-def guard_infer_requests() -> None:
-    """Put :class:`InferRequestCheck` in front of the running server (once)."""
-    try:
-        from monailabel.app import app as server
-    except ImportError:  # pragma: no cover - the app is used without MONAI Label's server
-        return
-    if server.middleware_stack is None:
-        server.middleware_stack = server.build_middleware_stack()
-    if not isinstance(server.middleware_stack, InferRequestCheck):
-        server.middleware_stack = InferRequestCheck(server.middleware_stack)
+    def next_sample(self, request):
+        """The next study of an active-learning strategy the app offers; 404 with a detail for another one."""
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            offered = ", ".join(sorted(self._strategies)) or "none"
+            raise HTTPException(
+                status_code=404, detail=f"Unknown active-learning strategy '{strategy}'. This server offers: {offered}."
+            )
+        return super().next_sample(request)

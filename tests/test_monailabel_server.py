@@ -111,9 +111,16 @@ def _record_beside(mask_path: Path) -> dict:
 
 
 class Server:
-    """``monailabel start_server`` as a child process, with its log in a file."""
+    """``monailabel start_server`` as a child process, with its log in a file.
 
-    def __init__(self, studies: Path, work: Path):
+    Args:
+        studies: the studies folder.
+        work: a folder for the log and MONAI Label's sessions.
+        host: ``--host``; None: not given (the app's default address).
+        conf: more ``--conf`` options (``models lsms`` is always given).
+    """
+
+    def __init__(self, studies: Path, work: Path, host: str | None = "127.0.0.1", conf: dict | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = work / "server.log"
@@ -125,9 +132,12 @@ class Server:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         command = _monailabel_command() + [
-            "start_server", "--app", str(APP_DIR), "--studies", str(studies),
-            "--host", "127.0.0.1", "--port", str(self.port), "--conf", "models", MODEL,
+            "start_server", "--app", str(APP_DIR), "--studies", str(studies), "--port", str(self.port),
+            "--conf", "models", MODEL,
         ]  # fmt: skip
+        command += ["--host", host] if host is not None else []
+        for key, value in (conf or {}).items():
+            command += ["--conf", key, str(value)]
         self._log = open(self.log_path, "wb")
         # cwd outside the repository: the app must find the bundle and the custom package by itself
         self.process = subprocess.Popen(command, cwd=work, env=env, stdout=self._log, stderr=subprocess.STDOUT)

@@ -293,6 +293,10 @@ RECORD_CONVENTIONS = {
     "centroid_ras_mm": "RAS world coordinates (+x patient's right, +y anterior, +z superior)",
     "centroid_lps_mm": "LPS = DICOM patient coordinates (+x patient's left, +y posterior, +z superior)",
     "hu": "Hounsfield units of the input image",
+    "confidence": "probability that this answer is right (found: the mask matches the referred lesions with 3D Dice "
+    ">= 0.5; not present: no lesion is referred), calibrated on the validation split of the synthetic data "
+    "(referral#confidence_calibration); a raw score when that is null or with --referral#method rule. It does not "
+    "know how far a real scan is from the synthetic training data",
 }
 
 

@@ -1,0 +1,44 @@
+"""The app's yes/no ``--conf`` options that open what is closed by default (see README.md, "What is refused")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+_YES = {"true", "yes", "1", "on"}
+_NO = {"false", "no", "0", "off"}
+
+
+def conf_flag(conf: Mapping[str, str], key: str) -> bool:
+    """The yes/no ``--conf key value`` option ``key`` (false when absent); a value that is neither is refused."""
+    value = str(conf.get(key, "false")).strip().lower()
+    if value in _YES:
+        return True
+    if value in _NO:
+        return False
+    raise ValueError(f"--conf {key} {conf.get(key)!r} is not a yes/no value. Pass --conf {key} true or false.")
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    """What the server opens beyond reading studies and answering prompts (all off by default).
+
+    Attributes:
+        allow_remote: listen on an address other machines can reach (``--host 0.0.0.0``), and answer their requests.
+        datastore_writes: let clients add, change and delete studies, labels and their info in the studies folder.
+        logs: serve the server log at ``GET /logs/``.
+    """
+
+    allow_remote: bool = False
+    datastore_writes: bool = False
+    logs: bool = False
+
+    @classmethod
+    def from_conf(cls, conf: Optional[Mapping[str, str]]) -> "AppOptions":
+        """Read ``allow_remote``, ``datastore_writes`` and ``logs`` from the ``--conf`` options."""
+        conf = conf or {}
+        return cls(
+            allow_remote=conf_flag(conf, "allow_remote"),
+            datastore_writes=conf_flag(conf, "datastore_writes"),
+            logs=conf_flag(conf, "logs"),
+        )
