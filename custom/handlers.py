@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -134,13 +135,25 @@ class ReferringResultsWriter:
         csv_path = self.output_dir / f"{self.prefix}_expressions.csv"
         atomic_write(csv_path, lambda tmp: write_csv(tmp, rows), overwrite=True)
         summary_path = self.output_dir / f"{self.prefix}_summary.json"
-        atomic_write(summary_path, lambda tmp: tmp.write_text(json.dumps(summary, indent=4) + "\n"), overwrite=True)
+        text = json.dumps(finite_or_null(summary), indent=4, allow_nan=False) + "\n"
+        atomic_write(summary_path, lambda tmp: tmp.write_text(text), overwrite=True)
         overall = summary["overall"]
         self.logger.info(
             f"{len(scores)} expressions: 3D Dice {overall['dice_3d']:.4f}, negatives empty "
             f"{overall['negatives_empty_rate']:.3f}, positive hit rate {overall['positive_hit_rate']:.3f}; "
             f"written to {csv_path} and {summary_path}"
         )
+
+
+def finite_or_null(value):
+    """``value`` with every NaN or infinite float (nested in dicts and lists) replaced by None: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -50,6 +50,7 @@ __all__ = [
     "ResumableTraining",
     "RunFolderError",
     "check_run_dir",
+    "check_schedule",
     "keep_replaced",
     "publish_weights",
     "widen_weights",
@@ -150,6 +151,18 @@ def check_run_dir(
             "--resume true, or start a new run with --run_dir runs/<new name>."
         )
     return resume
+
+
+def check_schedule(epochs: int, val_interval: int) -> bool:
+    """Warn when no validation would run (``epochs < val_interval``): no best model would be saved and ``publish``
+    would have nothing to publish. Returns whether a validation runs."""
+    validates = int(epochs) >= int(val_interval)
+    if not validates:
+        logger.warning(
+            f"--epochs {epochs} is below --val_interval {val_interval}: no validation runs, so no best model "
+            f"(models/{MODEL_FILE}) is saved. Pass --val_interval {epochs} or more --epochs."
+        )
+    return validates
 
 
 def _is_main_process() -> bool:

@@ -243,3 +243,20 @@ def test_a_case_folder_that_is_a_link_is_refused(tmp_path):
     with pytest.raises(ProtectedInputError, match="symbolic link"):
         check_case_folder(tmp_path / "out" / "case")
     check_case_folder(tmp_path / "out" / "new_case")  # a folder still to be made is fine
+
+
+def test_every_record_names_the_bundle_version_and_the_weights_it_came_from(tmp_path):
+    import hashlib
+
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"weights")
+    nib.save(nib.Nifti1Image(case_volume(), AFFINE_LPS), tmp_path / "case_009.nii.gz")
+    image = load_ct_ras(tmp_path / "case_009.nii.gz")
+    provenance = {"version": "9.9.9", "weights": str(weights), "referral_scorer": str(tmp_path / "missing.pt")}
+    writer = ReferringOutputWriter(tmp_path / "out", rule={"min_max_probability": 0.6}, provenance=provenance)
+    record = writer(image, probabilities_like(image, 0.9), "the largest lesion")["record"]
+    assert record["bundle"] == {
+        "version": "9.9.9",
+        "weights": {"file": "model.pt", "sha256": hashlib.sha256(b"weights").hexdigest()},
+        "referral_scorer": {"file": "missing.pt", "sha256": None},
+    }

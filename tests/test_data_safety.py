@@ -253,3 +253,24 @@ def test_publishing_into_a_folder_that_is_not_a_bundle_is_refused(tmp_path, caps
     assert publish(run, tmp_path / "nowhere") == 1
     assert "--bundle_dir bundle" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_schedule_without_validation_is_warned_about(caplog):
+    from custom.training import check_schedule
+
+    with caplog.at_level("WARNING", logger="custom.training"):
+        assert not check_schedule(2, 28)
+    assert "no validation runs" in caplog.text and "--val_interval 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="custom.training"):
+        assert check_schedule(56, 28)
+    assert not caplog.text
+
+
+def test_summaries_write_null_never_nan(tmp_path):
+    import json
+
+    from custom.handlers import finite_or_null
+
+    text = json.dumps(finite_or_null({"rate": float("nan"), "by_kind": {"x": [1.5, float("inf")]}}), allow_nan=False)
+    assert json.loads(text) == {"rate": None, "by_kind": {"x": [1.5, None]}}

@@ -62,6 +62,26 @@ STAGING_PATTERN = re.compile(r"^\.lsms-(?:(\d+)-)?[0-9a-f]{12}\.tmp$")
 STALE_STAGING_S = 3600.0
 
 
+def file_provenance(provenance: Mapping) -> dict:
+    """``provenance`` with each file path under ``weights`` and ``referral_scorer`` replaced by ``{"file": name,
+    "sha256": digest}`` (a missing file keeps its name and a null digest); other entries as given."""
+    described = {}
+    for key, value in provenance.items():
+        if key in ("weights", "referral_scorer") and value:
+            path = Path(str(value))
+            digest = None
+            if path.is_file():
+                digest = hashlib.sha256()
+                with open(path, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+                digest = digest.hexdigest()
+            described[key] = {"file": path.name, "sha256": digest}
+        else:
+            described[key] = value
+    return described
+
+
 def check_case_folder(folder: Path) -> None:
     """Refuse a case folder that is a symbolic link (outputs would land wherever it points) or not a folder."""
     if folder.is_symlink():
@@ -137,6 +157,8 @@ class ReferringOutputWriter:
         montage: also write a montage of the referred slices.
         window: CT display window (centre, width) in HU for the PNGs.
         algorithm_version: model version written into the DICOM-SEG algorithm identification.
+        provenance: what produced the answers, kept in every record as ``bundle``: ``version`` as given, and, for
+            the files named under ``weights`` and ``referral_scorer``, their sha256 (:func:`file_provenance`).
     """
 
     def __init__(
@@ -147,7 +169,9 @@ class ReferringOutputWriter:
         montage: bool = False,
         window: tuple[float, float] = DEFAULT_WINDOW,
         algorithm_version: str = "1.0",
+        provenance: Mapping | None = None,
     ):
+        self.provenance = file_provenance(provenance) if provenance else None
         self.output_dir = Path(output_dir)
         self.rule = rule if isinstance(rule, NotPresentRule) else NotPresentRule(**dict(rule or {}))
         self.overwrite = as_bool(overwrite, "overwrite")
@@ -289,6 +313,7 @@ class ReferringOutputWriter:
                 **({"liver_region": dict(region)} if region is not None else {}),
                 **({"referral": dict(referral)} if referral is not None else {}),
                 **({"notes": notes} if notes else {}),
+                **({"bundle": self.provenance} if self.provenance else {}),
             },
         )
         write_json_record(record, staged["record"])
@@ -368,9 +393,10 @@ class SaveReferringOutputsd(MapTransform):
         overwrite: bool = False,
         montage: bool = False,
         window: tuple[float, float] = DEFAULT_WINDOW,
+        provenance: Mapping | None = None,
     ):
         super().__init__(keys=[image_key, prob_key])
-        self.writer = ReferringOutputWriter(output_dir, rule, overwrite, montage, window)
+        self.writer = ReferringOutputWriter(output_dir, rule, overwrite, montage, window, provenance=provenance)
         self.image_key, self.prob_key, self.expression_key = image_key, prob_key, expression_key
         self.mask_key, self.case_id_key, self.record_key = mask_key, case_id_key, record_key
         self.region_key, self.decision_key, self.referral_key = region_key, decision_key, referral_key
