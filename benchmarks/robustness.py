@@ -439,6 +439,11 @@ def compare(reference: dict, results: dict) -> dict:
 # ---------------------------------------------------------------- report
 
 
+def signed(value: float, digits: int) -> str:
+    """``value`` with its sign and ``digits`` decimals, never ``-0.000``."""
+    return f"{round(value, digits) + 0.0:+.{digits}f}"
+
+
 def table(summary: dict) -> str:
     """The markdown tables of a run (see the module docstring)."""
     lines = [
@@ -450,15 +455,17 @@ def table(summary: dict) -> str:
         density = row["by_kind"].get("density", {"dice_3d": float("nan"), "drop": float("nan")})
         volume = row["liver_volume_change"]
         lines.append(
-            f"| {name} | {row['dice_3d']:.4f} | {row['drop']:+.4f} | {density['dice_3d']:.4f} | "
-            f"{density['drop']:+.4f} | {volume['mean_abs_pct']:.2f} | {volume['max_abs_pct']:.2f} | "
+            f"| {name} | {row['dice_3d']:.4f} | {signed(row['drop'], 4)} | {density['dice_3d']:.4f} | "
+            f"{signed(density['drop'], 4)} | {volume['mean_abs_pct']:.2f} | {volume['max_abs_pct']:.2f} | "
             f"{row['liver_dice']:.4f} | {row['seconds_evaluation']:.0f} | {row.get('seconds_perturbing', 0.0):.0f} |"
         )
     kinds = sorted({kind for row in summary["perturbations"].values() for kind in row["by_kind"]})
     lines += ["", "| perturbation | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for name, row in summary["perturbations"].items():
         cells = [
-            f"{row['by_kind'][k]['dice_3d']:.3f} ({row['by_kind'][k]['drop']:+.3f})" if k in row["by_kind"] else "-"
+            f"{row['by_kind'][k]['dice_3d']:.3f} ({signed(row['by_kind'][k]['drop'], 3)})"
+            if k in row["by_kind"]
+            else "-"
             for k in kinds
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
