@@ -24,6 +24,8 @@ from custom.clinical.measurements import voxel_volume_ml
 from custom.confidence import ConfidenceCalibration
 from custom.errors import InputError
 from custom.networks.scorer import CandidateScorer
+from custom.query import ReadQuery, read_query
+from custom.query_answer import answer_query
 
 __all__ = [
     "bounding_box",
@@ -31,6 +33,9 @@ __all__ = [
     "LesionCandidatesd",
     "CandidateReferrald",
     "choose_candidates",
+    "credible_candidates",
+    "candidate_support",
+    "LESION_SETTINGS",
     "load_scorer",
     "text_encoder_of",
     "ScorerFileError",
@@ -81,8 +86,10 @@ class LesionCandidatesd(MapTransform):
     so it costs what the liver's size costs, not the whole
     CT. Stored under ``candidates_key``: ``box`` ([start, stop] per axis of the box holding the candidates), ``map``
     (int32 candidate map of that box, 0 background and 1..K by decreasing volume; :func:`full_candidate_map` gives
-    it on the whole grid), ``attributes`` (one dict per candidate, :func:`custom.candidates.lesion_candidates`) and
-    ``detection`` (the mean all-lesion probability over each candidate). ``split_depth_mm``: touching lesions are
+    it on the whole grid), ``attributes`` (one dict per candidate, :func:`custom.candidates.lesion_candidates`),
+    ``detection`` (the mean all-lesion probability over each candidate) and ``liver_frame`` (the liver's frame in RAS
+    mm, :meth:`custom.data.geometry.LiverFrame.to_dict`, None without a liver: what the lobes and segments of the
+    sentence are checked against). ``split_depth_mm``: touching lesions are
     split at their narrowing (:func:`custom.candidates.split_touching`; ``None`` keeps whole components). Data that
     hold ``candidates_key`` already (an earlier expression on the same volume) keep it.
     """
@@ -114,7 +121,7 @@ class LesionCandidatesd(MapTransform):
             affine = _affine(lesions).copy()
             affine[:3, 3] += affine[:3, :3] @ np.array([b.start for b in box], dtype=np.float64)
             probability = probability[box]
-            candidates, attributes, _ = lesion_candidates(
+            candidates, attributes, case = lesion_candidates(
                 probability,
                 affine,
                 _array(d[self.image_key])[0][box],
@@ -132,6 +139,7 @@ class LesionCandidatesd(MapTransform):
                 "map": torch.as_tensor(candidates),
                 "attributes": attributes,
                 "detection": detection,
+                "liver_frame": case["liver_frame"],
             }
         return d
 
@@ -148,20 +156,93 @@ def choose_candidates(
     return chosen if chosen.size else np.array([int(np.argmax(candidate_probability))])
 
 
+#: Default settings of whether a candidate is supported for a sentence at all (see :func:`credible_candidates`).
+LESION_SETTINGS = {"score": 0.1, "evidence": 0.1, "detection": 0.0}
+
+
+def credible_candidates(
+    scores: np.ndarray, evidence: list[dict], detection, settings: Mapping | None = None
+) -> np.ndarray:
+    """(K,) bool: which candidates the query may choose among for this sentence: those that may be real lesions.
+
+    A candidate is set aside when the learned scorer and the text-conditioned evidence both reject it (its score
+    below ``settings["score"]`` and its mean evidence below ``settings["evidence"]``), or when the detector's mean
+    all-lesion probability over it is below ``settings["detection"]``. ``scores`` (K,) the scorer's probabilities,
+    ``evidence`` the :func:`custom.candidates.candidate_evidence` dicts, ``detection`` (K,) the detection means.
+    """
+    settings = {**LESION_SETTINGS, **dict(settings or {})}
+    scores = np.asarray(scores, dtype=np.float64)
+    mean = np.array([item["evidence_mean"] for item in evidence], dtype=np.float64).reshape(scores.shape)
+    detected = np.asarray(detection, dtype=np.float64).reshape(scores.shape)
+    rejected = (scores < settings["score"]) & (mean < settings["evidence"])
+    return ~rejected & (detected >= settings["detection"])
+
+
+def candidate_support(scores: np.ndarray, evidence: list[dict]) -> np.ndarray:
+    """(K,) how strongly the learned parts point at each candidate for this sentence: the scorer's probability plus
+    the mean text-conditioned probability over the candidate (0 to 2); it decides only what the query leaves open."""
+    mean = np.array([item["evidence_mean"] for item in evidence], dtype=np.float64)
+    return np.asarray(scores, dtype=np.float64) + mean.reshape(np.shape(scores))
+
+
+def out_of_scope_reason(read: ReadQuery) -> str | None:
+    """Why a sentence is not answered on the liver (it names another organ), or None when it is about the liver."""
+    if read.in_scope:
+        return None
+    return f"this model answers about the liver only; the sentence is about the {read.organ}"
+
+
+def scorer_fallback_reason(read: ReadQuery) -> str | None:
+    """Why the query cannot answer a sentence and the learned scorer does (no lesion word, words not read), or None."""
+    if not read.lesion_word:
+        return "the sentence names no lesion the query could read"
+    if read.unread:
+        return "the sentence holds words the query does not read: " + ", ".join(repr(w) for w in read.unread)
+    return None
+
+
+def scorer_explanation(chosen: np.ndarray, scores: np.ndarray, none_probability: float, none_threshold: float) -> str:
+    """One sentence on what the learned scorer chose (0-based ``chosen`` of its ``scores``)."""
+    if not len(scores):
+        return "no lesion candidate is found in the liver"
+    if not len(chosen):
+        return f"the scorer's 'none of them' output {none_probability:.2f} reaches {none_threshold:.2f}: not present"
+    listed = ", ".join(f"{int(i) + 1} (score {scores[i]:.2f})" for i in chosen)
+    return f"the scorer chose candidate{'s' if len(chosen) > 1 else ''} {listed}"
+
+
 class CandidateReferrald(MapTransform):
-    """Answer one expression with the candidates the scorer picks, or "not present".
+    """Answer one expression on the volume's lesion candidates, or "not present".
 
     ``keys``: the expression's referred-lesion probabilities (1, X, Y, Z) -> replaced by the {0, 1} answer mask:
-    the union of the chosen candidates' voxels of ``candidates_key`` (:class:`LesionCandidatesd`). The scorer sees
-    every candidate's features (:func:`custom.candidates.candidate_features`: measured attributes, the evidence of
-    these probabilities over it, its detection probability) with the expression's words from ``text_encoder``
-    (tokens under ``input_ids_key`` / ``attention_mask_key``; ``input_ids_key=None`` withholds them). Stored:
-    ``decision_key`` (``found``, ``confidence``, ``features`` with ``none_probability``, ``max_probability`` and
-    ``volume_ml`` of the answer, the mean text-conditioned probability over the chosen voxels ``evidence_mean``, the
-    chosen candidates' mean score ``chosen_score``, the best score ``top_score``, ``rule``) and ``referral_key``
-    (``none_probability`` and every candidate with its ``score``, ``chosen`` flag and attributes). ``confidence`` is
-    the probability that the answer is right (:class:`custom.confidence.ConfidenceCalibration` of ``calibration``,
-    a dict of its arguments; None: the raw score, 1 minus the none probability for a found answer).
+    the union of the chosen candidates' voxels of ``candidates_key`` (:class:`LesionCandidatesd`).
+
+    The sentence (``text_key``; None: not read) is read into a query (:func:`custom.query.read_query`). About
+    another organ, the answer is "not present" with the reason. Fully read, it is answered exactly on the
+    candidates' measured attributes (:func:`custom.query_answer.answer_query`: filters, then the selector), among
+    the candidates that the learned parts do not both reject (:func:`credible_candidates`, ``lesion_settings``) with
+    ``query_settings`` (margins, the HU of a cyst, near ties: :func:`custom.query_answer.answer_query`); where the
+    query leaves the choice open, the learned support decides (:func:`candidate_support`, and the scorer's own
+    selection for near ties). Not fully read (no lesion word, words the reader does not place), or with no text to
+    read, the learned scorer answers alone, as it always did: it sees every candidate's features
+    (:func:`custom.candidates.candidate_features`: measured attributes, the evidence of these probabilities over it,
+    its detection probability) with the expression's words from ``text_encoder`` (tokens under ``input_ids_key`` /
+    ``attention_mask_key``; ``input_ids_key=None`` withholds them) and the candidates at or above
+    ``select_threshold`` are chosen unless its "none" output reaches ``none_threshold``.
+
+    Stored: ``decision_key`` (``found``, ``confidence``, ``reason`` when not present, ``features`` with
+    ``none_probability``, ``max_probability`` and ``volume_ml`` of the answer, the mean text-conditioned probability
+    over the chosen voxels ``evidence_mean``, the chosen candidates' mean score ``chosen_score``, the best score
+    ``top_score``, ``rule``) and ``referral_key`` (``method``: "query", "candidate scorer" or "out of scope";
+    ``query``: the sentence as read; ``explanation``; ``steps``: the candidates that passed each filter and the
+    selection; ``none_probability``; every candidate with its ``score``, ``evidence_mean``, ``supported`` (credible),
+    ``chosen`` flag, ``why`` and attributes). ``confidence`` is the probability that the answer is right
+    (:class:`custom.confidence.ConfidenceCalibration` of ``calibration``, a dict of its arguments; None: the raw
+    score, 1 minus the none probability for a found answer); for a sentence about another organ it is
+    ``out_of_scope_confidence``: that answer is right whenever the organ was read right (of the sentences the
+    reader was checked on, it took none about the liver for another organ, and 152 of the 153 about another organ
+    for one: ``tests/data/query_sentences.json``, ``benchmarks.referral_query``), which the scores calibrated on
+    liver sentences do not measure.
     """
 
     def __init__(
@@ -178,6 +259,10 @@ class CandidateReferrald(MapTransform):
         select_threshold: float = 0.5,
         evidence_threshold: float = 0.5,
         calibration: Mapping | None = None,
+        text_key: str | None = "text",
+        lesion_settings: Mapping | None = None,
+        query_settings: Mapping | None = None,
+        out_of_scope_confidence: float = 0.95,
     ) -> None:
         super().__init__(keys)
         self.calibration = ConfidenceCalibration(**dict(calibration or {}))
@@ -188,9 +273,12 @@ class CandidateReferrald(MapTransform):
             input_ids_key,
             attention_mask_key,
         )
-        self.decision_key, self.referral_key = decision_key, referral_key
+        self.decision_key, self.referral_key, self.text_key = decision_key, referral_key, text_key
         self.none_threshold, self.select_threshold = float(none_threshold), float(select_threshold)
         self.evidence_threshold = float(evidence_threshold)
+        self.lesion_settings = {**LESION_SETTINGS, **dict(lesion_settings or {})}
+        self.query_settings = dict(query_settings or {})
+        self.out_of_scope_confidence = float(out_of_scope_confidence)
 
     @torch.no_grad()
     def score(self, features: np.ndarray, input_ids=None, attention_mask=None) -> tuple:
@@ -214,6 +302,48 @@ class CandidateReferrald(MapTransform):
         logits, none = self.scorer(candidates, present, words, mask.bool())
         return logits[0].sigmoid().cpu().numpy(), float(none[0].sigmoid())
 
+    def read(self, data: Mapping) -> ReadQuery | None:
+        """The sentence of ``data`` as read, or None when there is none to read (no ``text_key``)."""
+        if self.text_key is None or data.get(self.text_key) is None:
+            return None
+        text = data[self.text_key]
+        return read_query(text[0] if isinstance(text, (list, tuple)) else str(text))
+
+    def answer(self, read, candidates: Mapping, scores, none_probability, evidence) -> dict:
+        """The chosen candidates (0-based array) and how they were chosen: ``method``, ``explanation``, ``reason``
+        (not present), ``steps``, ``supported`` (credible, per candidate), ``why`` (per candidate), ``fallback``."""
+        count = len(scores)
+        credible = credible_candidates(scores, evidence, candidates["detection"], self.lesion_settings)
+        result = {"supported": credible, "why": {}, "steps": [], "reason": None}
+        if read is not None and (reason := out_of_scope_reason(read)) is not None:
+            return {**result, "chosen": np.zeros(0, np.int64), "method": "out of scope", "explanation": reason,
+                    "reason": reason}  # fmt: skip
+        fallback = "no sentence to read" if read is None else scorer_fallback_reason(read)
+        if fallback is not None:
+            chosen = choose_candidates(scores, none_probability, self.none_threshold, self.select_threshold)
+            explanation = scorer_explanation(chosen, scores, none_probability, self.none_threshold)
+            return {**result, "chosen": chosen, "method": "candidate scorer", "explanation": explanation,
+                    "fallback": fallback, "reason": None if len(chosen) else explanation}  # fmt: skip
+        answered = answer_query(
+            read,
+            candidates["attributes"],
+            candidates.get("liver_frame"),
+            credible=credible if count else None,
+            support=candidate_support(scores, evidence) if count else None,
+            settings=self.query_settings,
+            selected=np.asarray(scores) >= self.select_threshold if count else None,
+        )
+        return {
+            **result,
+            "chosen": np.asarray(answered.chosen, dtype=np.int64),
+            "method": "query",
+            "explanation": answered.explanation,
+            "reason": answered.reason,
+            "steps": answered.steps,
+            "why": answered.why,
+            "tie_broken": answered.tie_broken,
+        }
+
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         candidates = d.get(self.candidates_key)
@@ -225,6 +355,7 @@ class CandidateReferrald(MapTransform):
             )
         candidate_map = _array(candidates["map"])
         box = tuple(slice(start, stop) for start, stop in candidates["box"])
+        read = self.read(d)
         for key in self.key_iterator(d):
             probabilities = d[key]
             probability = _array(probabilities)[0][box]
@@ -232,7 +363,8 @@ class CandidateReferrald(MapTransform):
             features = candidate_feature_table(candidates["attributes"], evidence, candidates["detection"])
             text = (d[self.input_ids_key], d[self.attention_mask_key]) if self.input_ids_key else ()
             scores, none_probability = self.score(features, *text)
-            chosen = choose_candidates(scores, none_probability, self.none_threshold, self.select_threshold)
+            answer = self.answer(read, candidates, scores, none_probability, evidence)
+            chosen = answer["chosen"]
             chosen_mask = np.isin(candidate_map, chosen + 1)
             found = bool(chosen.size)
             features = {
@@ -243,34 +375,53 @@ class CandidateReferrald(MapTransform):
                 "chosen_score": float(np.mean(scores[chosen])) if found else 0.0,
                 "top_score": float(np.max(scores, initial=0.0)),
             }
-            confidence = self.calibration(found, features)
+            if answer["method"] == "out of scope":  # right whenever the organ is read right, whatever the scores
+                confidence = self.out_of_scope_confidence
+            else:
+                confidence = self.calibration(found, features)
             d[self.decision_key] = {
                 "found": found,
                 "confidence": confidence,
+                **({"reason": answer["reason"]} if not found and answer["reason"] else {}),
                 "features": {**features, "confidence": confidence},
                 "rule": {"none_threshold": self.none_threshold, "select_threshold": self.select_threshold},
             }
-            d[self.referral_key] = {
-                "method": "candidate scorer",
-                "none_probability": round(none_probability, 4),
-                "candidates": [
-                    {
-                        "candidate": index + 1,
-                        "score": round(float(score), 4),
-                        "chosen": bool(index in chosen),
-                        "volume_ml": round(float(attributes["volume_ml"]), 3),
-                        "centroid_ras_mm": attributes["centroid_ras_mm"],
-                        "density": attributes.get("density"),
-                        "lobe": attributes.get("lobe"),
-                        "segment": attributes.get("segment"),
-                    }
-                    for index, (score, attributes) in enumerate(zip(scores, candidates["attributes"]))
-                ],
-            }
+            d[self.referral_key] = self.referral_record(read, answer, candidates, scores, none_probability, evidence)
             mask = torch.zeros(probabilities.shape, dtype=torch.float32)
             mask[(0, *box)] = torch.as_tensor(chosen_mask, dtype=torch.float32)
             d[key] = convert_to_dst_type(mask, probabilities, dtype=torch.float32)[0]
         return d
+
+    @staticmethod
+    def referral_record(read, answer: Mapping, candidates: Mapping, scores, none_probability, evidence) -> dict:
+        """The record's ``referral``: how the answer was chosen and every candidate with its scores and why."""
+        chosen = set(int(i) for i in answer["chosen"])
+        return {
+            "method": answer["method"],
+            **({"query": read.to_dict()} if read is not None else {}),
+            "explanation": answer["explanation"],
+            **({"fallback": answer["fallback"]} if answer.get("fallback") else {}),
+            **({"steps": answer["steps"]} if answer["steps"] else {}),
+            "none_probability": round(none_probability, 4),
+            "candidates": [
+                {
+                    "candidate": index + 1,
+                    "score": round(float(score), 4),
+                    "evidence_mean": round(float(evidence[index]["evidence_mean"]), 4),
+                    "supported": bool(answer["supported"][index]),
+                    "chosen": index in chosen,
+                    **({"why": answer["why"][index]} if index in answer["why"] else {}),
+                    "volume_ml": round(float(attributes["volume_ml"]), 3),
+                    "longest_axial_diameter_mm": attributes.get("longest_axial_diameter_mm"),
+                    "centroid_ras_mm": attributes["centroid_ras_mm"],
+                    "mean_hu": attributes.get("mean_hu"),
+                    "density": attributes.get("density"),
+                    "lobe": attributes.get("lobe"),
+                    "segment": attributes.get("segment"),
+                }
+                for index, (score, attributes) in enumerate(zip(scores, candidates["attributes"]))
+            ],
+        }
 
 
 def text_encoder_of(network: torch.nn.Module) -> torch.nn.Module | None:
