@@ -48,7 +48,7 @@ PROMPT = "all lesions in the liver"
 TOTALSEG_CUTS = {"pelvis": (0, 40), "lower abdomen": (40, 78), "liver slab": (82, 112)}
 
 
-def _pydicom_file(name: str) -> Path:
+def pydicom_file(name: str) -> Path:
     import data_store
     from pydicom.data import get_testdata_file
 
@@ -56,7 +56,7 @@ def _pydicom_file(name: str) -> Path:
     return path if path.is_file() else Path(get_testdata_file(name))
 
 
-def _cut(image: nib.Nifti1Image, start: int, stop: int, out: Path) -> Path:
+def cut_slices(image: nib.Nifti1Image, start: int, stop: int, out: Path) -> Path:
     """Slices ``start:stop`` of a NIfTI volume, positioned where they lie in the whole."""
     affine = image.affine.copy()
     affine[:3, 3] = image.affine[:3, :3] @ np.array([0, 0, start]) + image.affine[:3, 3]
@@ -76,31 +76,31 @@ def build_inputs(work: Path, split: str) -> list[dict]:
     items = []
     for name, label in (("693_UNCI.dcm", "head"), ("693_J2KR.dcm", "head"), ("J2K_pixelrep_mismatch.dcm", "head"),
                         ("CT_small.dcm", "chest"), ("eCT_Supplemental.dcm", "brain perfusion")):  # fmt: skip
-        folder = _dicom_folder([_pydicom_file(name)], work / Path(name).stem)
+        folder = _dicom_folder([pydicom_file(name)], work / Path(name).stem)
         items.append({"name": f"{label} slice {name}", "image": str(folder), "in_scope": False})
     totalseg = nib.load(REAL / "totalseg_example_ct.nii.gz")
     liver = nib.load(REAL / "totalseg_liver.nii.gz")
     for part in ("pelvis", "lower abdomen"):
-        path = _cut(totalseg, *TOTALSEG_CUTS[part], work / f"totalseg_{part.replace(' ', '_')}.nii.gz")
+        path = cut_slices(totalseg, *TOTALSEG_CUTS[part], work / f"totalseg_{part.replace(' ', '_')}.nii.gz")
         items.append({"name": f"TotalSegmentator CT, {part} (no liver)", "image": str(path), "in_scope": False})
     for case in load_datalist(ensure_default_dataset(ROOT / "cache"), split):
         image = nib.load(case["image"])
         slices = np.flatnonzero(np.asanyarray(nib.load(case["liver"]).dataobj).any(axis=(0, 1)))
         for part, (start, stop) in (("below", (0, slices[0])), ("above", (slices[-1] + 1, image.shape[2]))):
             if stop - start >= 5:
-                path = _cut(image, start, stop, work / f"{case['case_id']}_{part}.nii.gz")
+                path = cut_slices(image, start, stop, work / f"{case['case_id']}_{part}.nii.gz")
                 items.append({"name": f"phantom {case['case_id']} {part} its liver", "image": str(path),
                               "in_scope": False})  # fmt: skip
         items.append({"name": f"phantom {case['case_id']}", "image": case["image"], "liver": case["liver"],
                       "in_scope": True})  # fmt: skip
-    explicit = _dicom_folder([_pydicom_file("explicit_VR-UN.dcm")], work / "explicit_VR-UN")
+    explicit = _dicom_folder([pydicom_file("explicit_VR-UN.dcm")], work / "explicit_VR-UN")
     items.append({"name": "real slice explicit_VR-UN.dcm", "image": str(explicit), "in_scope": True, "real": True,
                   "outline": str(REAL / "explicit_VR-UN_liver_outline.json")})  # fmt: skip
     dcmqi = _dicom_folder(sorted((REAL / "dcmqi_ct_3slice").glob("*.dcm")), work / "dcmqi")
     items.append({"name": "real dcmqi 3 slices", "image": str(dcmqi), "in_scope": True, "real": True,
                   "liver": str(REAL / "dcmqi_liver.nii.gz")})  # fmt: skip
-    slab = _cut(totalseg, *TOTALSEG_CUTS["liver slab"], work / "totalseg_liver_slab.nii.gz")
-    slab_liver = _cut(liver, *TOTALSEG_CUTS["liver slab"], work / "totalseg_liver_slab_label.nii.gz")
+    slab = cut_slices(totalseg, *TOTALSEG_CUTS["liver slab"], work / "totalseg_liver_slab.nii.gz")
+    slab_liver = cut_slices(liver, *TOTALSEG_CUTS["liver slab"], work / "totalseg_liver_slab_label.nii.gz")
     items.append({"name": "real TotalSegmentator liver slab", "image": str(slab), "in_scope": True, "real": True,
                   "liver": str(slab_liver)})  # fmt: skip
     whole = str(REAL / "totalseg_example_ct.nii.gz")

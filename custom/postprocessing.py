@@ -16,7 +16,6 @@ from monai.utils.type_conversion import dtype_torch_to_numpy
 from scipy import ndimage
 
 from custom.clinical.geometry import bounding_box, grow_box
-from custom.scope import liver_scope
 
 __all__ = [
     "select_referred_components",
@@ -407,6 +406,8 @@ def liver_region(
             "liver_found": False,
             **({"scope": NO_LIVER_SCOPE} if hounsfield is not None else {}),
         }
+    from custom.scope import liver_scope  # here: the scope rules use this module's components
+
     scope = None if hounsfield is None else liver_scope(largest, hounsfield, spacing)
     if scope is not None and not scope["in_scope"]:
         return np.zeros_like(liver), {"liver_found": False, "scope": scope}

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from custom.postprocessing import largest_component
+
 __all__ = ["BODY_HU", "liver_scope"]
 
 #: Voxels above this (HU) are body (soft tissue, fat at -100 HU, bone); air and lung are below.
@@ -41,18 +43,10 @@ MIN_RIGHT_REACH = 0.5
 MIN_SLICE_AREA_CM2 = 40.0
 
 
-def _largest(mask: np.ndarray) -> np.ndarray | None:
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return None
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    return labels == int(np.argmax(sizes)) + 1
-
-
 def body_slice(hounsfield: np.ndarray) -> np.ndarray | None:
     """(X, Y) HU of one axial slice -> the body (its largest component above :data:`BODY_HU`, holes such as the
     lungs and bowel gas filled), or None when the slice holds none."""
-    body = _largest(hounsfield > BODY_HU)
+    body = largest_component(hounsfield > BODY_HU)
     return None if body is None else ndimage.binary_fill_holes(body)
 
 

@@ -23,7 +23,6 @@ a non-atomic ``DiskSaver`` (a kill during a save leaves a truncated file) and ke
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import shutil
@@ -39,7 +38,7 @@ from monai.data.utils import set_rnd
 from monai.utils import min_version, optional_import, set_determinism
 
 from custom.clinical.errors import OutputExistsError
-from custom.clinical.writers import atomic_write
+from custom.clinical.writers import atomic_write, file_sha256
 from custom.errors import InputError
 from custom.user_inputs import as_bool
 
@@ -265,15 +264,6 @@ class PublishError(InputError, ValueError):
     """A run whose model cannot be published, or a bundle folder that is not one."""
 
 
-def _sha256(path: Path) -> str:
-    """sha256 of the file at ``path`` (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _utc_stamp() -> str:
     """The current UTC time for file names, e.g. ``20250131T235959Z``."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -305,10 +295,10 @@ def keep_replaced(model: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
     A kept copy is never overwritten (exclusive create); a file of the same sha256 kept already is reused.
     """
     model = Path(model)
-    digest = _sha256(model)
+    digest = file_sha256(model)
     folder = Path(run_dir) / "models" / REPLACED_FOLDER
     for kept in sorted(folder.glob(f"model-*-{digest[:12]}*.pt")):
-        if kept.is_file() and _sha256(kept) == digest:
+        if kept.is_file() and file_sha256(kept) == digest:
             return kept
     stamp = _utc_stamp()
     for attempt in range(1, 100):
@@ -338,16 +328,16 @@ def publish_weights(run_dir: str | os.PathLike, bundle_dir: str | os.PathLike = 
     source = _run_model(run_dir)
     _check_bundle_dir(Path(bundle_dir))
     target = Path(bundle_dir) / "models" / MODEL_FILE
-    new = _sha256(source)
+    new = file_sha256(source)
     if target.is_file():
-        old = _sha256(target)
+        old = file_sha256(target)
         if old == new:
             logger.warning(f"{target} is already the model of {source} (sha256 {new[:12]}); nothing was changed.")
             return target
         kept = keep_replaced(target, run_dir)
         logger.warning(f"Replacing {target} (sha256 {old[:12]}); the replaced file is kept as {kept}.")
     atomic_write(target, lambda tmp: shutil.copyfile(source, tmp), overwrite=True, protected=[source])
-    logger.warning(f"Published {source} as {target} (sha256 {_sha256(target)[:12]}).")
+    logger.warning(f"Published {source} as {target} (sha256 {file_sha256(target)[:12]}).")
     return target
 
 

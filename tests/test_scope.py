@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from benchmarks.scope import cut_slices, pydicom_file
 from custom.scope import MIN_BODY_WIDTH_MM, liver_scope
 from tests.test_bundle import SHIPPED, cli
 
@@ -68,34 +69,18 @@ def test_a_body_cut_by_the_image_edge_is_not_taken_for_a_head():
     assert "as a head" not in scope.get("reason", "")
 
 
-def _pydicom_file(name: str) -> Path:
-    """A real CT file of pydicom-data, or of pydicom's own test files."""
-    from pydicom.data import get_testdata_file
-
-    data_store = pytest.importorskip("data_store", reason="needs the PyPI package pydicom-data")
-    path = Path(data_store.__file__).parent / "data" / name
-    return path if path.is_file() else Path(get_testdata_file(name))
-
-
-def _cut(source: Path, start: int, stop: int, out: Path) -> str:
-    image = nib.load(source)
-    affine = image.affine.copy()
-    affine[:3, 3] = image.affine[:3, :3] @ np.array([0, 0, start]) + image.affine[:3, 3]
-    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj)[:, :, start:stop], affine), str(out))
-    return str(out)
-
-
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="needs the shipped weights bundle/models/model.pt")
 def test_real_ct_without_a_liver_is_not_present_with_its_reason_and_a_real_liver_is_in_scope(tmp_path):
     pairs = []
     for name in ("693_UNCI.dcm", "J2K_pixelrep_mismatch.dcm"):
         folder = tmp_path / Path(name).stem
         folder.mkdir()
-        shutil.copy(_pydicom_file(name), folder)
+        shutil.copy(pydicom_file(name), folder)
         pairs.append((str(folder), "head"))
     totalseg = REAL / "totalseg_example_ct.nii.gz"
-    pairs.append((_cut(totalseg, 0, 40, tmp_path / "pelvis.nii.gz"), "below"))
-    pairs.append((_cut(totalseg, 40, 78, tmp_path / "lower_abdomen.nii.gz"), "below"))
+    image = nib.load(totalseg)
+    pairs.append((str(cut_slices(image, 0, 40, tmp_path / "pelvis.nii.gz")), "below"))
+    pairs.append((str(cut_slices(image, 40, 78, tmp_path / "lower_abdomen.nii.gz")), "below"))
     dcmqi = tmp_path / "dcmqi"
     shutil.copytree(REAL / "dcmqi_ct_3slice", dcmqi)  # its SpecificCharacterSet is empty: DICOM-SEG still written
     pairs.append((str(dcmqi), "liver"))

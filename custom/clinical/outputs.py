@@ -39,6 +39,7 @@ from custom.clinical.measurements import build_record
 from custom.clinical.not_present import NotPresentRule
 from custom.clinical.writers import (
     DEFAULT_WINDOW,
+    file_sha256,
     write_dicom_seg,
     write_json_record,
     write_montage,
@@ -69,14 +70,7 @@ def file_provenance(provenance: Mapping) -> dict:
     for key, value in provenance.items():
         if key in ("weights", "referral_scorer") and value:
             path = Path(str(value))
-            digest = None
-            if path.is_file():
-                digest = hashlib.sha256()
-                with open(path, "rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
-                        digest.update(block)
-                digest = digest.hexdigest()
-            described[key] = {"file": path.name, "sha256": digest}
+            described[key] = {"file": path.name, "sha256": file_sha256(path) if path.is_file() else None}
         else:
             described[key] = value
     return described

@@ -8,6 +8,7 @@ input file (``ProtectedInputError``).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import textwrap
@@ -26,6 +27,7 @@ from custom.clinical.geometry import affine_of, as_binary_uint8, as_spatial_arra
 
 __all__ = [
     "atomic_write",
+    "file_sha256",
     "write_nifti_mask",
     "write_dicom_seg",
     "write_json_record",
@@ -54,6 +56,15 @@ def _same_file(a: PathLike, b: PathLike) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return Path(a).resolve() == Path(b).resolve()
+
+
+def file_sha256(path: PathLike) -> str:
+    """sha256 (hex) of the file at ``path``, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _temporary_name(out_path: Path) -> Path:

@@ -108,14 +108,7 @@ class GuardedDatastore:
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         """Store a new study (or replace one) under a plain id, from a NIfTI file."""
         self._allowed(image_filename)
-        problem = (
-            name_problem(image_id, "study id")
-            or _extension_problem(image_filename, IMAGE_EXTENSIONS, "study")
-            or info_problem(image_info, "params")
-        )
-        if problem:
-            _discard(image_filename)
-            raise HTTPException(status_code=422, detail=problem)
+        _check_upload(image_filename, name_problem(image_id, "study id"), IMAGE_EXTENSIONS, "study", image_info)
         return self._store.add_image(image_id, image_filename, image_info)
 
     def remove_image(self, image_id: str) -> None:
@@ -128,14 +121,7 @@ class GuardedDatastore:
         """Store a label of a study under a plain tag."""
         self._allowed(label_filename)
         self._known_image(image_id, label_filename)
-        problem = (
-            name_problem(label_tag, "label tag")
-            or _extension_problem(label_filename, LABEL_EXTENSIONS, "label")
-            or info_problem(label_info, "params")
-        )
-        if problem:
-            _discard(label_filename)
-            raise HTTPException(status_code=422, detail=problem)
+        _check_upload(label_filename, name_problem(label_tag, "label tag"), LABEL_EXTENSIONS, "label", label_info)
         return self._store.save_label(image_id, label_filename, label_tag, label_info)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
@@ -174,6 +160,14 @@ def _extension_problem(path: str, extensions, what: str) -> Optional[str]:
     if str(path).lower().endswith(extensions):
         return None
     return f"The {what} file must be {' or '.join(extensions)}. Upload it with one of these extensions."
+
+
+def _check_upload(upload: str, name: Optional[str], extensions, what: str, info: Any) -> None:
+    """Refuse (422, the upload deleted) an upload whose name problem ``name``, file extension or ``params`` is bad."""
+    problem = name or _extension_problem(upload, extensions, what) or info_problem(info, "params")
+    if problem:
+        _discard(upload)
+        raise HTTPException(status_code=422, detail=problem)
 
 
 def _discard(upload: Optional[str]) -> None:

@@ -3,16 +3,13 @@
 The rule is the bundle's own (``custom.prompts.check_prompt``: text, not empty, at most ``max_tokens`` tokens
 with special tokens included), applied with the tokenizer and limit of the served config, so that the server
 answers a bad prompt at once with a clear HTTP 422 instead of starting a workflow. The tokenizer is loaded once
-per server. A prompt far over any token limit is refused before it is tokenized.
+per server. A prompt far over any token limit (``custom.prompts.MAX_PROMPT_CHARS``) is refused before it is tokenized.
 """
 
 from __future__ import annotations
 
 import threading
 from typing import Any, Optional
-
-#: A prompt longer than this many characters is refused without tokenizing it (32 tokens are far shorter).
-MAX_PROMPT_CHARS = 1000
 
 
 class PromptError(ValueError):
@@ -50,11 +47,6 @@ class PromptChecker:
         """Return the prompt with surrounding white space removed, or raise :class:`PromptError`."""
         from custom import prompts
 
-        if isinstance(prompt, str) and len(prompt.strip()) > MAX_PROMPT_CHARS:
-            raise PromptError(
-                f"The prompt has {len(prompt.strip())} characters, far more than the {self.max_tokens} tokens "
-                "the model reads. Shorten it to one lesion description."
-            )
         try:
             return prompts.check_prompt(prompt, max_tokens=self.max_tokens, tokenizer=self.tokenizer())
         except prompts.PromptError as err:
