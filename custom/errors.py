@@ -23,3 +23,18 @@ def find_input_error(error: BaseException | None) -> InputError | None:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+class OutputExistsError(InputError, FileExistsError):
+    """An output file exists already and ``overwrite`` was not requested."""
+
+    def __init__(self, path):
+        super().__init__(
+            f"Output file '{path}' exists already; it is left untouched. "
+            "Choose another output folder, or replace it with --overwrite true (overwrite=True in Python)."
+        )
+        self.path = str(path)
+
+
+class ProtectedInputError(InputError, ValueError):
+    """An output path that points at an input file."""

@@ -31,9 +31,9 @@ import hashlib
 import json
 import shutil
 import sys
-import uuid
 from pathlib import Path
 
+from custom.data.io import atomic_directory
 from custom.errors import InputError
 
 __all__ = [
@@ -62,6 +62,7 @@ BUNDLE_FILES = (
     ("models/model.pt", True),
     ("models/referral_scorer.pt", True),
     ("docs/README.md", True),
+    ("docs/options.md", True),
     ("docs/data_license.txt", False),
     ("docs/images/*.png", False),
     ("sample/sample.json", True),
@@ -201,20 +202,6 @@ def _write_folder(staging: Path, repository: Path) -> None:
     (staging / MARKER).write_text(MARKER_TEXT)
 
 
-def _move_into_place(staging: Path, real: Path) -> None:
-    """Put the finished ``staging`` folder at ``real``, replacing an empty folder or a checked packaged one."""
-    if not real.exists():
-        staging.rename(real)
-    elif _is_empty_folder(real):
-        real.rmdir()
-        staging.rename(real)
-    else:
-        old = real.with_name(f".{real.name}.{uuid.uuid4().hex[:12]}.old")
-        real.rename(old)
-        staging.rename(real)
-        shutil.rmtree(old)
-
-
 def package_bundle(out: str | Path, overwrite: bool = False, repository: str | Path | None = None) -> Path:
     """Write the self-contained bundle into ``out``, a new folder; returns ``Path(out)``.
 
@@ -223,15 +210,8 @@ def package_bundle(out: str | Path, overwrite: bool = False, repository: str | P
     """
     repository = Path(REPOSITORY if repository is None else repository).resolve()
     real = check_output_folder(out, overwrite, repository)
-    real.parent.mkdir(parents=True, exist_ok=True)
-    staging = real.with_name(f".{real.name}.{uuid.uuid4().hex[:12]}.tmp")
-    staging.mkdir()
-    try:
+    with atomic_directory(real, overwrite=True) as staging:  # the folder checked above may be replaced
         _write_folder(staging, repository)
-        _move_into_place(staging, real)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return Path(out)
 
 

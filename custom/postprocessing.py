@@ -10,12 +10,13 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import Compose, Invertd, MapTransform, SpatialResample
+from monai.transforms import Compose, Invertd, MapTransform, SpatialResample, SplitDimd
 from monai.utils import convert_to_dst_type
 from monai.utils.type_conversion import dtype_torch_to_numpy
 from scipy import ndimage
 
-from custom.clinical.geometry import bounding_box, grow_box
+from custom.clinical.geometry import bounding_box, grow_box, largest_component
+from custom.scope import liver_scope
 
 __all__ = [
     "select_referred_components",
@@ -124,24 +125,25 @@ class ApplyNotPresentRuled(MapTransform):
         return d
 
 
-class SplitOutputsd(MapTransform):
-    """Give each output channel of the network its own key: channel ``i`` of ``keys`` goes to ``names[i]``.
+class SplitOutputsd(SplitDimd):
+    """MONAI ``SplitDimd`` over the channels of the network's output, each channel ``i`` of ``keys`` stored under
+    ``names[i]``: ``(K, H, W[, D]) -> names[0]: (1, H, W[, D]), names[1]: ...``.
 
-    ``(K, H, W[, D]) -> names[0]: (1, H, W[, D]), names[1]: ...``; ``names[0]`` may be the key itself (the referred
-    lesion keeps its place). A 1-channel output fills ``names[0]`` only, so the same configuration serves a network
-    with or without the text-free channels (the later keys are then absent).
+    Not ``SplitDimd`` as it is: that one names the channels ``{key}_{postfix}`` and needs a postfix per channel; here
+    ``names[0]`` may be the key itself (the referred lesion keeps its place) and a 1-channel output fills
+    ``names[0]`` only, so the same configuration serves a network with or without the text-free channels (the later
+    keys are then absent).
     """
 
     def __init__(self, keys: KeysCollection, names: tuple[str, ...] = ("pred", "liver_prob", "lesions_prob")) -> None:
-        super().__init__(keys)
+        super().__init__(keys, dim=0, keepdim=True, update_meta=True)
         self.names = tuple(names)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            output = d[key]
-            for channel, name in enumerate(self.names[: output.shape[0]]):
-                d[name] = output[channel : channel + 1]
+            for name, channel in zip(self.names, self.splitter(d[key])):
+                d[name] = channel
         return d
 
 
@@ -368,19 +370,6 @@ class AnswerToInputGridd(MapTransform):
         return d
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray | None:
-    """The largest connected component (face connectivity) of a binary array, or ``None`` when it is empty. The
-    components are labelled inside the mask's box only (same components, a fraction of a whole-volume labelling)."""
-    box = bounding_box(mask)
-    if box is None:
-        return None
-    components, count = ndimage.label(mask[box])
-    sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
-    largest = np.zeros(np.shape(mask), bool)
-    largest[box] = components == (int(np.argmax(sizes)) + 1)
-    return largest
-
-
 #: The scope answer when the network finds no liver at all.
 NO_LIVER_SCOPE = {"in_scope": False, "reason": "no liver in view: the network finds no liver tissue in this image"}
 
@@ -406,8 +395,6 @@ def liver_region(
             "liver_found": False,
             **({"scope": NO_LIVER_SCOPE} if hounsfield is not None else {}),
         }
-    from custom.scope import liver_scope  # here: the scope rules use this module's components
-
     scope = None if hounsfield is None else liver_scope(largest, hounsfield, spacing)
     if scope is not None and not scope["in_scope"]:
         return np.zeros_like(liver), {"liver_found": False, "scope": scope}

@@ -22,8 +22,10 @@ Usage: ``python -m custom.referral_training [--out runs/referral/referral_scorer
    the best validation Dice is printed, for ``referral#none_threshold`` in the configs.
 
 Written: the scorer's ``state_dict`` with its ``settings`` and ``feature_names`` (:func:`custom.referral.load_scorer`
-reads it). Printed: the cost, validation 3D Dice, negatives answered empty and positives hit, and the validation 3D
-Dice of choosing exactly the candidates that stand for referred lesions (the ceiling these candidates allow).
+reads it). Printed as it goes (also into a log file): a line every 10 cases collected and every tenth of the epochs
+(loss, validation 3D Dice), with the time taken and left. Printed at the end: the cost, validation 3D Dice,
+negatives answered empty and positives hit, and the validation 3D Dice of choosing exactly the candidates that stand
+for referred lesions (the ceiling these candidates allow).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import Compose, ResampleToMatch
 
+from custom.atomic_files import atomic_write
 from custom.candidates import (
     FEATURE_NAMES,
     candidate_evidence,
@@ -54,10 +57,16 @@ from custom.networks.scorer import CandidateScorer
 from custom.networks.weights import load_weights
 from custom.postprocessing import PerVolumeOutputsd
 from custom.referral import LesionCandidatesd, choose_candidates, full_candidate_map
+from custom.runtime import ProgressLog, format_duration
 from custom.user_inputs import parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORER_SETTINGS = {"dim": 128, "heads": 4, "layers": 2, "dropout": 0.1}
+
+
+def _print(line: str) -> None:
+    """A line on stdout at once, so a log file shows the progress while the run goes on."""
+    print(line, flush=True)
 
 
 def _means(labels: np.ndarray, values: np.ndarray) -> list[float]:
@@ -188,20 +197,21 @@ def collect_split(parts: dict, split: str, cache_dir: Path, extra_cases: int = 0
     name = f"extra{extra_cases}" if split == "extra" else split
     path = cache_dir / "referral_samples" / f"{name}_{digest}.pt"
     if path.is_file():
-        return torch.load(path, weights_only=False)
-    start = time.perf_counter()
+        samples = torch.load(path, weights_only=False)
+        _print(f"{name}: {len(samples) // 2} expressions from the cache {path}")
+        return samples
     samples = []
     if split == "extra":
         cases = extra_training_cases(cache_dir, extra_cases)
     else:
         cases = load_datalist(parts["datalist"], split)
-    for number, case in enumerate(cases, start=1):
+    progress = ProgressLog(len(cases), f"collecting {name} samples", "cases", every=10, log=_print)
+    for case in cases:
         samples += collect_case(case, parts)
-        if number % 10 == 0 or number == len(cases):
-            print(f"{name}: {number} of {len(cases)} cases, {time.perf_counter() - start:.0f} s", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(samples, path)
-    print(f"{name}: {len(samples) // 2} expressions collected in {time.perf_counter() - start:.0f} s")
+        progress.update()
+    atomic_write(path, lambda tmp: torch.save(samples, tmp), overwrite=True)
+    elapsed = format_duration(time.perf_counter() - progress.start)
+    _print(f"{name}: {len(samples) // 2} expressions collected in {elapsed}")
     return samples
 
 
@@ -294,8 +304,10 @@ def train_scorer(
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     best = (-1.0, 0, None)
     count = training["features"].shape[0]
+    progress = ProgressLog(epochs, "training the referral scorer", "epochs", log=_print)
     for epoch in range(1, epochs + 1):
         scorer.train()
+        losses = []
         for batch in torch.randperm(count).split(batch_size):
             mask, targets = training["mask"][batch], training["targets"][batch]
             logits, none = scorer(
@@ -305,17 +317,23 @@ def train_scorer(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            losses.append(loss.item())
         schedule.step()
         dice = answer_scores(validation_samples, *predict(scorer, validation), 0.5)["dice_3d"]
         if dice > best[0]:
             best = (dice, epoch, {k: v.clone() for k, v in scorer.state_dict().items()})
+        note = f"loss {np.mean(losses):.4f}, validation 3D Dice {dice:.4f} (best {best[0]:.4f}, epoch {best[1]})"
+        progress.update(note=note)
     scorer.load_state_dict(best[2])
     return scorer.eval(), best[1], best[0]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config_file", default=str(ROOT / "bundle/configs/evaluate.json"))
+    parser.add_argument(  # evaluate.json layered on inference.json (ConfigParser reads comma-separated files)
+        "--config_file",
+        default=",".join(str(ROOT / "bundle/configs" / name) for name in ("inference.json", "evaluate.json")),
+    )
     parser.add_argument("--checkpoint", default=None, help="segmentation weights (default: the config's)")
     parser.add_argument("--cache_dir", default="cache")
     parser.add_argument(
@@ -356,10 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     validation_samples = [samples["validation"][i] for i in detected]
     scorer, epoch, _ = train_scorer(tensors["training"], validation, validation_samples, args.epochs, args.seed)
     none_threshold, result = best_none_threshold(validation_samples, *predict(scorer, validation))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"state_dict": scorer.state_dict(), "settings": SCORER_SETTINGS, "feature_names": list(FEATURE_NAMES)}, args.out
-    )
+    scorer_file = {"state_dict": scorer.state_dict(), "settings": SCORER_SETTINGS, "feature_names": list(FEATURE_NAMES)}
+    atomic_write(args.out, lambda tmp: torch.save(scorer_file, tmp), overwrite=True)
     kinds = ", ".join(f"{k} {v:.3f}" for k, v in result["by_kind"].items())
     print(
         f"referral scorer: {tensors['training']['features'].shape[0]} training samples, best epoch {epoch} of "

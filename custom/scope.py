@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from custom.postprocessing import largest_component
+from custom.clinical.geometry import largest_component
 
 __all__ = ["BODY_HU", "liver_scope"]
 

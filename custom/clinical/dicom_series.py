@@ -38,6 +38,7 @@ from custom.clinical.errors import (
     NotCTError,
 )
 from custom.clinical.geometry import affine_of, as_spatial_array, reorient_to
+from custom.clinical.volume_checks import check_hounsfield
 
 __all__ = [
     "ClinicalInputWarning",
@@ -561,8 +562,6 @@ class LoadClinicalImaged(MapTransform):
         self.require_ct = as_bool(require_ct, "require_ct")
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from custom.clinical.preflight import check_hounsfield
-
         d = dict(data)
         for key in self.key_iterator(d):
             source = str(d[key])

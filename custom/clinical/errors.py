@@ -6,7 +6,7 @@ Every error says what is wrong with which file and how to fix it. Input errors d
 
 from __future__ import annotations
 
-from custom.errors import InputError
+from custom.errors import InputError, OutputExistsError, ProtectedInputError
 
 __all__ = [
     "ClinicalInputError",
@@ -14,6 +14,7 @@ __all__ = [
     "MixedSeriesError",
     "MissingSliceError",
     "NotCTError",
+    "InvalidValuesError",
     "InvalidGeometryError",
     "GeometryMismatchError",
     "OutputExistsError",
@@ -42,6 +43,10 @@ class NotCTError(ClinicalInputError):
     """A DICOM series whose modality is not CT (its values would not be Hounsfield units)."""
 
 
+class InvalidValuesError(ClinicalInputError):
+    """A volume with NaN or infinite voxels."""
+
+
 class InvalidGeometryError(ClinicalInputError):
     """Slices that do not form one regular volume: missing or differing orientation, spacing or size,
     or several slices at the same position."""
@@ -49,21 +54,6 @@ class InvalidGeometryError(ClinicalInputError):
 
 class GeometryMismatchError(ValueError):
     """A mask whose grid does not match the grid of the image it should be written for."""
-
-
-class OutputExistsError(InputError, FileExistsError):
-    """An output file exists already and ``overwrite`` was not requested."""
-
-    def __init__(self, path):
-        super().__init__(
-            f"Output file '{path}' exists already; it is left untouched. "
-            "Choose another output folder, or replace it with --overwrite true (overwrite=True in Python)."
-        )
-        self.path = str(path)
-
-
-class ProtectedInputError(InputError, ValueError):
-    """An output path that points at an input file."""
 
 
 class OutputWriteError(InputError, OSError):

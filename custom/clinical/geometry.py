@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from monai.transforms.utils import get_largest_connected_component_mask
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
 from custom.clinical.errors import GeometryMismatchError
 
-__all__ = ["as_spatial_array", "affine_of", "bounding_box", "grow_box", "reorient_to", "ras_to_lps"]
+__all__ = [
+    "as_spatial_array",
+    "affine_of",
+    "bounding_box",
+    "grow_box",
+    "largest_component",
+    "reorient_to",
+    "ras_to_lps",
+]
 
 #: Tolerance (mm) when comparing two affines of the same grid.
 AFFINE_ATOL_MM = 1e-3
@@ -38,6 +47,19 @@ def grow_box(box: tuple[slice, ...], margin, shape) -> tuple[slice, ...]:
     to an array of ``shape``."""
     margins = (margin,) * len(box) if np.isscalar(margin) else tuple(margin)
     return tuple(slice(max(b.start - int(m), 0), min(b.stop + int(m), int(n))) for b, m, n in zip(box, margins, shape))
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray | None:
+    """The largest face-connected component of a binary array (MONAI ``get_largest_connected_component_mask``,
+    connectivity 1; of equally large ones, the one its sort ranks first), or ``None`` when it is empty:
+    ``(X, Y[, Z]) -> bool (X, Y[, Z])``. Labelled inside the mask's box only (same components, a fraction of a
+    whole-volume labelling)."""
+    box = bounding_box(mask)
+    if box is None:
+        return None
+    largest = np.zeros(np.shape(mask), bool)
+    largest[box] = get_largest_connected_component_mask(np.asarray(mask[box]) != 0, connectivity=1)
+    return largest
 
 
 def as_spatial_array(volume) -> np.ndarray:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from monai.transforms.utils import get_largest_connected_component_mask
 from scipy import ndimage
 
 from custom.clinical.measurements import axial_axis, axial_diameters, voxel_volume_ml
@@ -154,18 +155,10 @@ def world_coordinates(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return voxel_to_world(affine, np.argwhere(mask))
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
-
-
 def liver_frame(liver: np.ndarray, affine: np.ndarray) -> LiverFrame | None:
     """Liver frame from the largest connected component of a (H, W, D) liver mask; None for an empty mask."""
-    liver = _largest_component(np.asarray(liver) > 0)
+    liver = np.asarray(liver) > 0
+    liver = get_largest_connected_component_mask(liver, connectivity=1) if liver.any() else liver
     if not liver.any():
         return None
     points = world_coordinates(liver, affine)

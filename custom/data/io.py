@@ -1,17 +1,19 @@
-"""File helpers of the data tools: NIfTI in a chosen orientation, atomic folders and JSON files."""
+"""File helpers of the data tools: NIfTI in a chosen orientation, atomic folders and JSON files.
+
+:func:`custom.atomic_files.atomic_directory` (re-exported here) writes a folder whole before it appears (the data
+sets, ``python -m custom.package``); a single file is written through :func:`custom.atomic_files.atomic_write`.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+from custom.atomic_files import atomic_directory, atomic_write
 
 __all__ = ["reorient", "write_nifti", "atomic_directory", "write_json_atomic", "orientation_of", "progress_bar"]
 
@@ -47,37 +49,8 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype=N
     nib.save(image, str(path))
 
 
-@contextmanager
-def atomic_directory(out_dir: str | Path, overwrite: bool = False):
-    """Yield a temporary sibling folder that replaces ``out_dir`` only when the block succeeds.
-
-    A half-written dataset is never visible under ``out_dir``. An existing non-empty ``out_dir`` is an error
-    unless ``overwrite`` is set.
-    """
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"Output folder {out_dir} already exists and is not empty; choose another folder "
-            "or pass overwrite=True (--overwrite on the command line)."
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_json_atomic(path: str | Path, data) -> None:
-    """Write JSON through a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write ``data`` as indented JSON to ``path`` through :func:`custom.atomic_files.atomic_write` (a temporary
+    file renamed into place; an existing file is replaced)."""
+    text = json.dumps(data, indent=1) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text), overwrite=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from monai.transforms.utils import get_largest_connected_component_mask
 from scipy import ndimage
 
 from .geometry import CANTLIE_FRACTION, FALCIFORM_FRACTION, PORTAL_FRACTION, RIGHT_SECTOR_FRACTION
@@ -453,7 +454,7 @@ class PhantomBuilder:
         self.liver[box] = shape
         self.liver &= ~self.kidney_mask & ~self.ivc_mask
         self._carve_gallbladder()
-        self.liver = largest_component(self.liver)
+        self.liver = get_largest_connected_component_mask(self.liver, connectivity=1)
         self.hu[self.liver] = self.contrast.liver
         lbox = bounding_box(self.liver)
         texture = 4.0 * smooth_field(self.rng, tuple(s.stop - s.start for s in lbox), 10)
@@ -622,15 +623,6 @@ class PhantomBuilder:
 def _rotation_x(angle: float) -> np.ndarray:
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:

@@ -7,10 +7,13 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import Convolution
 from torch import nn
 
+from custom.networks.weights import rename_sequential_conv_norm_act_keys
+
 __all__ = [
-    "ConvNormAct",
+    "conv_norm_act",
     "PositionAlignment",
     "CrossScaleAttention",
     "FullScaleDecoder",
@@ -20,15 +23,22 @@ __all__ = [
 ]
 
 
-class ConvNormAct(nn.Sequential):
-    """Convolution, batch norm, ReLU. ``(B, C_in, H, W) -> (B, C_out, H / stride, W / stride)``."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
+def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1) -> Convolution:
+    """MONAI ``Convolution``: 2D convolution without bias, batch norm, ReLU; ``(B, C_in, H, W) -> (B, C_out,
+    H / stride, W / stride)``. It also loads weights saved with this block's earlier ``nn.Sequential`` layout
+    (:func:`custom.networks.weights.rename_sequential_conv_norm_act_keys`)."""
+    block = Convolution(
+        2,
+        in_channels,
+        out_channels,
+        strides=stride,
+        kernel_size=kernel_size,
+        act=("relu", {"inplace": True}),
+        norm="batch",
+        bias=False,
+    )
+    block.register_load_state_dict_pre_hook(rename_sequential_conv_norm_act_keys)
+    return block
 
 
 class PositionAlignment(nn.Module):
@@ -39,7 +49,7 @@ class PositionAlignment(nn.Module):
 
     def __init__(self, in_channels: Sequence[int], channels: int) -> None:
         super().__init__()
-        self.projections = nn.ModuleList(ConvNormAct(c, channels) for c in in_channels)
+        self.projections = nn.ModuleList(conv_norm_act(c, channels) for c in in_channels)
 
     def forward(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
         aligned = []
@@ -121,8 +131,8 @@ class FullScaleDecoder(nn.Module):
         self.align_fine = PositionAlignment(in_channels[:1], channels)
         self.align_coarse = PositionAlignment(in_channels[1:], channels)
         self.cross_scale = CrossScaleAttention(channels, len(in_channels) - 1, num_heads, depth)
-        self.fuse_coarse = ConvNormAct(channels * (len(in_channels) - 1), channels)
-        self.merge = ConvNormAct(2 * channels, channels)
+        self.fuse_coarse = conv_norm_act(channels * (len(in_channels) - 1), channels)
+        self.merge = conv_norm_act(2 * channels, channels)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         fine_size = features[0].shape[-2:]
@@ -132,13 +142,11 @@ class FullScaleDecoder(nn.Module):
         # merge(cat([p1, upsample(g)])) with its 1x1 convolution split in two: the part that reads the global
         # context runs before the upsampling (a 1x1 convolution and bilinear upsampling commute), so neither the
         # upsampled context nor the concatenation is built at stride 4. Same function, same weights.
-        conv, channels = self.merge[0], p1.shape[1]
+        conv, channels = self.merge.conv, p1.shape[1]
         merged = F.conv2d(p1, conv.weight[:, :channels], conv.bias) + F.interpolate(
             F.conv2d(global_context, conv.weight[:, channels:]), size=fine_size, mode="bilinear", align_corners=False
         )
-        for layer in list(self.merge)[1:]:  # its norm and activation
-            merged = layer(merged)
-        return merged
+        return self.merge.adn(merged)  # its norm and activation
 
 
 class FPNDecoder(nn.Module):
@@ -149,8 +157,8 @@ class FPNDecoder(nn.Module):
 
     def __init__(self, in_channels: Sequence[int], channels: int = 128) -> None:
         super().__init__()
-        self.laterals = nn.ModuleList(ConvNormAct(c, channels) for c in in_channels)
-        self.smooth = ConvNormAct(channels, channels, kernel_size=3)
+        self.laterals = nn.ModuleList(conv_norm_act(c, channels) for c in in_channels)
+        self.smooth = conv_norm_act(channels, channels, kernel_size=3)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         x = self.laterals[-1](features[-1])
@@ -172,10 +180,11 @@ class DetailHead(nn.Module):
     def __init__(self, in_channels: int, decoded_channels: int, out_channels: int, channels: int = 16) -> None:
         super().__init__()
         self.image_features = nn.Sequential(
-            ConvNormAct(in_channels, channels, kernel_size=3, stride=2), ConvNormAct(channels, channels, kernel_size=3)
+            conv_norm_act(in_channels, channels, kernel_size=3, stride=2),
+            conv_norm_act(channels, channels, kernel_size=3),
         )
-        self.context = ConvNormAct(decoded_channels, channels)
-        self.fuse = ConvNormAct(2 * channels, channels)
+        self.context = conv_norm_act(decoded_channels, channels)
+        self.fuse = conv_norm_act(2 * channels, channels)
         self.correction = nn.Conv2d(channels, out_channels, 1)
         nn.init.zeros_(self.correction.weight)
         nn.init.zeros_(self.correction.bias)

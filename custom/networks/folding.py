@@ -9,10 +9,10 @@ the checkpoints, and training it would train a different parametrisation.
 from __future__ import annotations
 
 import torch
+from monai.networks.blocks import Convolution
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from custom.networks.decoders import ConvNormAct
 from custom.networks.encoder import OverlapPatchEmbed
 from custom.networks.svla import SVLABlock
 
@@ -82,8 +82,8 @@ def fold_batch_norms(network: nn.Module) -> nn.Module:
                 else:
                     folded.append(layer)
             module.layers = nn.Sequential(*folded)
-        elif isinstance(module, ConvNormAct) and isinstance(module[1], nn.BatchNorm2d):
-            module[0], module[1] = _fuse_after(module[0], module[1]), nn.Identity()
+        elif isinstance(module, Convolution) and isinstance(getattr(module.adn, "N", None), nn.BatchNorm2d):
+            module.conv, module.adn.N = _fuse_after(module.conv, module.adn.N), nn.Identity()
         elif isinstance(module, SVLABlock) and isinstance(module.norm1, nn.BatchNorm2d):
             attention, feed_forward = module.attention, module.feed_forward.layers
             attention.proj_in[0] = fold_norm_into_next_conv(module.norm1, attention.proj_in[0])

@@ -17,6 +17,7 @@ __all__ = [
     "check_checkpoint",
     "load_weights",
     "read_weights",
+    "rename_sequential_conv_norm_act_keys",
     "text_encoder_frozen",
     "widen_input_channels",
 ]
@@ -25,7 +26,28 @@ TEXT_ENCODER_PREFIX = "text_encoder."
 #: The first convolution of the encoder's stem, the only weight that reads the input channels.
 STEM_WEIGHT = "encoder.embeddings.0.layers.0.weight"
 
+#: Keys of a decoder block (convolution, batch norm, ReLU) in weights saved while it was an ``nn.Sequential`` (the
+#: shipped ``bundle/models/model.pt`` and checkpoints of earlier training runs) -> its keys as MONAI ``Convolution``.
+SEQUENTIAL_CONV_NORM_ACT_KEYS = {
+    "0.weight": "conv.weight",
+    "1.weight": "adn.N.weight",
+    "1.bias": "adn.N.bias",
+    "1.running_mean": "adn.N.running_mean",
+    "1.running_var": "adn.N.running_var",
+    "1.num_batches_tracked": "adn.N.num_batches_tracked",
+}
+
 logger = logging.getLogger(__name__)
+
+
+def rename_sequential_conv_norm_act_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook of a decoder block (:func:`custom.networks.decoders.conv_norm_act`): renames the
+    block's keys in ``state_dict`` from its earlier ``nn.Sequential`` layout (:data:`SEQUENTIAL_CONV_NORM_ACT_KEYS`),
+    in place, before the block loads them. Every way of loading goes through it (``load_state_dict`` of the network,
+    :class:`ShippedWeights`, MONAI's ``CheckpointLoader``), so old and new weights load alike, strictly."""
+    for old, new in SEQUENTIAL_CONV_NORM_ACT_KEYS.items():
+        if prefix + old in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
 def text_encoder_frozen(network: nn.Module) -> bool:
