@@ -1,4 +1,5 @@
-"""Ignite handlers: per-expression scores to CSV and a summary to JSON; input errors passed on without a traceback."""
+"""Ignite handlers: per-expression scores to CSV and a summary to JSON; input errors passed on without a traceback;
+one line per answered prompt and what an inference run wrote; the loss terms and learning rate for TensorBoard."""
 
 from __future__ import annotations
 
@@ -6,19 +7,25 @@ import csv
 import json
 import logging
 import math
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from monai.handlers import from_engine
 from monai.utils import min_version, optional_import
 
+from custom.clinical.outputs import ReferringOutputWriter
 from custom.clinical.writers import atomic_write
 from custom.metrics import ExpressionScores, score_expression, summarize
+from custom.runtime import format_duration
+from custom.user_inputs import as_bool
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
-__all__ = ["FoldBatchNorms", "InputErrorHandler", "ReferringResultsWriter"]
+__all__ = ["AnswerReport", "FoldBatchNorms", "InputErrorHandler", "ReferringResultsWriter", "TrainingScalars"]
 
 
 class InputErrorHandler:
@@ -163,3 +170,129 @@ def write_csv(path: Path, rows: list[dict]) -> None:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+
+
+def answer_line(record: Mapping, seconds: float) -> str:
+    """One answered prompt: ``case_001 "the largest lesion": found, 2 lesions, confidence 0.91, 3.4 s`` (not
+    present: with the reason the answer gives, if any)."""
+    if record.get("found"):
+        count = int(record.get("n_lesions", 0))
+        answer = f"found, {count} lesion{'' if count == 1 else 's'}"
+    else:
+        reason = (record.get("decision") or {}).get("reason")
+        answer = "not present" + (f" ({reason})" if reason else "")
+    confidence = record.get("confidence")
+    confidence = "confidence n/a" if confidence is None else f"confidence {float(confidence):.2f}"
+    return f'{record.get("case_id", "")} "{record.get("expression", "")}": {answer}, {confidence}, {seconds:.1f} s'
+
+
+def written_files(output_dir: str | Path, record: Mapping) -> list[Path]:
+    """The files of one record's answer, as :class:`custom.clinical.ReferringOutputWriter` names them."""
+    names = record.get("outputs") or {}
+    if "record" not in names:
+        return []
+    writer = ReferringOutputWriter(output_dir, montage="montage" in names)
+    dicom = str(names.get("mask", "")).endswith(".dcm")
+    stem = names["record"].removesuffix(".json")
+    return list(writer.output_paths(str(record["case_id"]), stem, dicom).values())
+
+
+def wrote_line(output_dir: str | Path, files: Sequence[Path], answers: int, shown: int = 3) -> str:
+    """What a run wrote: ``wrote 1 answer (3 files) in out/case_001: a_mask.nii.gz, a.json, a_overlay.png``, or for
+    several case folders ``wrote 12 answers (36 files) in 4 folders under out: case_001, case_002, case_003 and 1
+    more``."""
+    if not files:
+        return f"wrote nothing to {output_dir}"
+    head = f"wrote {answers} answer{'' if answers == 1 else 's'} ({len(files)} files)"
+    folders = list(dict.fromkeys(path.parent for path in files))
+    if len(folders) == 1:
+        return f"{head} in {folders[0]}: {', '.join(path.name for path in files)}"
+    names = ", ".join(folder.name for folder in folders[:shown])
+    more = f" and {len(folders) - shown} more" if len(folders) > shown else ""
+    return f"{head} in {len(folders)} folders under {output_dir}: {names}{more}"
+
+
+class AnswerReport:
+    """Log a line per answered prompt of an inference run, with its place in the run, and a last line naming what
+    the run wrote::
+
+        [2/12] case_001 "the largest hypodense lesion": found, 2 lesions, confidence 0.91, 3.4 s
+        ...
+        wrote 12 answers (36 files) in 4 folders under outputs: case_001, case_002, case_003 and 1 more
+
+    Reads the record that ``custom.clinical.SaveReferringOutputsd`` leaves under ``record_key`` in each decollated
+    output. The seconds of a prompt are its iteration's (the first prompt of an image includes loading it).
+    Without ``engine_lines`` the engine's own INFO lines (run started, epoch complete, run finished: nothing about
+    the answers) are left out, so the run ends with the "wrote" line; its warnings and errors still show. With
+    ``enabled`` false it attaches nothing (evaluation, which writes no answers, layers ``report_answers: false``).
+    """
+
+    def __init__(
+        self, output_dir: str | Path, record_key: str = "record", engine_lines: bool = False, enabled: bool = True
+    ) -> None:
+        self.enabled = as_bool(enabled, "enabled")
+        self.output_dir = Path(output_dir)
+        self.record_key = record_key
+        self.engine_lines = as_bool(engine_lines, "engine_lines")
+        self.logger = logging.getLogger(__name__)
+        self.files: list[Path] = []
+        self.answers = 0
+        self.run_started = self.started = time.perf_counter()
+
+    def attach(self, engine) -> None:
+        if not self.enabled:  # e.g. evaluation, which writes no answers
+            return
+        if not self.engine_lines:
+            engine.logger.setLevel(max(engine.logger.level, logging.WARNING))
+        engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_STARTED, self.start_iteration)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.report)
+        engine.add_event_handler(Events.COMPLETED, self.finish)
+
+    def reset(self, engine=None) -> None:
+        self.files, self.answers = [], 0
+        self.run_started = time.perf_counter()
+
+    def start_iteration(self, engine=None) -> None:
+        self.started = time.perf_counter()
+
+    @staticmethod
+    def _total(engine) -> int | None:
+        """Number of items the run answers: its data loader's dataset's (or data's) length, if it has one."""
+        data = getattr(engine, "data_loader", None) or engine.state.dataloader
+        try:
+            return len(getattr(data, "dataset", data))
+        except TypeError:
+            return None
+
+    def report(self, engine) -> None:
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        records = [o[self.record_key] for o in outputs if isinstance(o, Mapping) and self.record_key in o]
+        seconds = (time.perf_counter() - self.started) / max(1, len(records))
+        total = self._total(engine)
+        for record in records:
+            self.answers += 1
+            self.files += written_files(self.output_dir, record)
+            place = f"[{self.answers}/{total}]" if total else f"[{self.answers}]"
+            self.logger.info(f"{place} {answer_line(record, seconds)}")
+
+    def finish(self, engine=None) -> None:
+        elapsed = format_duration(time.perf_counter() - self.run_started)
+        self.logger.info(f"{wrote_line(self.output_dir, self.files, self.answers)} ({elapsed})")
+
+
+class TrainingScalars:
+    """``output_transform`` of MONAI's ``TensorBoardStatsHandler`` that gives, per iteration, the loss
+    (``train_loss``), each of its terms (``loss/<term>``, :meth:`custom.losses.LSMSLoss.weighted_terms`) and the
+    learning rate of each parameter group (``learning_rate``; ``learning_rate/<k>`` when there are several)."""
+
+    def __init__(self, loss: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_tag: str = "train_loss") -> None:
+        self.loss, self.optimizer, self.loss_tag = loss, optimizer, loss_tag
+
+    def __call__(self, output) -> dict[str, float]:
+        scalars = {self.loss_tag: float(from_engine(["loss"], first=True)(output))}
+        scalars.update({f"loss/{name}": float(value) for name, value in getattr(self.loss, "terms", {}).items()})
+        groups = self.optimizer.param_groups
+        for k, group in enumerate(groups):
+            scalars["learning_rate" if len(groups) == 1 else f"learning_rate/{k}"] = float(group["lr"])
+        return scalars

@@ -11,6 +11,9 @@ from torch import nn
 
 __all__ = ["LesionSizeWeightedBCE", "PixelSentenceContrastiveLoss", "LSMSLoss"]
 
+#: Names of the dense (text-free) output channels 1, 2 of a 3-channel network, in the loss terms.
+DENSE_TERMS = {1: "liver", 2: "lesions"}
+
 
 class LesionSizeWeightedBCE(nn.Module):
     """Binary cross-entropy in which a small lesion counts about as much as a large one.
@@ -89,6 +92,8 @@ class LSMSLoss(nn.Module):
     when the dict carries a sentence embedding and the weight is > 0, over the samples that have text
     (``text_present``) and on channel 0. Dice is computed over the whole batch (``batch=True``) so slices with an
     empty target stay finite and sensible.
+
+    The terms of the last call are kept in ``terms`` (:meth:`weighted_terms`), for logging.
     """
 
     def __init__(
@@ -107,8 +112,17 @@ class LSMSLoss(nn.Module):
         self.contrastive = PixelSentenceContrastiveLoss(temperature)
         self.contrastive_weight = contrastive_weight
         self.dense_weight = dense_weight
+        self.terms: dict[str, torch.Tensor] = {}
 
     def forward(self, pred, target: torch.Tensor) -> torch.Tensor:
+        terms = self.weighted_terms(pred, target)
+        self.terms = {name: value.detach() for name, value in terms.items()}
+        return sum(terms.values())
+
+    def weighted_terms(self, pred, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each term as it enters the loss (its weight applied), by name: ``referred`` (channel 0), ``liver`` and
+        ``lesions`` (the dense channels of a 3-channel network; ``channel_<k>`` otherwise), ``small_lesions`` and
+        ``contrastive`` when used. Their sum is the loss; the last forward's are kept in ``terms`` (detached)."""
         logits = pred["logits"] if isinstance(pred, dict) else pred
         target = target.float()
         if logits.shape[1] != target.shape[1]:
@@ -116,17 +130,18 @@ class LSMSLoss(nn.Module):
                 f"The network gives {logits.shape[1]} output channels but the target has {target.shape[1]}: "
                 "train a 3-channel network on dense targets (ReferredMaskd dense=True), a 1-channel one without."
             )
-        loss = self.segmentation(logits[:, :1], target[:, :1])
+        terms = {"referred": self.segmentation(logits[:, :1], target[:, :1])}
         for channel in range(1, logits.shape[1]):
-            loss = loss + self.dense_weight * self.segmentation(
+            name = DENSE_TERMS[channel] if logits.shape[1] == len(DENSE_TERMS) + 1 else f"channel_{channel}"
+            terms[name] = self.dense_weight * self.segmentation(
                 logits[:, channel : channel + 1], target[:, channel : channel + 1]
             )
         if self.small_lesion_weight > 0:
-            loss = loss + self.small_lesion_weight * self.small_lesions(logits[:, -1:], target[:, -1:])
+            terms["small_lesions"] = self.small_lesion_weight * self.small_lesions(logits[:, -1:], target[:, -1:])
         if isinstance(pred, dict) and pred.get("sentence_embedding") is not None and self.contrastive_weight > 0:
             with_text = pred.get("text_present")
             with_text = slice(None) if with_text is None else with_text.bool()
-            loss = loss + self.contrastive_weight * self.contrastive(
+            terms["contrastive"] = self.contrastive_weight * self.contrastive(
                 pred["pixel_embeddings"][with_text], pred["sentence_embedding"][with_text], target[with_text, :1]
             )
-        return loss
+        return terms

@@ -1,4 +1,4 @@
-"""Process-level settings for running the network on CPU."""
+"""Process-level settings: memory and exit on CPU, what a run prints (third-party warnings, progress lines)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import atexit
 import ctypes
 import gc
 import logging
+import time
+import warnings
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["keep_freed_memory", "skip_exit_collection"]
+__all__ = ["ProgressLog", "format_duration", "keep_freed_memory", "quiet_third_party", "skip_exit_collection"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,3 +74,99 @@ def skip_exit_collection(enabled: Any = True) -> bool:
     atexit.unregister(gc.freeze)  # at most one registration
     atexit.register(gc.freeze)
     return True
+
+
+#: Packages whose warnings a user of the bundle cannot act on (deprecations, notes on optional accelerators ...).
+THIRD_PARTY = (
+    "monai",
+    "torch",
+    "transformers",
+    "huggingface_hub",
+    "tokenizers",
+    "ignite",
+    "nibabel",
+    "pydicom",
+    "highdicom",
+    "PIL",
+    "scipy",
+    "skimage",
+    "numpy",
+)
+
+
+class ThirdPartyWarnings(logging.Filter):
+    """Drops WARNING records of the :data:`THIRD_PARTY` loggers; their INFO lines (an engine's progress) and errors
+    pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.WARNING and record.name.split(".")[0] in THIRD_PARTY)
+
+
+def quiet_third_party(debug: Any = False) -> bool:
+    """Hide what a user cannot act on: the warnings of the libraries the bundle runs on, their WARNING log records
+    (:class:`ThirdPartyWarnings` on the root logger's handlers) and the transformers progress bars. The bundle's own
+    warnings (e.g. ``ClinicalInputWarning``) still show. ``debug`` true (``--debug true``) leaves everything shown.
+
+    Returns whether anything was hidden.
+    """
+    from custom.user_inputs import as_bool
+
+    if as_bool(debug, "debug"):
+        return False
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", module=rf"({'|'.join(THIRD_PARTY)})(\.|$)")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, ThirdPartyWarnings) for f in handler.filters):
+            handler.addFilter(ThirdPartyWarnings())
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    return True
+
+
+def format_duration(seconds: float) -> str:
+    """``4.2 s``, ``3 min 05 s`` or ``1 h 02 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {rest:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+class ProgressLog:
+    """A progress line every ``every`` items and at the last: ``<what>: 20 of 96 cases, 41.0 s, about 2 min 36 s
+    left``, for log files, where a progress bar shows nothing.
+
+    Args:
+        total: number of items.
+        what: what is being done (``generating cases``).
+        unit: name of the items (``cases``).
+        every: items between lines; by default about a tenth of ``total``.
+        log: where a line goes (default: this module's logger at INFO; ``print`` for a command-line tool).
+    """
+
+    def __init__(
+        self, total: int, what: str, unit: str = "items", every: int | None = None, log: Callable | None = None
+    ) -> None:
+        self.total, self.what, self.unit = int(total), what, unit
+        self.every = max(1, int(every) if every else -(-self.total // 10))
+        self.log = log or logger.info
+        self.done = 0
+        self.start = time.perf_counter()
+
+    def update(self, count: int = 1, note: str = "") -> None:
+        """Count ``count`` more items done; log a line when one is due, ending with ``note`` if given."""
+        before, self.done = self.done, self.done + count
+        if self.done // self.every > before // self.every or (self.done >= self.total > before):
+            self.log(self.line() + (f"; {note}" if note else ""))
+
+    def line(self) -> str:
+        """``<what>: <done> of <total> <unit>, <elapsed>[, about <left> left]``."""
+        elapsed = time.perf_counter() - self.start
+        line = f"{self.what}: {self.done} of {self.total} {self.unit}, {format_duration(elapsed)}"
+        if 0 < self.done < self.total:
+            line += f", about {format_duration(elapsed * (self.total - self.done) / self.done)} left"
+        return line

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
+from PIL import Image, ImageFont
 
 from custom.clinical.dicom_export import write_ct_series
 from custom.clinical.dicom_series import load_ct_ras, ras_mask_to_source_frames, read_source_datasets
@@ -20,7 +20,11 @@ from custom.clinical.measurements import build_record
 from custom.clinical.writers import (
     OVERLAY_COLOR,
     atomic_write,
+    caption_lines,
+    inset_field,
     key_slice_index,
+    montage_layout,
+    montage_slices,
     radiological_view,
     write_dicom_seg,
     write_json_record,
@@ -299,3 +303,98 @@ def test_overlay_title_wraps_instead_of_being_cut(tmp_path):
     with Image.open(short) as a, Image.open(long) as b:
         assert a.size[0] == b.size[0]
         assert b.size[1] - a.size[1] >= 2 * 12  # extra title lines, none dropped
+
+
+def lesion_pixels(picture: np.ndarray) -> np.ndarray:
+    """Where an RGB picture shows the answer's fill or outline (red well above green and blue)."""
+    picture = picture.astype(int)
+    return (picture[..., 0] > picture[..., 1] + 40) & (picture[..., 0] > picture[..., 2] + 40)
+
+
+def test_overlay_is_readable_and_names_its_slice(tmp_path):
+    hu, mask = case_volume(), case_volume() > 0
+    out = tmp_path / "overlay.png"
+    index = write_overlay_png(hu, mask, out, title="a lesion", affine=lps_affine())
+    with Image.open(out) as png:
+        assert max(png.size) >= 512
+        assert png.text["Slice"] == f"slice {index} of {SHAPE[2]}"
+        assert png.text["Title"] == "a lesion"
+
+
+def test_overlay_slice_is_named_in_the_input_and_its_numbers(tmp_path):
+    hu, mask = case_volume(), case_volume() > 0
+    stored_downwards = np.diag([1.0, 1.0, -2.5, 1.0])  # the input stores its slices from superior to inferior
+    ras = stored_downwards @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, SHAPE[2] - 1], [0, 0, 0, 1.0]])
+    out = tmp_path / "overlay.png"
+    numbers = [100 + k for k in range(SHAPE[2])]
+    index = write_overlay_png(
+        hu, mask, out, affine=ras, source_affine=stored_downwards, slice_numbers=numbers, slice_index=2
+    )
+    with Image.open(out) as png:
+        assert index == 2 and png.text["Slice"] == f"slice {SHAPE[2] - 3} of {SHAPE[2]}, number {97 + SHAPE[2]}"
+
+
+def test_a_small_answer_gets_a_zoomed_inset(tmp_path):
+    shape = (200, 200, 3)
+    hu, mask = np.full(shape, 40.0), np.zeros(shape, dtype=bool)
+    mask[150:154, 150:154, 1] = True  # 4 of 200 voxels, patient's right and anterior: top left of the view
+    small = tmp_path / "small.png"
+    write_overlay_png(hu, mask, small, title="a small lesion")
+    with Image.open(small) as png:
+        picture, text = np.asarray(png.convert("RGB"))[-512:], png.text  # the square slice under the caption
+    red = lesion_pixels(picture)
+    # the answer's own pixels top left; a zoomed copy in the opposite corner, many times larger
+    assert red[256:, 256:].sum() > 20 * red[:256, :256].sum() > 0
+    assert text["Slice"] == "slice 1 of 3"
+    mask[50:100, 100:150, 1] = True  # a quarter of the side: seen without zoom
+    large = tmp_path / "large.png"
+    write_overlay_png(hu, mask, large)
+    with Image.open(large) as png:
+        assert not lesion_pixels(np.asarray(png.convert("RGB"))[-512:])[256:, 256:].any()
+
+
+def test_inset_field_surrounds_a_small_answer_inside_the_slice():
+    mask = np.zeros((100, 100), dtype=bool)
+    mask[97:99, 1:3] = True  # in a corner
+    rows, cols = inset_field(mask, (1.0, 1.0))
+    assert rows.stop == 100 and cols.start == 0 and rows.stop - rows.start == cols.stop - cols.start >= 100 / 16
+    assert rows.start <= 97 and cols.stop >= 3
+    mask[10:30, 10:30] = True
+    assert inset_field(mask, (1.0, 1.0)) is None
+    assert inset_field(np.zeros((10, 10), bool), (1.0, 1.0)) is None
+
+
+@pytest.mark.parametrize(
+    ("available", "expected"), [(1, (1, 1)), (2, (2, 2)), (4, (4, 4)), (5, (4, 4)), (7, (6, 3)), (20, (9, 3))]
+)
+def test_montage_layout_fills_every_row(available, expected):
+    tiles, columns = montage_layout(available, 9, 3)
+    assert (tiles, columns) == expected and tiles % columns == 0
+
+
+def test_montage_has_no_empty_tile(tmp_path):
+    shape = (64, 64, 30)
+    hu, mask = np.full(shape, 40.0), np.zeros(shape, dtype=bool)
+    mask[20:40, 20:40, 3:6] = True  # two lesions on slices 3-5 and 20-23, nothing between
+    mask[30:50, 30:50, 20:24] = True
+    out = tmp_path / "montage.png"
+    indices = write_montage(hu, mask, out, title="all lesions", count=9, columns=3)
+    assert indices == montage_slices(mask, 6) and all(mask[:, :, k].any() for k in indices)
+    with Image.open(out) as png:
+        picture, text = np.asarray(png.convert("RGB")), png.text
+    tile = picture.shape[1] // 3  # square tiles under the title
+    tiles = picture[picture.shape[0] - 2 * tile :]
+    for n in range(len(indices)):
+        row, column = divmod(n, 3)
+        assert lesion_pixels(tiles[row * tile : (row + 1) * tile, column * tile : (column + 1) * tile]).any()
+    assert text["Slices"] == "; ".join(f"slice {k} of 30" for k in indices)
+
+
+def test_caption_breaks_between_values_never_inside_one():
+    font = ImageFont.load_default(size=16)
+    title = '"the largest hypodense lesion": 12 lesion(s), 143.1 ml (confidence 0.98)'
+    for width in (160, 220, 300, 400):
+        lines = caption_lines(title, font, width)
+        assert " ".join(lines) == title
+        assert any("143.1 ml" in line for line in lines) and any("(confidence 0.98)" in line for line in lines)
+        assert any("12 lesion(s)," in line for line in lines)

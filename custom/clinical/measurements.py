@@ -28,6 +28,7 @@ from custom.clinical.geometry import affine_of, as_spatial_array, bounding_box, 
 
 __all__ = [
     "CONNECTIVITY",
+    "SliceIndexer",
     "voxel_volume_ml",
     "label_lesions",
     "axial_axis",
@@ -150,7 +151,7 @@ def axial_diameters(component: np.ndarray, affine, perpendicular: bool = True) -
     return best
 
 
-class _SliceIndexer:
+class SliceIndexer:
     """Converts axial slice indices of the working grid into the input's slice indices (and slice numbers)."""
 
     def __init__(self, affine: np.ndarray, source_affine=None, slice_numbers: Sequence[int] | None = None):
@@ -169,6 +170,10 @@ class _SliceIndexer:
         source = sorted({self(int(k)) for k in ks})
         return [source[0], source[-1]]
 
+    def number_of(self, source_index: int) -> int | None:
+        """The slice number (e.g. DICOM InstanceNumber) of an input slice index; None without slice numbers."""
+        return None if self.slice_numbers is None else int(self.slice_numbers[source_index])
+
     def numbers_of(self, source_range: list[int]) -> list[int] | None:
         if self.slice_numbers is None:
             return None
@@ -176,7 +181,7 @@ class _SliceIndexer:
         return [int(min(numbers)), int(max(numbers))]
 
 
-def _lesion_record(component, hu, affine, probabilities, indexer: _SliceIndexer, offset: np.ndarray) -> dict:
+def _lesion_record(component, hu, affine, probabilities, indexer: SliceIndexer, offset: np.ndarray) -> dict:
     """Measurements of one lesion: ``component`` is its boolean mask cropped at voxel ``offset`` of the grid of
     ``affine``; ``hu`` and ``probabilities`` are cropped alike."""
     voxels = np.argwhere(component) + offset
@@ -247,7 +252,7 @@ def measure_lesions(
     mask, hu = mask[extent], hu[extent]
     probs = None if probs is None else probs[extent]
     labels, count = label_lesions(mask)
-    indexer = _SliceIndexer(affine, source_affine, slice_numbers)
+    indexer = SliceIndexer(affine, source_affine, slice_numbers)
     lesions = []
     for n, box in enumerate(ndimage.find_objects(labels), start=1):
         offset = np.array([b.start + e.start for b, e in zip(box, extent)])

@@ -312,9 +312,13 @@ class ReferringOutputWriter:
         )
         write_json_record(record, staged["record"])
         title = self._title(expression, record)
-        write_overlay_png(image_ras, referred, staged["overlay"], title, affine=affine, window=self.window)
+        slices = {
+            "source_affine": meta.get(MetaKeys.ORIGINAL_AFFINE),
+            "slice_numbers": meta.get("source_instance_numbers"),
+        }
+        write_overlay_png(image_ras, referred, staged["overlay"], title, affine=affine, window=self.window, **slices)
         if self.montage:
-            write_montage(image_ras, referred, staged["montage"], title, affine=affine, window=self.window)
+            write_montage(image_ras, referred, staged["montage"], title, affine=affine, window=self.window, **slices)
         return record
 
     def _publish(self, staged: Mapping[str, Path], paths: Mapping[str, Path]) -> None:

@@ -11,19 +11,22 @@ import copy
 import hashlib
 import json
 import os
-import textwrap
-import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
+from monai.transforms import ScaleIntensityRange
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 from scipy import ndimage
 
-from custom.clinical.errors import GeometryMismatchError, OutputExistsError, ProtectedInputError
-from custom.clinical.geometry import affine_of, as_binary_uint8, as_spatial_array, reorient_to
+from custom.atomic_files import atomic_write
+from custom.clinical.errors import GeometryMismatchError
+from custom.clinical.geometry import affine_of, as_binary_uint8, as_spatial_array, bounding_box, reorient_to
+from custom.clinical.measurements import SliceIndexer
 
 __all__ = [
     "atomic_write",
@@ -31,7 +34,10 @@ __all__ = [
     "write_nifti_mask",
     "write_dicom_seg",
     "write_json_record",
-    "window_ct",
+    "caption_lines",
+    "inset_field",
+    "montage_layout",
+    "montage_slices",
     "radiological_view",
     "key_slice_index",
     "write_overlay_png",
@@ -51,13 +57,6 @@ OVERLAY_ALPHA = 0.4
 PathLike = str | os.PathLike
 
 
-def _same_file(a: PathLike, b: PathLike) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return Path(a).resolve() == Path(b).resolve()
-
-
 def file_sha256(path: PathLike) -> str:
     """sha256 (hex) of the file at ``path``, read in 1 MB blocks."""
     digest = hashlib.sha256()
@@ -65,71 +64,6 @@ def file_sha256(path: PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _temporary_name(out_path: Path) -> Path:
-    """A hidden, unique name in the output folder that keeps the output's suffix (writers choose format by it)."""
-    suffix = ".nii.gz" if out_path.name.lower().endswith(".nii.gz") else out_path.suffix
-    return out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
-
-
-def _flush_to_disk(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _publish(tmp: Path, out_path: Path, overwrite: bool) -> None:
-    """Move the finished temporary file to ``out_path``; without ``overwrite`` never replace an existing file."""
-    if overwrite:
-        os.replace(tmp, out_path)
-        return
-    try:
-        os.link(tmp, out_path)  # fails if out_path exists, even if it appeared after the first check
-    except FileExistsError:
-        raise OutputExistsError(out_path) from None
-    except OSError:  # file system without hard links
-        if out_path.exists():
-            raise OutputExistsError(out_path) from None
-        os.replace(tmp, out_path)
-        return
-    tmp.unlink()
-
-
-def atomic_write(
-    out_path: PathLike,
-    write: Callable[[Path], object],
-    overwrite: bool = False,
-    protected: Iterable[PathLike] = (),
-) -> Path:
-    """Write a file through ``write(temporary_path)`` and rename it to ``out_path`` once complete.
-
-    Args:
-        out_path: the output file; its folder is created if needed.
-        write: function that writes the whole file at the path it is given.
-        overwrite: replace an existing ``out_path``; otherwise ``OutputExistsError``.
-        protected: input files that must never be written (``ProtectedInputError``, even with ``overwrite``).
-
-    Returns:
-        ``out_path`` as a ``Path``.
-    """
-    out_path = Path(out_path)
-    for path in protected:
-        if out_path.exists() and _same_file(out_path, path):
-            raise ProtectedInputError(f"Output path '{out_path}' is the input file '{path}'; choose another path.")
-    if out_path.is_dir():
-        raise IsADirectoryError(f"Output path '{out_path}' is a folder; give a file name.")
-    if out_path.exists() and not overwrite:
-        raise OutputExistsError(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(out_path)
-    try:
-        write(tmp)
-        _flush_to_disk(tmp)
-        _publish(tmp, out_path, overwrite)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out_path
 
 
 # --------------------------------------------------------------------------------------------------- NIfTI mask
@@ -313,11 +247,24 @@ def write_json_record(record: Mapping, out_path: PathLike, overwrite: bool = Fal
 # --------------------------------------------------------------------------------------------------- PNG
 
 
-def window_ct(hu, center: float = DEFAULT_WINDOW[0], width: float = DEFAULT_WINDOW[1]) -> np.ndarray:
-    """Map HU to uint8 grey levels with a window (centre, width in HU)."""
-    low = center - width / 2.0
-    scaled = (np.asarray(hu, dtype=np.float64) - low) / float(width)
-    return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
+#: Long side of an overlay in pixels (at least; never under one pixel per voxel).
+OVERLAY_SIZE = 512
+#: Long side of one montage tile in pixels.
+MONTAGE_TILE_SIZE = 256
+#: An answer whose box spans less than this share of the slice's long side gets a zoomed inset.
+INSET_BELOW = 1 / 8
+#: The inset's long side as a share of the overlay's short side (it stays clear of the 'R' and 'L' marks); the
+#: field it shows, in multiples of the answer's box (at least 1/16 of the slice's long side).
+INSET_SHARE, INSET_FIELD = 0.4, 2.0
+#: Colour of text and of the inset's frames.
+TEXT_COLOR, MARK_COLOR = (255, 255, 255), (255, 255, 0)
+
+
+def _grey_levels(hu, window: tuple[float, float]) -> np.ndarray:
+    """uint8 grey levels of HU through a display window (centre, width): MONAI's ``ScaleIntensityRange``."""
+    center, width = float(window[0]), float(window[1])
+    scale = ScaleIntensityRange(center - width / 2, center + width / 2, 0.0, 255.0, clip=True)
+    return np.round(np.asarray(scale(np.asarray(hu, dtype=np.float32)))).astype(np.uint8)
 
 
 def radiological_view(slice_ras: np.ndarray) -> np.ndarray:
@@ -336,47 +283,177 @@ def key_slice_index(mask_ras) -> int:
     return int(np.argmax(areas)) if areas.any() else mask.shape[2] // 2
 
 
-def _display_size(shape_yx: tuple[int, int], spacing_xy, min_size: int) -> tuple[int, int]:
-    """(width, height) in pixels with square physical pixels, scaled so that the shorter side is >= min_size."""
-    sx, sy = (1.0, 1.0) if spacing_xy is None else (float(spacing_xy[0]), float(spacing_xy[1]))
-    width_mm, height_mm = shape_yx[1] * sx, shape_yx[0] * sy
-    scale = max(min_size / min(width_mm, height_mm), 1.0 / min(sx, sy))
+def _display_size(shape_yx: tuple[int, int], spacing_yx: tuple[float, float], long_side: int) -> tuple[int, int]:
+    """(width, height) in pixels with square physical pixels, the long side at least ``long_side``."""
+    height_mm, width_mm = shape_yx[0] * spacing_yx[0], shape_yx[1] * spacing_yx[1]
+    scale = max(long_side / max(width_mm, height_mm), 1.0 / min(spacing_yx))
     return max(1, round(width_mm * scale)), max(1, round(height_mm * scale))
 
 
-def _overlay_tile(image_slice, mask_slice, window, spacing_xy, min_size: int) -> Image.Image:
-    """RGB tile: windowed CT in grey, mask as translucent fill with an opaque outline, radiological view.
+def _render(grey: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """RGB picture at ``size`` of a display-oriented slice: grey CT, the answer as a translucent fill with an outline.
 
-    Why not ``monai.visualize.blend_images``: it needs matplotlib (not a dependency of this bundle) for its colour
-    map, colours by label value rather than one fixed colour, and draws no outline; the fill here is one line.
+    Why not ``monai.visualize.blend_images``: it colours the label through a matplotlib colour map (matplotlib is
+    not a dependency of this bundle) and draws no outline.
     """
-    grey = radiological_view(window_ct(image_slice, *window))
-    mask = radiological_view(np.asarray(mask_slice) > 0)
-    size = _display_size(grey.shape, spacing_xy, min_size)
     rgb = np.array(Image.fromarray(grey).resize(size, Image.Resampling.BILINEAR).convert("RGB"), dtype=np.float64)
-    mask = np.array(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
+    inside = np.array(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
     color = np.array(OVERLAY_COLOR, dtype=np.float64)
-    rgb[mask] = (1 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * color
-    outline = mask & ~ndimage.binary_erosion(mask, iterations=max(1, size[0] // 256))
-    rgb[outline] = color
-    tile = Image.fromarray(np.round(rgb).astype(np.uint8))
+    rgb[inside] = (1 - OVERLAY_ALPHA) * rgb[inside] + OVERLAY_ALPHA * color
+    rgb[inside & ~ndimage.binary_erosion(inside, iterations=max(1, max(size) // 256))] = color
+    return Image.fromarray(np.round(rgb).astype(np.uint8))
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=max(10, int(size)))
+
+
+def _line_height(font) -> int:
+    return font.getbbox("Ag|")[3] + 4
+
+
+def _label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, fill=TEXT_COLOR) -> None:
+    """Text with a dark edge, readable on any grey."""
+    draw.text(xy, text, fill=fill, font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+
+
+def _mark_sides(tile: Image.Image, font) -> None:
+    """'R' and 'L' at the middle of the left and right edges (radiological view)."""
     draw = ImageDraw.Draw(tile)
-    draw.text((4, tile.height // 2), "R", fill=(255, 255, 0))
-    draw.text((tile.width - 12, tile.height // 2), "L", fill=(255, 255, 0))
-    return tile
+    middle = (tile.height - _line_height(font)) // 2
+    _label(draw, (6, middle), "R", font, MARK_COLOR)
+    _label(draw, (tile.width - 6 - font.getlength("L"), middle), "L", font, MARK_COLOR)
 
 
-def _with_title(tile: Image.Image, title: str | None) -> Image.Image:
-    if not title:
-        return tile
-    font = ImageFont.load_default()
-    lines = textwrap.wrap(title, width=max(8, (tile.width - 8) // 6)) or [title]
-    line_height = 12
-    height = 6 + line_height * len(lines)
-    canvas = Image.new("RGB", (tile.width, tile.height + height), (0, 0, 0))
-    canvas.paste(tile, (0, height))
-    ImageDraw.Draw(canvas).multiline_text((4, 3), "\n".join(lines), fill=(255, 255, 255), font=font, spacing=2)
+# ----------------------------------------------------------------------------------------- captions
+
+
+_STARTS_WITH_NUMBER = re.compile(r"[(\[]?[-+]?\d")
+_NUMBER = re.compile(r"[(\[]?[-+]?\d+(?:\.\d+)?")
+
+
+def _units(text: str) -> list[str]:
+    """The words of ``text``, a number kept with the word before and after it (``confidence 0.98)``, ``43.1 ml``,
+    ``1 lesion(s)``) but never across a ``,`` ``:`` or ``;``: the pieces a caption may be broken between."""
+    units: list[str] = []
+    for word in text.split():
+        previous = units[-1] if units else ""
+        joined = previous and not previous.endswith((",", ":", ";"))
+        if joined and (_STARTS_WITH_NUMBER.match(word) or _NUMBER.fullmatch(previous.split()[-1])):
+            units[-1] = f"{previous} {word}"
+        else:
+            units.append(word)
+    return units
+
+
+def _cut(unit: str, font, width: float) -> list[str]:
+    """``unit`` cut into pieces of at most ``width`` pixels (a single character may be wider)."""
+    pieces = []
+    while len(unit) > 1 and font.getlength(unit) > width:
+        n = len(unit) - 1
+        while n > 1 and font.getlength(unit[:n]) > width:
+            n -= 1
+        pieces.append(unit[:n])
+        unit = unit[n:]
+    return pieces + [unit]
+
+
+def caption_lines(text: str, font, width: float) -> list[str]:
+    """``text`` broken into lines of at most ``width`` pixels in ``font``, never inside a value (``43.1 ml`` stays
+    on one line); only a unit wider than a whole line is cut."""
+    lines: list[str] = []
+    for unit in _units(text):
+        if lines and font.getlength(f"{lines[-1]} {unit}") <= width:
+            lines[-1] = f"{lines[-1]} {unit}"
+        else:
+            lines += _cut(unit, font, width)
+    return lines
+
+
+def _with_caption(picture: Image.Image, lines: Sequence[str], font) -> Image.Image:
+    """``picture`` under a black bar holding ``lines`` (each already fits the width)."""
+    if not lines:
+        return picture
+    step = _line_height(font)
+    bar = 6 + step * len(lines)
+    canvas = Image.new("RGB", (picture.width, picture.height + bar), (0, 0, 0))
+    canvas.paste(picture, (0, bar))
+    draw = ImageDraw.Draw(canvas)
+    for n, line in enumerate(lines):
+        draw.text((6, 3 + n * step), line, fill=TEXT_COLOR, font=font)
     return canvas
+
+
+def _caption(title: str | None, notes: Sequence[str], width: int, font) -> list[str]:
+    lines = caption_lines(title, font, width - 12) if title else []
+    return lines + [line for note in notes for line in caption_lines(note, font, width - 12)]
+
+
+def _slice_label(index: int, depth: int, indexer: SliceIndexer) -> str:
+    """``slice 37 of 80``: the input's 0-based axial index (as the record counts), with the input's slice number
+    where it has them (``slice 37 of 80, number 38``, e.g. the DICOM InstanceNumber)."""
+    source = indexer(index)
+    number = indexer.number_of(source)
+    return f"slice {source} of {depth}" + ("" if number is None else f", number {number}")
+
+
+def _save_png(picture: Image.Image, out_path: PathLike, text: Mapping[str, str], overwrite: bool) -> Path:
+    """Write ``picture`` as PNG with ``text`` as its text chunks (read back with ``PIL.Image.open(path).text``)."""
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    return atomic_write(out_path, lambda tmp: picture.save(str(tmp), format="PNG", pnginfo=info), overwrite)
+
+
+# ----------------------------------------------------------------------------------------- zoomed inset
+
+
+def inset_field(mask: np.ndarray, spacing_yx: tuple[float, float]) -> tuple[slice, slice] | None:
+    """The (rows, columns) a zoomed inset shows of a display-oriented slice: a square in mm around the answer,
+    ``INSET_FIELD`` times its box (at least 1/16 of the slice's long side), inside the slice; None when there is no
+    answer or its box spans ``INSET_BELOW`` of the slice's long side or more."""
+    box = bounding_box(mask)
+    if box is None:
+        return None
+    long_mm = max(n * s for n, s in zip(mask.shape, spacing_yx))
+    extent_mm = max((b.stop - b.start) * s for b, s in zip(box, spacing_yx))
+    if extent_mm >= INSET_BELOW * long_mm:
+        return None
+    side_mm = max(INSET_FIELD * extent_mm, long_mm / 16)
+    field = []
+    for b, s, n in zip(box, spacing_yx, mask.shape):
+        length = min(n, max(1, int(np.ceil(side_mm / s))))
+        start = min(max(0, round((b.start + b.stop - length) / 2)), n - length)
+        field.append(slice(start, start + length))
+    return field[0], field[1]
+
+
+def _farthest_corner(size: tuple[int, int], inset: tuple[int, int], towards: tuple[float, float], margin: int):
+    """Top-left (x, y) of the corner position for an ``inset`` (width, height) farthest from point ``towards``."""
+    xs, ys = (margin, size[0] - inset[0] - margin), (margin, size[1] - inset[1] - margin)
+    corners = [(x, y) for y in ys for x in xs]
+    return max(corners, key=lambda c: (c[0] + inset[0] / 2 - towards[0]) ** 2 + (c[1] + inset[1] / 2 - towards[1]) ** 2)
+
+
+def _add_inset(tile: Image.Image, grey: np.ndarray, mask: np.ndarray, spacing_yx, field) -> float:
+    """Paste a zoomed view of ``field`` into the corner of ``tile`` farthest from it, frame both; return the zoom."""
+    rows, cols = field
+    size = _display_size(grey[rows, cols].shape, spacing_yx, round(INSET_SHARE * min(tile.size)))
+    zoomed = _render(grey[rows, cols], mask[rows, cols], size)
+    fy, fx = tile.height / grey.shape[0], tile.width / grey.shape[1]
+    frame = (cols.start * fx, rows.start * fy, cols.stop * fx - 1, rows.stop * fy - 1)
+    centre = ((frame[0] + frame[2]) / 2, (frame[1] + frame[3]) / 2)
+    corner = _farthest_corner(tile.size, zoomed.size, centre, margin=max(4, tile.width // 64))
+    draw = ImageDraw.Draw(tile)
+    draw.rectangle(frame, outline=MARK_COLOR, width=2)
+    tile.paste(zoomed, corner)
+    draw.rectangle(
+        (corner[0], corner[1], corner[0] + zoomed.width - 1, corner[1] + zoomed.height - 1), outline=MARK_COLOR, width=2
+    )
+    return zoomed.width / (frame[2] - frame[0] + 1)
+
+
+# ----------------------------------------------------------------------------------------- overlay and montage
 
 
 def _axial_slices(image_ras, mask_ras) -> tuple[np.ndarray, np.ndarray]:
@@ -394,12 +471,21 @@ def _numpy(volume):
     return volume.detach().cpu().numpy() if hasattr(volume, "detach") else volume
 
 
-def _spacing_xy(volume, affine):
+def _ras_affine(volume, affine) -> np.ndarray:
     if affine is None:
         affine = getattr(volume, "affine", None)
-    if affine is None:
-        return None
-    return np.linalg.norm(affine_of(None, affine)[:3, :2], axis=0)
+    return np.eye(4) if affine is None else affine_of(None, affine)
+
+
+def _spacing_yx(affine: np.ndarray) -> tuple[float, float]:
+    """Pixel spacing (rows, columns) in mm of the display view of an axial slice of the RAS grid of ``affine``."""
+    sx, sy = np.linalg.norm(affine[:3, :2], axis=0)
+    return float(sy), float(sx)
+
+
+def _view(image: np.ndarray, mask: np.ndarray, index: int, window) -> tuple[np.ndarray, np.ndarray]:
+    """Grey levels and mask of axial slice ``index``, in the display view."""
+    return radiological_view(_grey_levels(image[:, :, index], window)), radiological_view(mask[:, :, index] > 0)
 
 
 def write_overlay_png(
@@ -410,38 +496,67 @@ def write_overlay_png(
     slice_index: int | None = None,
     affine=None,
     window: tuple[float, float] = DEFAULT_WINDOW,
-    min_size: int = 256,
+    size: int = OVERLAY_SIZE,
     overwrite: bool = False,
+    source_affine=None,
+    slice_numbers: Sequence[int] | None = None,
 ) -> int:
     """Write a PNG of one axial slice: windowed CT in grey, the mask as a translucent fill with an outline.
+
+    Under the title a line names the slice (``slice 37 of 80``). A small answer (its box under ``INSET_BELOW`` of
+    the slice's long side) gets a zoomed inset in the corner farthest from it, both framed in yellow. The PNG's
+    text chunks ``Title`` and ``Slice`` hold the title and that line.
 
     Args:
         image_ras: CT in HU on the RAS grid, (X, Y, Z), (1, X, Y, Z) or one axial slice (X, Y).
         mask_ras: mask on the same grid.
         out_path: output ``.png``.
-        title: text above the image (e.g. the expression and the answer).
+        title: text above the image (e.g. the expression and the answer); broken between values, never inside one.
         slice_index: axial slice (axis 2) to show; by default the slice with the largest mask area.
         affine: RAS affine, for square physical pixels (defaults to ``image_ras.affine`` if any).
         window: (centre, width) in HU.
-        min_size: minimum size in pixels of the image's shorter side.
+        size: minimum size in pixels of the image's long side.
         overwrite: replace an existing output.
+        source_affine: affine of the input's own grid, to name the slice by the input's index (default: the RAS
+            grid's, the same for an input stored inferior to superior).
+        slice_numbers: the input's slice numbers (e.g. DICOM InstanceNumber), added to the slice line.
 
     Returns:
-        the slice index shown. The view is radiological: patient's right on the left, anterior up.
+        the slice index shown (RAS grid). The view is radiological: patient's right on the left, anterior up.
     """
-    spacing = _spacing_xy(image_ras, affine)
+    ras_affine = _ras_affine(image_ras, affine)
+    spacing = _spacing_yx(ras_affine)
     image, mask = _axial_slices(image_ras, mask_ras)
     index = key_slice_index(mask) if slice_index is None else int(slice_index)
-    tile = _with_title(_overlay_tile(image[:, :, index], mask[:, :, index], window, spacing, min_size), title)
-    atomic_write(out_path, lambda tmp: tile.save(str(tmp), format="PNG"), overwrite)
+    grey, answer = _view(image, mask, index, window)
+    tile = _render(grey, answer, _display_size(grey.shape, spacing, size))
+    font = _font(max(tile.size) / 32)
+    _mark_sides(tile, font)
+    label = _slice_label(index, image.shape[2], SliceIndexer(ras_affine, source_affine, slice_numbers))
+    field = inset_field(answer, spacing)
+    note = label if field is None else f"{label}; inset zoomed x{_add_inset(tile, grey, answer, spacing, field):.1f}"
+    picture = _with_caption(tile, _caption(title, [note], tile.width, font), font)
+    _save_png(picture, out_path, {"Title": title or "", "Slice": label}, overwrite)
     return index
 
 
 def montage_slices(mask: np.ndarray, count: int) -> list[int]:
-    """Up to ``count`` axial indices evenly spread over the mask's slice range (over the volume if empty)."""
+    """Up to ``count`` axial indices evenly spread over the slices that hold the mask (over the volume if empty)."""
     present = np.flatnonzero(mask.any(axis=(0, 1)))
-    low, high = (present[0], present[-1]) if present.size else (0, mask.shape[2] - 1)
-    return sorted({int(round(v)) for v in np.linspace(low, high, min(count, high - low + 1))})
+    if present.size == 0:
+        present = np.arange(mask.shape[2])
+    picks = np.round(np.linspace(0, present.size - 1, min(count, present.size))).astype(int)
+    return [int(present[p]) for p in picks]
+
+
+def montage_layout(available: int, count: int, columns: int) -> tuple[int, int]:
+    """(tiles, columns) of a montage of at most ``count`` of ``available`` slices in full rows, about ``columns``
+    wide: as many tiles as full rows allow, then the width closest to ``columns``, then the wider."""
+    tiles = max(1, min(count, available))
+    if tiles <= columns:
+        return tiles, tiles
+    best = max(range(2, columns + 2), key=lambda c: ((tiles // c) * c, -abs(c - columns), c))
+    return (tiles // best) * best, best
 
 
 def write_montage(
@@ -453,26 +568,39 @@ def write_montage(
     columns: int = 3,
     affine=None,
     window: tuple[float, float] = DEFAULT_WINDOW,
-    tile_size: int = 192,
+    tile_size: int = MONTAGE_TILE_SIZE,
     overwrite: bool = False,
+    source_affine=None,
+    slice_numbers: Sequence[int] | None = None,
 ) -> list[int]:
-    """Write a PNG grid of axial overlays over the mask's slice range (like :func:`write_overlay_png`).
+    """Write a PNG grid of axial overlays (like :func:`write_overlay_png`) of slices that hold the mask (any slice
+    when it is empty), in full rows: no tile is blank or without the answer. Each tile names its slice; the PNG's
+    text chunk ``Slices`` lists them.
 
     Returns:
-        the axial indices shown, top-left to bottom-right.
+        the axial indices shown (RAS grid), top-left to bottom-right.
     """
-    spacing = _spacing_xy(image_ras, affine)
+    ras_affine = _ras_affine(image_ras, affine)
+    spacing = _spacing_yx(ras_affine)
     image, mask = _axial_slices(image_ras, mask_ras)
-    indices = montage_slices(mask > 0, count)
-    tiles = [
-        _with_title(_overlay_tile(image[:, :, k], mask[:, :, k], window, spacing, tile_size), f"slice {k}")
-        for k in indices
-    ]
-    rows = -(-len(tiles) // columns)
-    width, height = tiles[0].size
-    sheet = Image.new("RGB", (columns * width, rows * height), (0, 0, 0))
-    for n, tile in enumerate(tiles):
+    available = int(mask.any(axis=(0, 1)).sum()) or mask.shape[2]
+    tiles, columns = montage_layout(available, count, columns)
+    indices = montage_slices(mask > 0, tiles)
+    indexer = SliceIndexer(ras_affine, source_affine, slice_numbers)
+    labels = [_slice_label(k, image.shape[2], indexer) for k in indices]
+    pictures = []
+    for k, label in zip(indices, labels):
+        grey, answer = _view(image, mask, k, window)
+        tile = _render(grey, answer, _display_size(grey.shape, spacing, tile_size))
+        font = _font(max(tile.size) / 18)
+        _mark_sides(tile, font)
+        _label(ImageDraw.Draw(tile), (6, 4), label.split(",")[0], font)
+        pictures.append(tile)
+    width, height = pictures[0].size
+    sheet = Image.new("RGB", (columns * width, len(pictures) // columns * height), (0, 0, 0))
+    for n, tile in enumerate(pictures):
         sheet.paste(tile, ((n % columns) * width, (n // columns) * height))
-    sheet = _with_title(sheet, title)
-    atomic_write(out_path, lambda tmp: sheet.save(str(tmp), format="PNG"), overwrite)
+    font = _font(max(sheet.width / 40, 14))
+    sheet = _with_caption(sheet, _caption(title, [], sheet.width, font), font)
+    _save_png(sheet, out_path, {"Title": title or "", "Slices": "; ".join(labels)}, overwrite)
     return indices

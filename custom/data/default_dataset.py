@@ -2,10 +2,11 @@
 
 ``ensure_default_dataset(cache_dir)`` returns ``cache_dir/lsms_synthetic_v<version>_n<cases>_seed<seed>/datalist.json``
 (generator options other than the defaults add a short hash of them to the folder name).
-The first caller generates it under an exclusive lock (``filelock.FileLock``, so two processes, e.g. two DDP
-ranks, never both write it); the others wait for the lock and then reuse the result. Generation writes to a
-temporary folder and renames it into place, so an interrupted run leaves no half-written dataset behind; the
-temporary folder of a killed run is removed by the next one.
+The first caller generates it (a log line every tenth of the cases, :func:`custom.data.synthetic.generate_dataset`)
+under an exclusive lock (``filelock.FileLock``, so two processes, e.g. two DDP ranks, never both write it); the others
+wait for the lock and then reuse the result. Generation writes to a temporary folder and renames it into place, so an
+interrupted run leaves no half-written dataset behind; the temporary folder of a killed run is removed by the next
+one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 from filelock import FileLock
+
+from custom.runtime import format_duration
 
 from .datalist import SPLITS, load_datalist
 from .synthetic import DATASET_VERSION, DEFAULT_NUM_CASES, generate_dataset
@@ -79,7 +82,8 @@ def ensure_default_dataset(
         logger.info("Generating the default synthetic dataset (%d cases) in %s", num_cases, dataset_dir)
         start = time.perf_counter()
         path = generate_dataset(dataset_dir, num_cases=num_cases, seed=seed, workers=workers, overwrite=True, **options)
-        logger.info("Generated the default dataset in %.1f s", time.perf_counter() - start)
+        elapsed = format_duration(time.perf_counter() - start)
+        logger.info("Generated the default dataset (%d cases) in %s: %s", num_cases, elapsed, path)
     return path
 
 
