@@ -81,7 +81,7 @@ def _split_postprocessing(postprocessing: Compose) -> tuple[PerVolumeOutputsd, C
         raise SystemExit(
             "error: the evaluation config's post-processing does not start with custom.postprocessing."
             "PerVolumeOutputsd holding a LiverRegiond step, so it gives no text-free liver and lesion outputs. Use "
-            "bundle/configs/evaluate.json or a config derived from it."
+            "bundle/configs/evaluate.json layered on inference.json, or a config derived from them."
         )
     return per_volume, Compose(transforms[1:])
 
@@ -264,7 +264,10 @@ def report(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config_file", default=str(ROOT / "bundle/configs/evaluate.json"))
+    parser.add_argument(  # evaluate.json layered on inference.json (ConfigParser reads comma-separated files)
+        "--config_file",
+        default=",".join(str(ROOT / "bundle/configs" / name) for name in ("inference.json", "evaluate.json")),
+    )
     parser.add_argument("--split", default="test", choices=("training", "validation", "test"))
     parser.add_argument("--checkpoint", default=None, help="weights (default: the config's, the shipped model.pt)")
     parser.add_argument("--dataset_dir", default=None, help="a dataset folder with datalist.json (default: generated)")

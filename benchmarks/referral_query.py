@@ -18,9 +18,9 @@ learned scorer in the bundle; here it is counted and answered "not present".
 
 ``--other_organs_out DIR`` writes ``DIR/datalist.json``: the test split's cases, each with expressions about
 another organ (:data:`OTHER_ORGAN_SENTENCES`, wordings neither grammar makes), every one of which must be answered
-"not present"; evaluate it with ``python -m monai.bundle run evaluating --config_file bundle/configs/evaluate.json
---dataset_dir DIR`` (the negatives' share answered empty is the figure), and the share read as another organ is
-printed here.
+"not present"; evaluate it with ``python -m monai.bundle run evaluating --config_file
+"['bundle/configs/inference.json','bundle/configs/evaluate.json']" --dataset_dir DIR`` (the negatives' share
+answered empty is the figure), and the share read as another organ is printed here.
 """
 
 from __future__ import annotations

@@ -5,16 +5,22 @@ to another config item, and a command-line override is such a value. Each config
 ids that hold user data (``"user_data"``: image paths, prompt, series uid, folders) and starts its ``initialize``
 with :func:`guard_overrides`, which, before anything else reads them:
 
-- refuses a command-line option that the config files do not define (``--promt``), naming the closest known one;
+- answers ``--help`` with the options of the workflow being run (:mod:`custom.options`) and ends the process;
+- refuses a command-line option that the config files do not define (``--promt``), naming the closest known one,
+  and an option of another workflow (``--prompt`` in evaluation, whose config holds inference's settings too);
 - pins every user-data id to its verbatim text (from the command line when the workflow was started by
   ``python -m monai.bundle``, else the value given to ``ConfigWorkflow``), so that ``@prompt`` resolves to the text
-  itself and nothing in it is evaluated or resolved;
+  itself and nothing in it is evaluated or resolved (:func:`pin`);
 - converts the other command-line options to the type of their default strictly (``--epochs abc`` and
   ``--overwrite maybe`` are refused; booleans are ``true``/``false``/``yes``/``no``/``1``/``0``), takes text options
   (paths, device names) as the text given, refuses config code (``$``, ``@``, ``%``) in any of them, and checks the
   numeric options a config lists in ``"option_limits"`` against their ranges;
 - makes the process print an :class:`~custom.errors.InputError` as one clear last line instead of a traceback
   (``--debug true`` keeps the traceback).
+
+The guard works through MONAI's public API (``ConfigParser.__setitem__``, ``parse``, components) but for one thing
+MONAI gives a config expression no handle on: the parser that evaluates it (:func:`running_parser`). The options as
+typed come from the process's command line (``fire`` would have read ``--prompt "lesion #2"`` as ``lesion``).
 
 Limits (MONAI's parser acts before any config code runs): a command-line value that starts with ``%`` is replaced
 by ``ConfigParser.parse()`` as a macro, and a value ``$import <module>`` is executed by MONAI's reference resolver,
@@ -27,6 +33,7 @@ config string. The MONAI Label app never passes request data through overrides a
 from __future__ import annotations
 
 import ast
+import base64
 import difflib
 import json
 import sys
@@ -39,10 +46,12 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.reference_resolver import ReferenceResolver
 
 from custom.errors import InputError, find_input_error
+from custom.options import INTERNAL_IDS, OPTIONS, WORKFLOWS, Workflow, help_text, merged_config, options_of, workflow_of
 
 __all__ = [
     "OptionError",
     "UserDataWorkflow",
+    "answer_help",
     "as_bool",
     "check_choice",
     "check_device",
@@ -50,8 +59,10 @@ __all__ = [
     "given_on_command_line",
     "guard_overrides",
     "install_error_hook",
+    "literal",
     "parse_override",
     "pin",
+    "pin_values",
     "running_parser",
 ]
 
@@ -97,6 +108,9 @@ def command_line_options(argv: Sequence[str] | None = None) -> dict[str, Any] | 
     while i < len(args):
         token = args[i]
         i += 1
+        if token == "-h":
+            options["help"] = True
+            continue
         if not token.startswith("--") or token == "--":
             continue  # a positional argument, e.g. the run id of "run training"
         name, has_value, value = token[2:].partition("=")
@@ -135,8 +149,10 @@ def _config_files(value: Any) -> list[str]:
 def running_parser() -> ConfigParser:
     """The ``ConfigParser`` that is evaluating the config expression which calls this function.
 
-    MONAI gives a config expression no handle on its parser; the evaluation always runs inside
-    ``ConfigParser.get_parsed_content``, so the nearest caller frame whose ``self`` is a ``ConfigParser`` is it.
+    The one MONAI internal the guard relies on: MONAI gives a config expression no handle on its parser, and
+    evaluates every expression inside ``ConfigParser.get_parsed_content`` (through its ``ReferenceResolver``), so
+    the nearest caller frame whose ``self`` is a ``ConfigParser`` is it. ``tests/test_user_inputs.py`` fails if a
+    MONAI release evaluates expressions otherwise.
     """
     frame = sys._getframe(1)
     while frame is not None:
@@ -147,27 +163,47 @@ def running_parser() -> ConfigParser:
     raise RuntimeError("running_parser() must be called from an expression of a MONAI bundle config.")
 
 
-def pin(parser: ConfigParser, id: str, value: Any) -> None:
-    """Make ``@id`` resolve to ``value`` exactly as given: no expression, reference or macro in it is read.
+#: The component a pinned value becomes in the config (:func:`pin`).
+LITERAL_TARGET = f"{__name__}.literal"
 
-    Call after ``parser.parse()`` (e.g. after ``ConfigWorkflow.initialize()``) and before anything reads ``id``.
-    ``id`` is a top-level id, or a nested one holding a number, boolean or list: a nested string is read again
-    (as a reference) when its parent is resolved as a whole.
-    """
-    resolver = parser.ref_resolver
-    id = resolver.normalize_id(id)
-    keys = resolver.split_id(id)
-    node = parser.get()
-    for key in keys[:-1]:
-        node = node[key] if isinstance(node, dict) else node[int(key)]
-    if isinstance(node, dict):
-        node[keys[-1]] = value
-    else:
-        node[int(keys[-1])] = value
-    item = resolver.items.get(id)
-    if item is not None:
-        item.update_config(value)
-    resolver.resolved_content[id] = value
+
+def literal(encoded: str) -> Any:
+    """The value of a pinned setting (:func:`pin`): ``encoded`` is its JSON, base64-encoded."""
+    return json.loads(base64.b64decode(encoded))
+
+
+def _as_literal(value: Any) -> Any:
+    """``value`` as config content that MONAI's parser reads as that value and nothing else.
+
+    Text, lists and dicts become a component of :func:`literal` whose one argument is their JSON in base64, an
+    alphabet without ``$``, ``@``, ``%`` or ``#``; anything else (numbers, booleans, None) is never parsed."""
+    if not isinstance(value, (str, list, dict)):
+        return value
+    return {"_target_": LITERAL_TARGET, "encoded": base64.b64encode(json.dumps(value).encode()).decode("ascii")}
+
+
+def _pinned_value(node: Any) -> tuple[bool, Any]:
+    """(True, the value) when ``node`` is a pinned value (:func:`_as_literal`), else (False, None)."""
+    if isinstance(node, dict) and node.get("_target_") == LITERAL_TARGET and set(node) == {"_target_", "encoded"}:
+        return True, literal(node["encoded"])
+    return False, None
+
+
+def pin_values(parser: ConfigParser, values: Mapping[str, Any]) -> None:
+    """Make each ``@id`` of ``values`` resolve to its value exactly as given: no expression, reference or macro in
+    it is read. Public ``ConfigParser`` calls only: each value is set (:func:`_as_literal`), then the config is parsed
+    again, which starts its resolution afresh (safe between two expressions of ``initialize``: the next one
+    parses nothing else)."""
+    if not values:
+        return
+    for id, value in values.items():
+        parser[id] = _as_literal(value)
+    parser.parse(reset=True)
+
+
+def pin(parser: ConfigParser, id: str, value: Any) -> None:
+    """Make ``@id`` resolve to ``value`` exactly as given (:func:`pin_values`)."""
+    pin_values(parser, {id: value})
 
 
 def _known(config: Mapping, id: str) -> tuple[bool, list[str]]:
@@ -255,14 +291,31 @@ def _typed(value: Any, default: Any, name: str) -> Any:
     return value
 
 
+def _other_workflows_option(id: str, workflow: Workflow | None) -> str | None:
+    """The workflow whose option ``id`` is (or holds) when it is no option of ``workflow``; else None."""
+    if workflow is None:
+        return None
+
+    def related(option_id: str) -> bool:
+        option_id = ReferenceResolver.normalize_id(option_id)
+        return option_id == id or option_id.startswith(id + "::") or id.startswith(option_id + "::")
+
+    if any(related(o.id) for o in options_of(workflow)):
+        return None
+    others = [o.workflows[0] for o in OPTIONS if related(o.id)]
+    return others[0] if others else None
+
+
 def _command_line_values(
-    options: Mapping[str, Any], files: Sequence[str], user_data: Sequence[str], optional: Iterable[str] = ()
+    options: Mapping[str, Any],
+    files: Sequence[str],
+    user_data: Sequence[str],
+    optional: Iterable[str] = (),
+    workflow: Workflow | None = None,
 ) -> dict:
-    """{id: value to pin} for the command-line options, after refusing unknown ids and values of the wrong type;
-    ``optional`` ids also take null (None)."""
-    merged = ConfigParser()
-    merged.read_config(list(files))  # merged as MONAI merges them (ids such as "train#sampler" go into place)
-    file_config = merged.get()
+    """{id: value to pin} for the command-line options, after refusing unknown ids, options of another workflow
+    than ``workflow`` and values of the wrong type; ``optional`` ids also take null (None)."""
+    file_config = merged_config(files)  # merged as MONAI merges them (ids such as "train#sampler" go into place)
     values = {}
     for name, raw in options.items():
         if name in MONAI_RUN_ARGS:
@@ -275,10 +328,16 @@ def _command_line_values(
             hint = f" Did you mean --{'#'.join([*keys[:-1], close[0]])}?" if close else ""
             raise OptionError(
                 f"Unknown option --{name}: {', '.join(files)} has no such setting.{hint} "
-                "Check the spelling (bundle/docs/README.md lists the options)."
+                "Check the spelling (--help lists the options)."
             )
-        if id in ("user_data", "initialize"):
+        if id in INTERNAL_IDS:
             raise OptionError(f"--{name} cannot be changed from the command line; remove it.")
+        elsewhere = _other_workflows_option(id, workflow)
+        if elsewhere is not None:
+            raise OptionError(
+                f"--{name} is an option of {elsewhere}, not of {workflow.name}; remove it "
+                f"(--help lists the options of {workflow.name})."
+            )
         default = _default_of(file_config, id)
         if id in user_data:
             values[id] = raw if isinstance(raw, str) else str(raw)
@@ -302,49 +361,84 @@ def _as_text(value: Any) -> Any:
 
 
 def guard_overrides(
-    user_data: Iterable[str] = (),
-    debug: Any = False,
+    user_data: Iterable[str] | None = None,
+    debug: Any = None,
     argv: Sequence[str] | None = None,
     limits: Mapping[str, Sequence[float | None]] | None = None,
-    optional: Iterable[str] = (),
+    optional: Iterable[str] | None = None,
 ) -> None:
     """Check and pin the user's inputs of the running bundle config (see the module docstring).
 
     Args:
-        user_data: ids whose values are user data, always taken verbatim.
-        debug: keep Python's traceback for input errors (``--debug true``).
+        user_data: ids whose values are user data, always taken verbatim (None: the config's ``user_data``).
+        debug: keep Python's traceback for input errors (None: ``--debug``, else the config's ``debug``).
         argv: the command line (default ``sys.argv``); only read when it is a ``python -m monai.bundle`` command.
         limits: ``{id: [min, max]}`` of numeric options (None: unbounded); their values, given or default, must be
-            numbers in that range (or null where the default is null).
-        optional: ids of numeric options that null turns off (``--referral#split_depth_mm null``).
+            numbers in that range (or null where the default is null). None: the config's ``option_limits``.
+        optional: ids of numeric options that null turns off (``--referral#split_depth_mm null``). None: the
+            config's ``optional_options``.
+
+    Called without arguments (``"$guard_overrides()"``), the guard reads its tables from the config file content,
+    so that no setting is resolved, and no command-line value evaluated, before it has run.
     """
-    debug = as_bool(debug, "debug")
     options = command_line_options(argv)
+    files = _config_files(options.get("config_file", [])) if options is not None else []
+    if options is not None and options.get("help"):
+        answer_help(files, argv)
+    if options is not None:
+        install_error_hook(False)
+    parser = running_parser()
+    if debug is None:
+        debug = options["debug"] if options is not None and "debug" in options else parser.get("debug", False)
+    debug = as_bool(debug, "debug")
     if options is not None:
         install_error_hook(debug)
-    parser = running_parser()
-    user_data = [ReferenceResolver.normalize_id(i) for i in user_data]
-    files = _config_files(options.get("config_file", [])) if options is not None else []
+    user_data = [ReferenceResolver.normalize_id(i) for i in _table(parser, "user_data", user_data, [])]
+    limits = _table(parser, "option_limits", limits, {})
+    optional = {ReferenceResolver.normalize_id(i) for i in _table(parser, "optional_options", optional, [])}
     # without config files on the command line (Python API, --args_file) MONAI has read the values: pin those
-    optional = {ReferenceResolver.normalize_id(i) for i in optional}
-    values = _command_line_values(options, files, user_data, optional) if files else {}
+    values = _command_line_values(options, files, user_data, optional, workflow_of(files)) if files else {}
     for id in user_data:
         if id in parser and id not in values:
             values[id] = _user_value(parser, id, values, user_data)
-    for id, (low, high) in ((ReferenceResolver.normalize_id(k), v) for k, v in (limits or {}).items()):
+    for id, (low, high) in ((ReferenceResolver.normalize_id(k), v) for k, v in limits.items()):
         if id in parser:
             values[id] = _within(values.get(id, parser[id]), low, high, id.replace("::", "#"))
-    for id, value in values.items():
-        pin(parser, id, value)
+    pin_values(parser, values)
+
+
+def _table(parser: ConfigParser, id: str, given: Any, empty: Any) -> Any:
+    """``given``, or else the guard's table ``id`` as the config files write it (never resolved)."""
+    return given if given is not None else parser.get(id, empty)
+
+
+def answer_help(files: Sequence[str], argv: Sequence[str] | None = None) -> None:
+    """Print the options of the workflow that ``files`` run (:mod:`custom.options`) and end the process (status 0).
+
+    The workflow is the one whose own config file is among ``files``, else the one whose run id the command names.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    run_id = argv[2] if len(argv) > 2 and not argv[2].startswith("-") else "run"
+    workflow = workflow_of(files) or next((w for w in WORKFLOWS if w.run_id == run_id), None)
+    given = ",".join(f"'{f}'" for f in files)
+    command = f"python -m monai.bundle run {run_id} --config_file " + (files[0] if len(files) == 1 else f'"[{given}]"')
+    sys.stdout.flush()
+    if workflow is None:
+        print(f"{command}: no options table for these config files (inference.json, evaluate.json and train.json "
+              "have one); the settings are those of the config files.")  # fmt: skip
+    else:
+        sys.stdout.write(help_text(workflow, merged_config(files), command))
+    sys.stdout.flush()
+    raise SystemExit(0)
 
 
 def _user_value(parser: ConfigParser, id: str, given: Mapping[str, Any], user_data: Sequence[str]) -> Any:
     """The value of user-data ``id`` that was not given: its config-file value, or, where the config file makes it a
     plain reference to another user-data id (``"prompt": "@displayable_configs#prompt"``, as model-zoo bundles
     expose options to MONAI Label), that id's value, given or not. Only the config file's own references are
-    followed; a user's value is never read as one."""
+    followed; a user's value is never read as one. A value pinned already stays as it is."""
     seen = {id}
-    value = parser[id]
+    value = _config_value(parser, id)
     while isinstance(value, str) and value.startswith(ReferenceResolver.ref):
         target = ReferenceResolver.normalize_id(value[len(ReferenceResolver.ref) :])
         if target not in user_data or target in seen or target not in parser:
@@ -352,8 +446,14 @@ def _user_value(parser: ConfigParser, id: str, given: Mapping[str, Any], user_da
         seen.add(target)
         if target in given:
             return given[target]
-        value = parser[target]
+        value = _config_value(parser, target)
     return value
+
+
+def _config_value(parser: ConfigParser, id: str) -> Any:
+    """The config content of ``id``, or the value it was pinned to."""
+    pinned, value = _pinned_value(parser[id])
+    return value if pinned else parser[id]
 
 
 def _within(value: Any, low: float | None, high: float | None, name: str) -> Any:
@@ -401,9 +501,9 @@ def check_device(device: Any) -> Any:
 class UserDataWorkflow(ConfigWorkflow):
     """A ``ConfigWorkflow`` whose user data never enters MONAI's config parser as config text.
 
-    ``data`` (e.g. ``{"image": path, "prompt": text}``) is pinned after the config is parsed and before
-    ``initialize`` runs (:func:`pin`), so no character of it is read as an expression, reference or macro, not even
-    ``$import``. Other keyword arguments are ordinary overrides (trusted settings such as ``output_dir``).
+    ``data`` (e.g. ``{"image": path, "prompt": text}``) is set as pinned values (:func:`pin`) before the config is
+    parsed, so no character of it is read as an expression, reference or macro, not even ``$import``. Other keyword
+    arguments are ordinary overrides (trusted settings such as ``output_dir``).
     """
 
     def __init__(self, config_file, data: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
@@ -414,11 +514,9 @@ class UserDataWorkflow(ConfigWorkflow):
             raise OptionError(f"Unknown input(s) {unknown}: {config_file} has no such setting.")
 
     def initialize(self) -> Any:
-        self.parser.parse(reset=True)
         for id, value in self.data.items():
-            pin(self.parser, id, value)
-        self._is_initialized = True
-        return self._run_expr(id=self.init_id)
+            self.parser[id] = _as_literal(value)
+        return super().initialize()
 
 
 # ----------------------------------------------------------------------------------------------- error output

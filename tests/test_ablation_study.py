@@ -14,9 +14,9 @@ from benchmarks.ablation_study import BASE_EVALUATE, BASE_TRAIN, EVALUATE_CONFIG
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parsed(config: str, overrides: dict) -> ConfigParser:
+def parsed(config: str | tuple[str, ...], overrides: dict) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config(str(ROOT / config))
+    parser.read_config([str(ROOT / name) for name in ((config,) if isinstance(config, str) else config)])
     for key, value in overrides.items():
         parser[key] = value
     return parser

@@ -418,6 +418,11 @@ CASES = [
     ),
     Case("device given as Python", ["--image", IMG, "--device", "$__import__('os').mkdir('{marker}')"], "config code"),
     Case("overwrite given as Python", ["--image", IMG, "--overwrite", "$True"], "config code"),
+    Case(
+        "debug given as Python",
+        ["--image", IMG, "--debug", "$__import__('os').mkdir('{marker}')"],
+        "--debug must be true or false",
+    ),
     Case("checkpoint given as a reference", ["--image", IMG, "--checkpoint", "@sample_image"], "config code"),
     Case("text model folder that is not one", ["--image", IMG, "--text_model_path", "/etc"], "not a Hugging Face"),
     # inputs that would be ignored
@@ -509,6 +514,13 @@ CASES = [
         fast=False,
     ),
     Case(
+        "evaluation given an option of inference",
+        ["--prompt", PROMPT],
+        "--prompt is an option of inference, not of evaluation",
+        config="evaluate",
+        fast=False,
+    ),
+    Case(
         "evaluation of a dataset without a datalist",
         ["--dataset_dir", "{inputs}/empty_folder"],
         "does not exist",
@@ -518,6 +530,12 @@ CASES = [
 ]
 
 
+#: ``--config_file`` of each workflow: evaluation layers evaluate.json on inference.json.
+CONFIG_FILES = {
+    "inference": "bundle/configs/inference.json",
+    "evaluate": "['bundle/configs/inference.json','bundle/configs/evaluate.json']",
+    "train": "bundle/configs/train.json",
+}
 #: Cases that also run as fresh ``python -m monai.bundle`` commands (no fork).
 FRESH_INTERPRETER = ("prompt that is a Python expression", "misspelt option", "NaN voxels")
 ENV = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -533,7 +551,7 @@ def cli_args(case: Case, inputs: Path, out: Path, marker: Path) -> list[str]:
         args += ["--prompt", PROMPT]
     if case.fast and case.config == "inference" and FAST[0] not in args:
         args += FAST
-    return ["run", "--config_file", f"bundle/configs/{case.config}.json", *args]
+    return ["run", "--config_file", CONFIG_FILES[case.config], *args]
 
 
 def _child(args: list[str], log: Path) -> None:

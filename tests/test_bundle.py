@@ -23,6 +23,8 @@ SCHEMA = (
 )  # the MONAI bundle metadata schema, shipped for offline checks
 META = str(CONFIGS / "metadata.json")
 LOGGING = str(CONFIGS / "logging.conf")
+#: The evaluation workflow: evaluate.json layered on inference.json.
+EVALUATE = ("inference.json", "evaluate.json")
 
 #: Small and fast: coarse in-plane spacing, small slices, one epoch.
 TINY = {"in_plane_spacing": 4.0, "num_workers": 0}
@@ -37,9 +39,11 @@ TINY_TRAIN = {
 }
 
 
-def workflow(config: str, workflow_type: str, **overrides) -> ConfigWorkflow:
+def workflow(config: str | tuple[str, ...], workflow_type: str, **overrides) -> ConfigWorkflow:
+    """The workflow of ``config``, a config file of bundle/configs or several merged in order."""
+    names = (config,) if isinstance(config, str) else config
     return ConfigWorkflow(
-        config_file=str(CONFIGS / config),
+        config_file=[str(CONFIGS / name) for name in names],
         meta_file=META,
         logging_file=LOGGING,
         workflow_type=workflow_type,
@@ -83,7 +87,7 @@ def test_training_workflow_writes_a_small_checkpoint_without_the_frozen_text_enc
 
 def test_evaluation_workflow_writes_per_expression_results_and_summary(dataset, checkpoint, tmp_path):
     flow = workflow(
-        "evaluate.json",
+        EVALUATE,
         "infer",
         dataset_dir=str(dataset),
         output_dir=str(tmp_path),
@@ -299,7 +303,7 @@ def test_readme_first_command_runs_the_default_inference(tmp_path):
 
 
 def test_two_process_ddp_evaluation_gathers_every_expression(dataset, checkpoint, tmp_path):
-    config = "['bundle/configs/evaluate.json','bundle/configs/multi_gpu_evaluate.json']"
+    config = "['bundle/configs/inference.json','bundle/configs/evaluate.json','bundle/configs/multi_gpu_evaluate.json']"
     runner = ddp_runner(port=29534)
     cli(
         "run",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from monai.bundle import ConfigParser
 
@@ -82,3 +84,71 @@ def test_prompts_of_unreadable_words_and_ignored_inputs_are_refused():
     ):
         with pytest.raises(PromptError, match=message):
             check_one_input(*args)
+
+
+def test_pinned_values_are_public_config_content_read_as_nothing_else():
+    from custom.user_inputs import LITERAL_TARGET, pin_values
+
+    parser = ConfigParser({"prompt": "default", "paths": [], "both": "$[@prompt, @paths]"})
+    parser.parse()
+    pin_values(parser, {"prompt": "lesion #2 @ segment 4 $x %y", "paths": ["$a", "@b", {"_target_": "os.system"}]})
+    assert parser["prompt"]["_target_"] == LITERAL_TARGET  # a component of MONAI's own kind, its text encoded
+    assert parser.get_parsed_content("both") == ["lesion #2 @ segment 4 $x %y", ["$a", "@b", {"_target_": "os.system"}]]
+
+
+def test_a_config_expression_finds_its_parser_and_pins_between_initialize_steps(tmp_path):
+    """The one MONAI internal the guard relies on (running_parser: expressions are evaluated inside
+    ConfigParser.get_parsed_content), and pins made while ``initialize`` runs; this fails if MONAI changes either."""
+    from monai.bundle import ConfigWorkflow
+
+    config = {
+        "imports": ["$from custom.user_inputs import running_parser", "$from custom.user_inputs import pin"],
+        "prompt": "default",
+        "items": "$[@prompt]",
+        "initialize": ["$pin(running_parser(), 'prompt', '$__import__(\"os\").getcwd()')", "$@items"],
+        "run": [],
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    flow = ConfigWorkflow(config_file=str(tmp_path / "config.json"), logging_file=False, workflow_type=None)
+    assert flow.initialize() == [None, ['$__import__("os").getcwd()']]
+
+
+def test_the_guard_reads_its_tables_without_resolving_a_setting(tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    marker = tmp_path / "ran"
+    config = {
+        "imports": ["$from custom.user_inputs import guard_overrides"],
+        "debug": f"$__import__('os').mkdir({str(marker)!r})",  # config code where the guard expects a switch
+        "user_data": ["prompt"],
+        "prompt": "default",
+        "initialize": ["$guard_overrides(argv=[])"],
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    flow = ConfigWorkflow(config_file=str(tmp_path / "config.json"), logging_file=False, workflow_type=None)
+    with pytest.raises(RuntimeError) as raised:
+        flow.initialize()
+    assert isinstance(raised.value.__cause__, OptionError) and "--debug must be true or false" in str(
+        raised.value.__cause__
+    )
+    assert not marker.exists()
+
+
+def test_an_option_of_another_workflow_is_refused_and_help_is_answered(capsys):
+    from custom.options import EVALUATION
+    from custom.user_inputs import _command_line_values, answer_help
+
+    files = ["bundle/configs/inference.json", "bundle/configs/evaluate.json"]
+    for name in ("prompt", "displayable_configs#prompt", "image"):
+        with pytest.raises(OptionError, match=f"--{name} is an option of inference, not of evaluation"):
+            _command_line_values({name: "x"}, files, user_data=[], workflow=EVALUATION)
+    assert _command_line_values({"split": "validation"}, files, user_data=["split"], workflow=EVALUATION)
+    assert command_line_options([MAIN, "run", "--config_file", "c.json", "-h"])["help"] is True
+    with pytest.raises(SystemExit) as ended:
+        answer_help(files, [MAIN, "run", "evaluating", "--config_file", str(files), "--help"])
+    assert ended.value.code == 0
+    printed = capsys.readouterr().out
+    assert (
+        printed.startswith('python -m monai.bundle run evaluating --config_file "[')
+        and "  --split (default: " in printed
+    )
