@@ -10,7 +10,7 @@ questions ("is there ...?"). Usage::
 
 writes a dataset folder whose ``datalist.json`` holds that split's cases (absolute image paths) with the
 paraphrased expressions, and prints a sample; evaluate it with ``python -m monai.bundle run evaluating
---config_file bundle/configs/evaluate.json --dataset_dir cache/paraphrased_test``.
+--config_file "['bundle/configs/inference.json','bundle/configs/evaluate.json']" --dataset_dir cache/paraphrased_test``.
 """
 
 from __future__ import annotations
