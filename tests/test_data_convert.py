@@ -100,3 +100,26 @@ def test_bad_sources_are_named(lits_folder, tmp_path):
     (bad / "volume-1.nii").unlink()
     with pytest.raises(ConversionError, match="no matching volume-1"):
         find_cases(bad)
+
+
+def test_a_liver_with_more_lesions_than_the_phantom_makes(tmp_path):
+    """Real livers hold up to dozens of tumours: 12 of them convert, and counts above ten are written in digits."""
+    shape = (80, 80, 12)
+    image = np.full(shape, 40, np.int16)
+    label = np.zeros(shape, np.uint8)
+    label[4:76, 4:76, 1:11] = 1
+    for n in range(12):
+        i, j = 10 + 20 * (n % 4), 12 + 22 * (n // 4)
+        label[i - 3 : i + 3, j - 3 : j + 3, 3:8] = 2
+    image[label == 1], image[label == 2] = 110, 40
+    source = tmp_path / "lits"
+    source.mkdir()
+    for n in range(3):
+        nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 3.0, 1.0])), str(source / f"volume-{n}.nii"))
+        nib.save(nib.Nifti1Image(label, np.diag([1.5, 1.5, 3.0, 1.0])), str(source / f"segmentation-{n}.nii"))
+    cases = cases_by_id(convert_lits(source, tmp_path / "out", progress=False))
+    for case in cases.values():
+        assert len(case["lesion_attributes"]) == 12
+        assert all(set(e["targets"]) <= set(range(1, 13)) for e in case["expressions"])
+    texts = [e["text"] for case in cases.values() for e in case["expressions"] if len(e["targets"]) == 12]
+    assert texts and not any("None" in text for text in texts)

@@ -17,6 +17,9 @@ density against the liver) and gets expressions from the same grammar as the syn
 
 The output folder holds ``lesions/`` and ``liver/`` NIfTI maps on the image grid and ``datalist.json``; images
 are referenced by a path relative to the output folder, or copied into ``images/`` with ``--copy-images``.
+
+The same conversion (:func:`write_case` on a :class:`LabelledCT`) serves the other layouts of labelled CT
+(3D-IRCADb, DICOM-SEG, 3D Slicer): ``python -m custom.data.import_labelled`` (:mod:`custom.data.importers`).
 """
 
 from __future__ import annotations
@@ -26,18 +29,32 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from custom.errors import InputError
+
 from .expressions import EXPRESSION_KINDS, generate_expressions
 from .geometry import axial_axis, measure_lesions
 from .io import atomic_directory, orientation_of, progress_bar, write_json_atomic, write_nifti
 from .synthetic import DEFAULT_SPLIT_FRACTIONS, split_cases
 
-__all__ = ["ConversionError", "find_cases", "convert_case", "convert_lits"]
+__all__ = [
+    "ConversionError",
+    "LabelledCT",
+    "find_cases",
+    "scan_cases",
+    "lesion_instances",
+    "read_lits_case",
+    "write_case",
+    "convert_case",
+    "convert_lits",
+]
 
 DEFAULT_MIN_VOLUME_ML = 0.1
 CYST_MAX_HU = 15.0
@@ -46,8 +63,39 @@ KIND_WORDS = ("cyst", "tumour")
 NIFTI = re.compile(r"\.nii(\.gz)?$")
 
 
-class ConversionError(ValueError):
-    """A source folder or case that cannot be converted; the message names the file and the fix."""
+class ConversionError(InputError, ValueError):
+    """A source folder or case that cannot be converted; the message names the file and the fix.
+
+    ``problem`` names the kind of problem for the import report (:mod:`custom.data.import_labelled`): ``labels``,
+    ``grid``, ``unreadable``, ``no_liver``, ``empty_liver``, ``lesion_outside_liver``, ``unpaired``, ``ambiguous``,
+    ``layout`` (a source folder in no known layout).
+    """
+
+    def __init__(self, message: str, problem: str = "unreadable"):
+        super().__init__(message)
+        self.problem = problem
+
+
+@dataclass
+class LabelledCT:
+    """One labelled CT on one grid, ready to convert (:func:`write_case`).
+
+    ``hu`` (H, W, D) Hounsfield units with its voxel-to-RAS ``affine``; ``liver`` (H, W, D) bool liver mask;
+    ``lesions`` bool (H, W, D) masks, each split into lesion instances by :func:`lesion_instances`; ``image_path`` a
+    NIfTI file that holds ``hu`` on this grid (referenced, or copied with ``copy_images``), or None to write ``hu``
+    into the dataset; ``image_name`` the file name under ``images/`` when the image is copied or written;
+    ``source_label`` / ``source_image`` the source files; ``notes`` what the reading noticed (the import report).
+    """
+
+    hu: np.ndarray
+    affine: np.ndarray
+    liver: np.ndarray
+    lesions: list[np.ndarray]
+    image_path: Path | None
+    image_name: str
+    source_label: str
+    source_image: str = ""
+    notes: list[str] = field(default_factory=list)
 
 
 def _stem(path: Path) -> str:
@@ -58,38 +106,78 @@ def _nifti_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if NIFTI.search(p.name) and not p.name.startswith("."))
 
 
-def find_cases(src: str | Path) -> list[tuple[str, Path, Path]]:
-    """(case_id, image, label) triples of a LiTS or MSD Task03 folder, sorted by case id."""
+def scan_cases(src: str | Path) -> tuple[list[tuple[str, Path, Path]], list[tuple[str, Path, str]]]:
+    """(case_id, image, label) triples of a LiTS or MSD Task03 folder sorted by case id, and the labels without an
+    image as (case_id, label, message)."""
     src = Path(src)
     if not src.is_dir():
         raise ConversionError(f"Source folder {src} does not exist.")
+    cases, unpaired = [], []
     if (src / "imagesTr").is_dir() and (src / "labelsTr").is_dir():
-        cases = []
         for label in _nifti_files(src / "labelsTr"):
             images = [p for p in _nifti_files(src / "imagesTr") if _stem(p) == _stem(label)]
             if not images:
-                raise ConversionError(
+                message = (
                     f"Label {label} has no image of the same name in {src / 'imagesTr'}; "
                     "add the image or remove the label."
                 )
+                unpaired.append((_stem(label), label, message))
+                continue
             cases.append((_stem(label), images[0], label))
     else:
         volumes = {re.sub(r"^volume-", "", _stem(p)): p for p in sorted(src.rglob("volume-*.nii*"))}
-        cases = []
         for label in sorted(src.rglob("segmentation-*.nii*")):
             number = re.sub(r"^segmentation-", "", _stem(label))
             if number not in volumes:
-                raise ConversionError(
+                message = (
                     f"Label {label} has no matching volume-{number}.nii[.gz] under {src}; "
                     "add the image or remove the label."
                 )
+                unpaired.append((f"lits_{number}", label, message))
+                continue
             cases.append((f"lits_{number}", volumes[number], label))
+    return sorted(cases), unpaired
+
+
+def find_cases(src: str | Path) -> list[tuple[str, Path, Path]]:
+    """(case_id, image, label) triples of a LiTS or MSD Task03 folder, sorted by case id."""
+    cases, unpaired = scan_cases(src)
+    if unpaired:
+        raise ConversionError(unpaired[0][2], "unpaired")
     if not cases:
         raise ConversionError(
             f"No cases found under {src}. Expected MSD Task03 ('imagesTr/' and 'labelsTr/' with matching names) "
             "or LiTS ('volume-<n>.nii' with 'segmentation-<n>.nii')."
         )
-    return sorted(cases)
+    return cases
+
+
+def lesion_instances(masks: Sequence[np.ndarray], voxel_ml: float, min_volume_ml: float) -> tuple[np.ndarray, int]:
+    """Bool (H, W, D) lesion masks -> (instance map, number of components dropped as smaller than ``min_volume_ml``).
+
+    Each mask is split into 26-connected components; components of different masks stay apart even where they
+    touch (whoever labelled them kept them apart), and a voxel in several masks goes to the first. Instances are
+    numbered 1..K by decreasing volume (ties by mask order, then by first voxel in array order).
+    """
+    structure = np.ones((3, 3, 3), bool)
+    labels, sizes, taken = None, [], None
+    for mask in masks:
+        mask = np.asarray(mask, bool) if taken is None else np.asarray(mask, bool) & ~taken
+        components, count = ndimage.label(mask, structure=structure)
+        if labels is None:
+            labels, taken = components, mask.copy()
+        else:
+            labels[mask] = components[mask] + len(sizes)
+            taken |= mask
+        sizes += np.bincount(components.ravel(), minlength=count + 1)[1:].tolist()
+    if labels is None:
+        raise ValueError("lesion_instances needs at least one mask (an empty one for a case without lesions).")
+    sizes = np.asarray(sizes, np.int64)
+    keep = [i + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] * voxel_ml >= min_volume_ml]
+    lookup = np.zeros(len(sizes) + 1, np.uint16)
+    lookup[keep] = np.arange(1, len(keep) + 1)
+    instances = lookup[labels]
+    return (instances.astype(np.uint8) if len(keep) <= 255 else instances), len(sizes) - len(keep)
 
 
 def tumour_instances(label: np.ndarray, voxel_ml: float, min_volume_ml: float) -> np.ndarray:
@@ -97,13 +185,7 @@ def tumour_instances(label: np.ndarray, voxel_ml: float, min_volume_ml: float) -
 
     Instances are numbered 1..K by decreasing volume (ties by first voxel in array order).
     """
-    components, count = ndimage.label(label == 2, structure=np.ones((3, 3, 3), bool))
-    sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
-    keep = [i + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] * voxel_ml >= min_volume_ml]
-    lookup = np.zeros(count + 1, np.uint16)
-    lookup[keep] = np.arange(1, len(keep) + 1)
-    instances = lookup[components]
-    return instances.astype(np.uint8) if len(keep) <= 255 else instances
+    return lesion_instances([label == 2], voxel_ml, min_volume_ml)[0]
 
 
 def lesion_kind(mean_hu: float | None) -> str:
@@ -120,9 +202,103 @@ def _load_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not np.all(np.isin(values, (0, 1, 2))):
         raise ConversionError(
             f"Label {path} holds values {values[:10].tolist()}; expected 0 background, 1 liver, "
-            "2 tumour (LiTS / MSD Task03). Remap the labels first."
+            "2 tumour (LiTS / MSD Task03). Remap the labels first.",
+            "labels",
         )
     return data.astype(np.uint8), image.affine
+
+
+def read_lits_case(case_id: str, image_path: Path, label_path: Path) -> LabelledCT:
+    """A LiTS / MSD case (NIfTI image and 0/1/2 label on one grid) as a :class:`LabelledCT` on the image's grid."""
+    label, affine = _load_label(label_path)
+    image = nib.load(str(image_path))
+    if tuple(image.shape[:3]) != label.shape:
+        raise ConversionError(
+            f"Case {case_id}: image {image_path} shape {image.shape} differs from label "
+            f"{label_path} shape {label.shape}; the label must be on the image grid.",
+            "grid",
+        )
+    if not np.allclose(image.affine, affine, atol=1e-3):
+        raise ConversionError(
+            f"Case {case_id}: image and label affines differ ({image_path}, {label_path}); "
+            "resave the label with the image's affine.",
+            "grid",
+        )
+    return LabelledCT(
+        hu=image.get_fdata(dtype=np.float32),
+        affine=affine,
+        liver=label > 0,
+        lesions=[label == 2],
+        image_path=Path(image_path),
+        image_name=Path(image_path).name,
+        source_label=str(Path(label_path).absolute()),
+    )
+
+
+def _hu_for_writing(hu: np.ndarray) -> np.ndarray:
+    """HU as int16 when every value is a whole number in the int16 range (CT as scanners store it), else float32."""
+    hu = np.asarray(hu)
+    if np.issubdtype(hu.dtype, np.integer) or (np.all(np.isfinite(hu)) and np.all(np.mod(hu, 1) == 0)):
+        if hu.size == 0 or (hu.min() >= np.iinfo(np.int16).min and hu.max() <= np.iinfo(np.int16).max):
+            return hu.astype(np.int16)
+    return hu.astype(np.float32)
+
+
+def _image_entry(case: LabelledCT, out_dir: Path, final_dir: Path, copy_images: bool) -> str:
+    """The datalist's ``image``: the source NIfTI referenced (relative to the dataset) or copied, or ``case.hu``
+    written into ``images/``."""
+    if case.image_path is not None and not copy_images:
+        return os.path.relpath(case.image_path.absolute(), final_dir)
+    (out_dir / "images").mkdir(exist_ok=True)
+    target = out_dir / "images" / case.image_name
+    if case.image_path is not None:
+        shutil.copyfile(case.image_path, target)
+    else:
+        write_nifti(target, _hu_for_writing(case.hu), case.affine)
+    return f"images/{case.image_name}"
+
+
+def write_case(
+    case_id: str,
+    case: LabelledCT,
+    instances: np.ndarray,
+    out_dir: Path,
+    final_dir: Path,
+    rng: np.random.Generator,
+    copy_images: bool = False,
+) -> dict:
+    """Measure the lesion ``instances`` (H, W, D) of ``case``, write its lesion and liver maps (and its image when
+    it has no NIfTI file or ``copy_images``) under ``out_dir``, and return its datalist record."""
+    affine = np.asarray(case.affine, float)
+    liver = np.asarray(case.liver, bool).astype(np.uint8)
+    attributes, case_info = measure_lesions(instances, affine, case.hu, liver)
+    for item in attributes:
+        item["kind"] = lesion_kind(item.get("mean_hu"))
+    for key, array in (("lesions", instances), ("liver", liver)):
+        (out_dir / key).mkdir(exist_ok=True)
+        write_nifti(out_dir / key / f"{case_id}.nii.gz", array, affine)
+    image_entry = _image_entry(case, out_dir, final_dir, copy_images)
+    expressions = generate_expressions(attributes, case_info["liver_frame"], rng, kind_words=KIND_WORDS)
+    for number, expression in enumerate(expressions):
+        expression["id"] = f"{case_id}-{number:02d}"
+    record = {
+        "case_id": case_id,
+        "image": image_entry,
+        "lesions": f"lesions/{case_id}.nii.gz",
+        "liver": f"liver/{case_id}.nii.gz",
+        "source_label": case.source_label,
+        "orientation": orientation_of(affine),
+        "shape": list(instances.shape),
+        "spacing_mm": [round(float(v), 4) for v in np.linalg.norm(affine[:3, :3], axis=0)],
+        "num_slices": int(instances.shape[axial_axis(affine)]),
+        "liver_hu": case_info["liver_hu"],
+        "liver_frame": case_info["liver_frame"],
+        "lesion_attributes": attributes,
+        "expressions": [{k: e[k] for k in ("id", "text", "targets", "kind", "query")} for e in expressions],
+    }
+    if case.source_image:
+        record["source_image"] = case.source_image
+    return record
 
 
 def convert_case(
@@ -136,53 +312,10 @@ def convert_case(
     copy_images: bool = False,
 ) -> dict:
     """Write one case's lesion and liver maps under ``out_dir`` and return its datalist record."""
-    label, affine = _load_label(label_path)
-    image = nib.load(str(image_path))
-    if tuple(image.shape[:3]) != label.shape:
-        raise ConversionError(
-            f"Case {case_id}: image {image_path} shape {image.shape} differs from label "
-            f"{label_path} shape {label.shape}; the label must be on the image grid."
-        )
-    if not np.allclose(image.affine, affine, atol=1e-3):
-        raise ConversionError(
-            f"Case {case_id}: image and label affines differ ({image_path}, {label_path}); "
-            "resave the label with the image's affine."
-        )
-    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
-    instances = tumour_instances(label, voxel_ml, min_volume_ml)
-    liver = (label > 0).astype(np.uint8)
-    hu = image.get_fdata(dtype=np.float32)
-    attributes, case_info = measure_lesions(instances, affine, hu, liver)
-    for item in attributes:
-        item["kind"] = lesion_kind(item.get("mean_hu"))
-    for key, array in (("lesions", instances), ("liver", liver)):
-        (out_dir / key).mkdir(exist_ok=True)
-        write_nifti(out_dir / key / f"{case_id}.nii.gz", array, affine)
-    if copy_images:
-        (out_dir / "images").mkdir(exist_ok=True)
-        target = out_dir / "images" / image_path.name
-        shutil.copyfile(image_path, target)
-        image_entry = f"images/{image_path.name}"
-    else:
-        image_entry = os.path.relpath(image_path.absolute(), final_dir)
-    expressions = generate_expressions(attributes, case_info["liver_frame"], rng, kind_words=KIND_WORDS)
-    for number, expression in enumerate(expressions):
-        expression["id"] = f"{case_id}-{number:02d}"
-    return {
-        "case_id": case_id,
-        "image": image_entry,
-        "lesions": f"lesions/{case_id}.nii.gz",
-        "liver": f"liver/{case_id}.nii.gz",
-        "source_label": str(label_path.absolute()),
-        "orientation": orientation_of(affine),
-        "shape": list(label.shape),
-        "spacing_mm": [round(float(v), 4) for v in np.linalg.norm(affine[:3, :3], axis=0)],
-        "num_slices": int(label.shape[axial_axis(affine)]),
-        "liver_hu": case_info["liver_hu"],
-        "liver_frame": case_info["liver_frame"],
-        "lesion_attributes": attributes,
-        "expressions": [{k: e[k] for k in ("id", "text", "targets", "kind", "query")} for e in expressions],
-    }
+    case = read_lits_case(case_id, image_path, label_path)
+    voxel_ml = abs(np.linalg.det(case.affine[:3, :3])) / 1000.0
+    instances, _ = lesion_instances(case.lesions, voxel_ml, min_volume_ml)
+    return write_case(case_id, case, instances, out_dir, final_dir, rng, copy_images)
 
 
 def convert_lits(

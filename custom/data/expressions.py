@@ -262,7 +262,14 @@ SEGMENT_PHRASES = (
     "in Couinaud segment {roman}",
 )
 ROMAN = {2: "II", 3: "III", 4: "IV", 5: "V", 6: "VI", 7: "VII", 8: "VIII"}
-NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
+
+
+def number_word(count: int) -> str:
+    """``count`` in words up to ten, in digits above (a real liver may hold dozens of lesions)."""
+    return NUMBER_WORDS.get(count, str(count))
+
+
 SELECT_PHRASES = {
     "only": ("the {n}{pp}", "the single {n}{pp}", "the only {n}{pp}"),
     "largest": ("the largest {n}{pp}", "the biggest {n}{pp}", "the {n}{pp} with the largest volume"),
@@ -322,9 +329,9 @@ def _count_phrase(count: int, plural: str, singular: str, pp: str, rng) -> tuple
     options = [
         (f"all {plural}{pp}", None),
         (f"every {singular}{pp}", None),
-        (f"the {NUMBER_WORDS[count]} {plural}{pp}", count),
+        (f"the {number_word(count)} {plural}{pp}", count),
     ]
-    options.append((f"both {plural}{pp}", 2) if count == 2 else (f"all {NUMBER_WORDS[count]} {plural}{pp}", count))
+    options.append((f"both {plural}{pp}", 2) if count == 2 else (f"all {number_word(count)} {plural}{pp}", count))
     return options[int(rng.integers(len(options)))]
 
 
