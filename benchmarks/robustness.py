@@ -59,6 +59,8 @@ import numpy as np
 from scipy import ndimage
 
 from benchmarks import lesion_detection
+from custom import augmentation
+from custom.augmentation import body_mask
 from custom.clinical.measurements import axial_axis
 from custom.data.datalist import load_datalist
 from custom.data.default_dataset import ensure_default_dataset
@@ -66,14 +68,11 @@ from custom.data.io import write_nifti
 
 ROOT = Path(__file__).resolve().parents[1]
 HU_RANGE = (-1024.0, 3071.0)
-BODY_HU = -500.0
 #: Liver parenchyma and intrahepatic vessel HU per contrast phase. Unenhanced liver about 55 HU and blood about
 #: 40 HU; arterial and delayed are the middle of the phantom's ranges (``custom.data.phantom.sample_contrast``:
 #: liver 70-85 and 85-100 HU; arterial vessels the mean of its portal, 120-160, and hepatic veins, 35-50 HU;
 #: delayed vessels 10-20 HU above the liver).
 PHASE_HU = {"non_contrast": (55.0, 40.0), "arterial": (78.0, 90.0), "delayed": (92.0, 107.0)}
-VESSEL_MARGIN_HU = 20.0
-LESION_CLEARANCE_VOXELS = 2
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 
@@ -89,11 +88,6 @@ class Volumes:
 
 
 # ---------------------------------------------------------------- array perturbations
-
-
-def body_mask(image: np.ndarray) -> np.ndarray:
-    """Voxels of the body: HU above -500 (air and lung excluded)."""
-    return image > BODY_HU
 
 
 def in_plane_sigma(affine: np.ndarray, sigma: float, ndim: int = 3) -> tuple[float, ...]:
@@ -124,47 +118,12 @@ def sharpen_in_plane(image: np.ndarray, affine: np.ndarray, sigma: float = 1.0, 
     return image + np.float32(amount) * (image - blur_in_plane(image, affine, sigma))
 
 
-def liver_parts(image: np.ndarray, liver: np.ndarray, lesions: np.ndarray, affine: np.ndarray) -> dict:
-    """The liver's parenchyma HU (median away from lesions), its vessel mask and the vessels' mean HU.
-
-    Vessels: liver voxels at least ``LESION_CLEARANCE_VOXELS`` from any lesion whose in-plane smoothed HU (sigma 1
-    voxel) exceeds the parenchyma by ``VESSEL_MARGIN_HU``.
-    """
-    inside = liver > 0
-    away = inside & ~ndimage.binary_dilation(lesions > 0, iterations=LESION_CLEARANCE_VOXELS)
-    if not away.any():
-        return {"liver_hu": None, "vessels": np.zeros_like(inside), "vessel_hu": None}
-    liver_hu = float(np.median(image[away]))
-    smooth = blur_in_plane(image, affine, 1.0)
-    vessels = away & (smooth > liver_hu + VESSEL_MARGIN_HU)
-    vessel_hu = float(image[vessels].mean()) if vessels.any() else None
-    return {"liver_hu": liver_hu, "vessels": vessels, "vessel_hu": vessel_hu}
-
-
 def change_phase(
     image: np.ndarray, liver: np.ndarray, lesions: np.ndarray, affine: np.ndarray, liver_hu: float, vessel_hu: float
 ) -> tuple[np.ndarray, dict]:
-    """Another contrast phase inside the liver label: parenchyma to ``liver_hu``, vessels to ``vessel_hu``.
-
-    Every liver voxel (lesions included: their contrast to the liver is kept) is moved by the parenchyma's offset;
-    the vessels (:func:`liver_parts`) then by what brings their mean to ``vessel_hu``. Returns the image and what
-    was measured and changed.
-    """
-    parts = liver_parts(image, liver, lesions, affine)
-    out = image.astype(np.float32)
-    if parts["liver_hu"] is None:
-        return out, {"liver_hu": None}
-    shift = liver_hu - parts["liver_hu"]
-    out[liver > 0] += shift
-    if parts["vessel_hu"] is not None:
-        out[parts["vessels"]] += vessel_hu - parts["vessel_hu"] - shift
-    info = {
-        "liver_hu": round(parts["liver_hu"], 1),
-        "liver_shift_hu": round(shift, 1),
-        "vessel_hu": None if parts["vessel_hu"] is None else round(parts["vessel_hu"], 1),
-        "vessel_voxels": int(parts["vessels"].sum()),
-    }
-    return out, info
+    """Another contrast phase inside the liver label (:func:`custom.augmentation.change_phase`), vessels found
+    after an in-plane smoothing of sigma 1 voxel."""
+    return augmentation.change_phase(image, liver, lesions, liver_hu, vessel_hu, in_plane_sigma(affine, 1.0))
 
 
 def slice_positions(count: int, spacing: float, thickness: float) -> np.ndarray:
@@ -529,7 +488,10 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config_file", default=str(ROOT / "bundle/configs/evaluate.json"))
+    parser.add_argument(  # evaluate.json layered on inference.json (ConfigParser reads comma-separated files)
+        "--config_file",
+        default=",".join(str(ROOT / "bundle/configs" / name) for name in ("inference.json", "evaluate.json")),
+    )
     parser.add_argument("--split", default="test", choices=("training", "validation", "test"))
     parser.add_argument("--perturbations", nargs="+", default=DEFAULT_PERTURBATIONS, choices=list(PERTURBATIONS))
     parser.add_argument("--max_cases", type=int, default=None, help="the first N cases of the split only")

@@ -52,3 +52,11 @@ def test_write_rule_refuses_a_config_without_the_entry(tmp_path):
     config.write_text("{}")
     with pytest.raises(ValueError, match="not_present_rule"):
         write_rule(NotPresentRule(), config)
+
+
+def test_several_validation_csvs_are_read_together(tmp_path, capsys):
+    write_csv(tmp_path / "v1.csv", rows([0.9, 0.85], [0.3, 0.6]))
+    write_csv(tmp_path / "v2.csv", rows([0.8, 0.95], [0.65, 0.2]))
+    main(["--validation", str(tmp_path / "v1.csv"), str(tmp_path / "v2.csv")])
+    printed = capsys.readouterr().out
+    assert "(4 positive, 4 negative expressions)" in printed

@@ -5,9 +5,10 @@ Reads the per-expression CSV of ``monai.bundle run evaluating`` (columns ``targe
 writes it into the ``not_present_rule`` of the given bundle configs and prints sensitivity and specificity on
 the test rows::
 
-    python -m monai.bundle run evaluating --config_file bundle/configs/evaluate.json --split validation
+    python -m monai.bundle run evaluating --split validation \\
+        --config_file "['bundle/configs/inference.json','bundle/configs/evaluate.json']"
     python -m custom.clinical.calibrate --validation bundle/eval/validation_expressions.csv \\
-        --test bundle/eval/test_expressions.csv --write bundle/configs/inference.json bundle/configs/evaluate.json
+        --test bundle/eval/test_expressions.csv --write bundle/configs/inference.json bundle/configs/train.json
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def write_confidence_calibration(calibration: ConfidenceCalibration, config_path
 
 def calibrate_confidence(args) -> None:
     """``--confidence``: fit the answer confidence on the validation CSV, report it on both, write it."""
-    validation = read_answers(args.validation)
+    validation = [answer for path in args.validation for answer in read_answers(path)]
     calibration = fit_calibration(validation, min_evidence=args.min_evidence)
     print("confidence calibration:", json.dumps(calibration.to_dict()))
     reports = {"validation": confidence_report(calibration, validation)}
@@ -162,7 +163,12 @@ def calibrate_confidence(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--validation", required=True, help="per-expression CSV of the validation evaluation")
+    parser.add_argument(
+        "--validation",
+        required=True,
+        nargs="+",
+        help="per-expression CSV(s) of validation evaluations (several: their rows together; never the test split)",
+    )
     parser.add_argument("--test", help="per-expression CSV of the test evaluation (report only)")
     parser.add_argument("--objective", choices=("youden", "specificity"), default="specificity")
     parser.add_argument("--min_specificity", type=float, default=0.9)
@@ -174,7 +180,9 @@ def main(argv=None) -> None:
     if args.confidence:
         calibrate_confidence(args)
         return
-    positives, negatives = read_features(args.validation)
+    rows = [read_features(path) for path in args.validation]
+    positives = [row for pos, _ in rows for row in pos]
+    negatives = [row for _, neg in rows for row in neg]
     calibration = calibrate(positives, negatives, objective=args.objective, min_specificity=args.min_specificity)
     print("operating point:", json.dumps(calibration.rule.to_dict()))
     print(
