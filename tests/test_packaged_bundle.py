@@ -114,7 +114,7 @@ def digest_tree(root: Path) -> dict[str, str]:
 
 SHIPPED = {
     "LICENSE", "large_files.yml", "configs/inference.json", "configs/logging.conf", "models/model.pt",
-    "models/referral_scorer.pt", "docs/README.md", "docs/images/case.png", "sample/sample.json",
+    "models/referral_scorer.pt", "docs/README.md", "docs/options.md", "docs/images/case.png", "sample/sample.json",
     "sample/sample_case.nii.gz", "custom/__init__.py", "custom/sub/module.py",
 }  # fmt: skip
 NOT_SHIPPED = {

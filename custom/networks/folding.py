@@ -67,6 +67,15 @@ def _fuse_after(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
     return fused
 
 
+def _norm_right_after_conv(block: Convolution) -> bool:
+    """Whether a MONAI ``Convolution`` block applies a 2D batch norm directly after its convolution (``adn`` ordering
+    starting with the norm; a ``conv_only`` block has no ``adn``)."""
+    adn = getattr(block, "adn", None)
+    return (
+        adn is not None and next(iter(adn.named_children()), ("", None))[0] == "N" and isinstance(adn.N, nn.BatchNorm2d)
+    )
+
+
 @torch.no_grad()
 def fold_batch_norms(network: nn.Module) -> nn.Module:
     """Fold, in place, every batch norm of ``network`` (LSMS encoder and decoders) into the convolution before or
@@ -82,7 +91,7 @@ def fold_batch_norms(network: nn.Module) -> nn.Module:
                 else:
                     folded.append(layer)
             module.layers = nn.Sequential(*folded)
-        elif isinstance(module, Convolution) and isinstance(getattr(module.adn, "N", None), nn.BatchNorm2d):
+        elif isinstance(module, Convolution) and _norm_right_after_conv(module):
             module.conv, module.adn.N = _fuse_after(module.conv, module.adn.N), nn.Identity()
         elif isinstance(module, SVLABlock) and isinstance(module.norm1, nn.BatchNorm2d):
             attention, feed_forward = module.attention, module.feed_forward.layers
