@@ -167,7 +167,7 @@ def leaf_transforms(transform) -> list:
     """The transforms a (nested) ``Compose`` or ``PerVolumeOutputsd`` runs, innermost first-level ones only."""
     from monai.transforms import Compose
 
-    from custom.postprocessing import PerVolumeOutputsd
+    from custom.detection.postprocessing import PerVolumeOutputsd
 
     if isinstance(transform, PerVolumeOutputsd):
         return leaf_transforms(transform.transforms)
@@ -180,7 +180,7 @@ def stage_rows(image: Path, folder: Path) -> list[str]:
     """Seconds per stage of one prompt, timed in-process around the config's own components."""
     from monai.bundle import ConfigWorkflow
 
-    from custom.inferers import ReferringSliceInferer
+    from custom.detection.inferers import ReferringSliceInferer
 
     totals: dict[str, float] = defaultdict(float)
 

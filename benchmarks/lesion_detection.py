@@ -39,6 +39,7 @@ from monai.transforms import Compose, Invertd, LoadImage
 from scipy import ndimage
 
 from custom.data.datalist import load_datalist
+from custom.detection.postprocessing import LiverRegiond, PerVolumeOutputsd, largest_component
 from custom.handlers import write_csv
 from custom.metrics import (
     SIZE_BINS,
@@ -51,8 +52,7 @@ from custom.metrics import (
 )
 from custom.networks.folding import fold_batch_norms
 from custom.networks.weights import load_weights
-from custom.postprocessing import LiverRegiond, PerVolumeOutputsd, largest_component
-from custom.referral import LesionCandidatesd, full_candidate_map
+from custom.referral.choose import LesionCandidatesd, full_candidate_map
 from custom.user_inputs import parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def _split_postprocessing(postprocessing: Compose) -> tuple[PerVolumeOutputsd, C
         isinstance(t, LiverRegiond) for t in per_volume.transforms.transforms
     ):
         raise SystemExit(
-            "error: the evaluation config's post-processing does not start with custom.postprocessing."
+            "error: the evaluation config's post-processing does not start with custom.detection.postprocessing."
             "PerVolumeOutputsd holding a LiverRegiond step, so it gives no text-free liver and lesion outputs. Use "
             "bundle/configs/evaluate.json layered on inference.json, or a config derived from them."
         )

@@ -1,4 +1,4 @@
-"""How well :func:`custom.query.read_query` reads referring expressions.
+"""How well :func:`custom.referral.query.read_query` reads referring expressions.
 
 Usage: ``python -m benchmarks.query_reading [--cache_dir cache] [--skip_dataset]`` from the repository root.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from custom.data.expressions import SELECTORS, Query, render
 from custom.data.paraphrases import paraphrase
-from custom.query import ORGANS, ReadQuery, read_query
+from custom.referral.query import ORGANS, ReadQuery, read_query
 
 SENTENCES = Path(__file__).resolve().parents[1] / "tests" / "data" / "query_sentences.json"
 FIELDS = (

@@ -5,14 +5,14 @@ Usage, from the repository root::
     python -m benchmarks.referral_query [--split validation test] [--kind measured label]
     python -m benchmarks.referral_query --other_organs_out cache/other_organs_test
 
-Every expression of a split is read (:func:`custom.query.read_query`) and answered exactly on the case's
+Every expression of a split is read (:func:`custom.referral.query.read_query`) and answered exactly on the case's
 ground-truth lesions (the datalist's ``lesion_attributes`` and ``liver_frame``, described as a detected candidate
-is) by :func:`custom.query_answer.answer_query`, with no learned scorer or evidence (all are real lesions, no
+is) by :func:`custom.referral.answer.answer_query`, with no learned scorer or evidence (all are real lesions, no
 support). Printed per split, for the datalist's own wordings and for the same meanings said by the second grammar
 (:mod:`custom.data.paraphrases`): the share of expressions answered with exactly the referred set, the 3D Dice per
 expression that answer gives with perfect masks (volumes; an empty answer to a negative scores 1), by kind and by
 selector, and the share of negatives answered empty. ``--kind measured`` tells a cyst from a metastasis by its
-mean HU (:func:`custom.query_answer.measured_kind`), as for a detected candidate; ``--kind label`` uses the
+mean HU (:func:`custom.referral.answer.measured_kind`), as for a detected candidate; ``--kind label`` uses the
 datalist's lesion type. A sentence that is not fully read (``unread`` words or no lesion word) would go to the
 learned scorer in the bundle; here it is counted and answered "not present".
 
@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from custom.candidates import with_liver_fractions
 from custom.data.datalist import load_datalist
 from custom.data.default_dataset import ensure_default_dataset
 from custom.data.paraphrases import paraphrase_cases
-from custom.query import read_query
-from custom.query_answer import answer_query
+from custom.detection.candidates import with_liver_fractions
+from custom.referral.answer import answer_query
+from custom.referral.query import read_query
 
 __all__ = ["OTHER_ORGAN_SENTENCES", "answer_on_truth", "score_split", "other_organ_datalist"]
 

@@ -4,7 +4,7 @@ Usage: ``python -m benchmarks.referral_upper_bound [--extra_cases 192] [--epochs
 repository root.
 
 Every case's candidates are its ground-truth lesions, described as a detected candidate would be
-(:func:`custom.candidates.candidate_features` of the datalist's ``lesion_attributes`` and the liver-frame
+(:func:`custom.detection.candidates.candidate_features` of the datalist's ``lesion_attributes`` and the liver-frame
 fractions; no text-conditioned evidence, which needs the segmentation network), and every expression is encoded by
 the bundle's frozen text encoder. :class:`custom.networks.scorer.CandidateScorer` is trained on the training split
 (plus ``--extra_cases`` generated with another seed, as the training recipe does) and the epoch with the best
@@ -25,9 +25,9 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from custom.candidates import FEATURE_NAMES, candidate_features, with_liver_fractions
 from custom.data.datalist import SPLITS, load_datalist
 from custom.data.default_dataset import ensure_default_dataset, extra_training_cases
+from custom.detection.candidates import FEATURE_NAMES, candidate_features, with_liver_fractions
 from custom.networks import BertTextEncoder
 from custom.networks.scorer import CandidateScorer
 

@@ -34,7 +34,7 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation, Spacing
 from skimage.draw import polygon2mask
 
-import custom.postprocessing as postprocessing
+import custom.detection.postprocessing as postprocessing
 from custom.clinical.dicom_series import load_clinical_image
 from custom.data.datalist import load_datalist
 from custom.data.default_dataset import ensure_default_dataset

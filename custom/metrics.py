@@ -14,8 +14,8 @@ import torch
 from monai.metrics import compute_dice
 from scipy import ndimage
 
-from custom.candidates import match_candidates
 from custom.clinical.measurements import axial_axis
+from custom.detection.candidates import match_candidates
 
 __all__ = [
     "EXPRESSION_KINDS",
@@ -248,8 +248,8 @@ def match_candidate_detections(
     """Lesion detection of one case by lesion candidates (instances, as the referral sees them).
 
     Each candidate stands for the lesion holding at least half of its voxels, or for none
-    (:func:`custom.candidates.match_candidates`); a lesion's Dice is taken with the union of the candidates standing
-    for it, so a candidate that merges two lesions serves one of them only. Returns the dicts of
+    (:func:`custom.detection.candidates.match_candidates`); a lesion's Dice is taken with the union of the candidates
+    standing for it, so a candidate that merges two lesions serves one of them only. Returns the dicts of
     :func:`match_detections` and the number of candidates that stand for no lesion.
     """
     candidates = np.asarray(candidates)

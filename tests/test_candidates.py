@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from custom.candidates import FEATURE_NAMES, candidate_evidence, candidate_features, lesion_candidates, match_candidates
 from custom.data.geometry import measure_lesions
+from custom.detection.candidates import (
+    FEATURE_NAMES,
+    candidate_evidence,
+    candidate_features,
+    lesion_candidates,
+    match_candidates,
+)
 
 
 def ball(shape, centre, radius):

@@ -86,6 +86,6 @@ def test_the_graph_sees_imports_inside_functions_and_relative_imports(tmp_path):
 
 def test_the_modules_of_custom_import_one_another_without_a_circle():
     modules = module_files()
-    assert "custom.clinical.dicom_series" in modules and "custom.postprocessing" in modules
+    assert "custom.clinical.dicom_series" in modules and "custom.detection.postprocessing" in modules
     cycle = find_cycle(import_graph(modules))
     assert cycle is None, "import circle: " + " -> ".join(cycle)

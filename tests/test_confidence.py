@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from custom.confidence import (
+from custom.referral.confidence import (
     LOW_EVIDENCE_CAP,
     ConfidenceCalibration,
     answer_is_right,

@@ -9,11 +9,11 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-from custom.inferers import OUTSIDE_LOGIT, ReferringSliceInferer, liver_box, slice_context
+from custom.detection.inferers import OUTSIDE_LOGIT, ReferringSliceInferer, liver_box, slice_context
+from custom.detection.postprocessing import LiverRegiond, SplitOutputsd, liver_region
 from custom.losses import LSMSLoss
 from custom.metrics import match_candidate_detections, match_detections, summarize_detection
 from custom.networks import BertTextEncoder, lsms_tiny
-from custom.postprocessing import LiverRegiond, SplitOutputsd, liver_region
 from custom.transforms import RandDropTextd, ReferredMaskd, ReferringSlicesd
 
 
@@ -413,8 +413,8 @@ class LoadPhantom(MapTransform):
 def test_per_volume_work_is_done_once_and_every_expression_gets_the_same_results():
     from monai.transforms import Activationsd, Compose, CopyItemsd, Invertd, Spacingd
 
-    from custom.postprocessing import PerVolumeOutputsd
-    from custom.referral import LesionCandidatesd
+    from custom.detection.postprocessing import PerVolumeOutputsd
+    from custom.referral.choose import LesionCandidatesd
     from custom.transforms import PerVolumeCompose
 
     load = LoadPhantom()
@@ -465,7 +465,7 @@ def test_per_volume_work_is_done_once_and_every_expression_gets_the_same_results
 def test_box_inversion_equals_inverting_the_whole_grid(box_at_corner):
     from monai.transforms import Compose, Invertd, Orientationd, Spacingd
 
-    from custom.postprocessing import BoxInvertd
+    from custom.detection.postprocessing import BoxInvertd
 
     affine = np.array([[-0.7, 0, 0, 10.0], [0, -0.8, 0, 20.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])  # LPS-like
     preprocessing = Compose([Orientationd("image", "RAS"), Spacingd("image", pixdim=[1.5, 1.5, -1], mode="bilinear")])
@@ -490,7 +490,7 @@ def test_box_inversion_equals_inverting_the_whole_grid(box_at_corner):
 def test_an_answer_goes_back_to_the_input_grid_as_whole_grid_resampling_gives_it_and_leaves_its_neighbour_out():
     from monai.transforms import Compose, Invertd, Orientationd, Spacingd
 
-    from custom.postprocessing import AnswerToInputGridd
+    from custom.detection.postprocessing import AnswerToInputGridd
 
     affine = np.array([[-0.7, 0, 0, 10.0], [0, -0.8, 0, 20.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])  # LPS-like
     preprocessing = Compose([Orientationd("image", "RAS"), Spacingd("image", pixdim=[1.5, 1.5, -1], mode="bilinear")])
@@ -558,7 +558,7 @@ def test_an_answer_goes_back_to_the_input_grid_as_whole_grid_resampling_gives_it
 def test_an_answer_after_other_preprocessing_goes_back_through_the_whole_grid_inversion():
     from monai.transforms import Compose, Invertd, Spacingd
 
-    from custom.postprocessing import AnswerToInputGridd
+    from custom.detection.postprocessing import AnswerToInputGridd
 
     preprocessing = Compose([Spacingd("image", pixdim=[1.5, 1.5, -1], mode="bilinear")])  # no Orientationd
     loaded = MetaTensor(torch.zeros(1, 40, 36, 8), affine=torch.diag(torch.tensor([0.7, 0.8, 2.5, 1.0])))

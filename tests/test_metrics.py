@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from custom.detection.postprocessing import select_referred_components
 from custom.metrics import axial_axis, dice_3d, match_lesions, score_expression, summarize
-from custom.postprocessing import select_referred_components
 
 
 def two_lesions():

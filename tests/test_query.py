@@ -1,4 +1,4 @@
-"""The sentence reader (custom.query): targets on the hand-written sentence file, and focused readings."""
+"""The sentence reader (custom.referral.query): targets on the hand-written sentence file, and focused readings."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from benchmarks.query_reading import (
 )
 from custom.data.expressions import SELECTORS, Query, candidate_queries, render
 from custom.data.paraphrases import paraphrase
-from custom.query import READ_SELECTORS, ReadQuery, read_query
+from custom.referral.query import READ_SELECTORS, ReadQuery, read_query
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The read sentence answered exactly on lesion candidates' measured attributes (custom.query_answer)."""
+"""The read sentence answered exactly on lesion candidates' measured attributes (custom.referral.answer)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 
 from custom.data.expressions import LesionTable, candidate_queries, render
 from custom.data.geometry import LiverFrame
-from custom.query import read_query
-from custom.query_answer import answer_query, measured_kind
+from custom.referral.answer import answer_query, measured_kind
+from custom.referral.query import read_query
 
 #: A liver 200 mm wide (x -100..100), 120 mm deep (y -60..60), 140 mm high (z -240..-100): the Cantlie plane lies
 #: at x = 100 - 0.55 * 200 = -10 (right lobe: x > -10), the right sector plane at y = -60 + 0.5 * 120 = 0.

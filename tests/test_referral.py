@@ -13,10 +13,10 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from custom.candidates import FEATURE_NAMES
+from custom.detection.candidates import FEATURE_NAMES
 from custom.networks import BertTextEncoder
 from custom.networks.scorer import CandidateScorer
-from custom.referral import (
+from custom.referral.choose import (
     CandidateReferrald,
     LesionCandidatesd,
     ScorerFileError,

@@ -1,8 +1,8 @@
 """Scope before lesions: a liver the network finds where no liver can be is out of scope, with the reason.
 
-The rules (:func:`custom.scope.liver_scope`) on drawn anatomy, then the shipped bundle on real CT that shows no liver
-(head slices, a chest slice, the pelvis and lower abdomen of a real CT) and on real CT that does (three real upper
-abdominal slices from dcmqi, written back as DICOM-SEG).
+The rules (:func:`custom.detection.scope.liver_scope`) on drawn anatomy, then the shipped bundle on real CT that shows
+no liver (head slices, a chest slice, the pelvis and lower abdomen of a real CT) and on real CT that does (three real
+upper abdominal slices from dcmqi, written back as DICOM-SEG).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from benchmarks.scope import cut_slices, pydicom_file
-from custom.scope import MIN_BODY_WIDTH_MM, liver_scope
+from custom.detection.scope import MIN_BODY_WIDTH_MM, liver_scope
 from tests.test_bundle import SHIPPED, cli
 
 ROOT = Path(__file__).resolve().parents[1]

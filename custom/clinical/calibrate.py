@@ -20,7 +20,7 @@ from pathlib import Path
 
 from custom.clinical.not_present import NotPresentRule, calibrate, evaluate_rule
 from custom.clinical.writers import atomic_write
-from custom.confidence import (
+from custom.referral.confidence import (
     ABSENT_FEATURES,
     FOUND_FEATURES,
     ConfidenceCalibration,

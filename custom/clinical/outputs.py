@@ -216,10 +216,11 @@ class ReferringOutputWriter:
                 the rule's voxel threshold of ``probabilities``. It is emptied when the rule says "not present".
             case_id: sub-folder name; defaults to the input's file or folder name.
             expression_id: file stem; defaults to :func:`expression_slug`.
-            region: the liver region the answer was restricted to (``custom.postprocessing.liver_region``), kept in
-                the record as ``liver_region``; a note says so when no liver was found.
+            region: the liver region the answer was restricted to
+                (``custom.detection.postprocessing.liver_region``), kept in the record as ``liver_region``; a note
+                says so when no liver was found.
             decision: a decision already taken (``found``, ``confidence`` ...; the learned referral's,
-                :class:`custom.referral.CandidateReferrald`), used instead of the not-present rule.
+                :class:`custom.referral.choose.CandidateReferrald`), used instead of the not-present rule.
             referral: how the answer was chosen (every candidate with its score), kept in the record as ``referral``.
         """
         meta = image.meta

@@ -12,7 +12,7 @@ class CandidateScorer(nn.Module):
     """Scores all lesion candidates of a case against one expression, the candidates seen together.
 
     The expression's word features, a learned "none" token and the candidates' feature vectors
-    (:func:`custom.candidates.candidate_features`) are projected to ``dim`` and go through a small Transformer
+    (:func:`custom.detection.candidates.candidate_features`) are projected to ``dim`` and go through a small Transformer
     encoder together, so each candidate sees the words and every other candidate: what "the largest", "the lower
     of the two" or "all three cysts" need. Padding (absent candidates, padded words) is masked.
 

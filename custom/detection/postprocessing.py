@@ -16,7 +16,7 @@ from monai.utils.type_conversion import dtype_torch_to_numpy
 from scipy import ndimage
 
 from custom.clinical.geometry import bounding_box, grow_box, largest_component
-from custom.scope import liver_scope
+from custom.detection.scope import liver_scope
 
 __all__ = [
     "select_referred_components",
@@ -386,7 +386,7 @@ def liver_region(
     ``liver_probability`` (X, Y, Z) with voxel ``spacing`` in mm -> (bool (X, Y, Z) region, all False when no liver
     is found, and a JSON-ready description: ``liver_found``, ``liver_volume_ml``, ``box_voxels`` of the liver). With
     ``hounsfield`` (X, Y, Z, RAS grid) the liver found is also checked against the anatomy around it
-    (:func:`custom.scope.liver_scope`, under ``scope``); out of scope, the region is empty.
+    (:func:`custom.detection.scope.liver_scope`, under ``scope``); out of scope, the region is empty.
     """
     liver = liver_probability >= threshold
     largest = largest_component(liver)

@@ -11,7 +11,7 @@ from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 
 from custom.clinical.geometry import bounding_box, grow_box
-from custom.postprocessing import largest_component
+from custom.detection.postprocessing import largest_component
 
 __all__ = ["ReferringSliceInferer", "liver_box", "slice_context"]
 

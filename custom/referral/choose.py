@@ -1,7 +1,7 @@
 """Candidate-level referral (DESIGN section 8): which of a volume's lesion candidates an expression refers to.
 
 Per volume, :class:`LesionCandidatesd` turns the text-free all-lesion output into 3D lesion candidates and measures
-them (:func:`custom.candidates.lesion_candidates`). Per expression, :class:`CandidateReferrald` adds the
+them (:func:`custom.detection.candidates.lesion_candidates`). Per expression, :class:`CandidateReferrald` adds the
 text-conditioned evidence over each candidate, lets :class:`custom.networks.scorer.CandidateScorer` score all of
 them together with the expression's words, and answers the union of the chosen candidates' masks, or "not present"
 when the scorer's "none of them" output wins. The record names every candidate with its score.
@@ -19,13 +19,13 @@ from monai.transforms import MapTransform
 from monai.transforms.utils import generate_spatial_bounding_box
 from monai.utils import convert_to_dst_type
 
-from custom.candidates import FEATURE_NAMES, candidate_evidence, candidate_feature_table, lesion_candidates
 from custom.clinical.measurements import voxel_volume_ml
-from custom.confidence import ConfidenceCalibration
+from custom.detection.candidates import FEATURE_NAMES, candidate_evidence, candidate_feature_table, lesion_candidates
 from custom.errors import InputError
 from custom.networks.scorer import CandidateScorer
-from custom.query import ReadQuery, read_query
-from custom.query_answer import answer_query
+from custom.referral.answer import answer_query
+from custom.referral.confidence import ConfidenceCalibration
+from custom.referral.query import ReadQuery, read_query
 
 __all__ = [
     "bounding_box",
@@ -86,12 +86,12 @@ class LesionCandidatesd(MapTransform):
     so it costs what the liver's size costs, not the whole
     CT. Stored under ``candidates_key``: ``box`` ([start, stop] per axis of the box holding the candidates), ``map``
     (int32 candidate map of that box, 0 background and 1..K by decreasing volume; :func:`full_candidate_map` gives
-    it on the whole grid), ``attributes`` (one dict per candidate, :func:`custom.candidates.lesion_candidates`),
-    ``detection`` (the mean all-lesion probability over each candidate) and ``liver_frame`` (the liver's frame in RAS
-    mm, :meth:`custom.data.geometry.LiverFrame.to_dict`, None without a liver: what the lobes and segments of the
-    sentence are checked against). ``split_depth_mm``: touching lesions are
-    split at their narrowing (:func:`custom.candidates.split_touching`; ``None`` keeps whole components). Data that
-    hold ``candidates_key`` already (an earlier expression on the same volume) keep it.
+    it on the whole grid), ``attributes`` (one dict per candidate,
+    :func:`custom.detection.candidates.lesion_candidates`), ``detection`` (the mean all-lesion probability over each
+    candidate) and ``liver_frame`` (the liver's frame in RAS mm, :meth:`custom.data.geometry.LiverFrame.to_dict`, None
+    without a liver: what the lobes and segments of the sentence are checked against). ``split_depth_mm``: touching
+    lesions are split at their narrowing (:func:`custom.detection.candidates.split_touching`; ``None`` keeps whole
+    components). Data that hold ``candidates_key`` already (an earlier expression on the same volume) keep it.
     """
 
     def __init__(
@@ -168,7 +168,8 @@ def credible_candidates(
     A candidate is set aside when the learned scorer and the text-conditioned evidence both reject it (its score
     below ``settings["score"]`` and its mean evidence below ``settings["evidence"]``), or when the detector's mean
     all-lesion probability over it is below ``settings["detection"]``. ``scores`` (K,) the scorer's probabilities,
-    ``evidence`` the :func:`custom.candidates.candidate_evidence` dicts, ``detection`` (K,) the detection means.
+    ``evidence`` the :func:`custom.detection.candidates.candidate_evidence` dicts, ``detection`` (K,) the detection
+    means.
     """
     settings = {**LESION_SETTINGS, **dict(settings or {})}
     scores = np.asarray(scores, dtype=np.float64)
@@ -217,17 +218,17 @@ class CandidateReferrald(MapTransform):
     ``keys``: the expression's referred-lesion probabilities (1, X, Y, Z) -> replaced by the {0, 1} answer mask:
     the union of the chosen candidates' voxels of ``candidates_key`` (:class:`LesionCandidatesd`).
 
-    The sentence (``text_key``; None: not read) is read into a query (:func:`custom.query.read_query`). About
+    The sentence (``text_key``; None: not read) is read into a query (:func:`custom.referral.query.read_query`). About
     another organ, the answer is "not present" with the reason. Fully read, it is answered exactly on the
-    candidates' measured attributes (:func:`custom.query_answer.answer_query`: filters, then the selector), among
+    candidates' measured attributes (:func:`custom.referral.answer.answer_query`: filters, then the selector), among
     the candidates that the learned parts do not both reject (:func:`credible_candidates`, ``lesion_settings``) with
-    ``query_settings`` (margins, the HU of a cyst, near ties: :func:`custom.query_answer.answer_query`); where the
+    ``query_settings`` (margins, the HU of a cyst, near ties: :func:`custom.referral.answer.answer_query`); where the
     query leaves the choice open, the learned support decides (:func:`candidate_support`, and the scorer's own
     selection for near ties). Not fully read (no lesion word, words the reader does not place), or with no text to
     read, the learned scorer answers alone, as it always did: it sees every candidate's features
-    (:func:`custom.candidates.candidate_features`: measured attributes, the evidence of these probabilities over it,
-    its detection probability) with the expression's words from ``text_encoder`` (tokens under ``input_ids_key`` /
-    ``attention_mask_key``; ``input_ids_key=None`` withholds them) and the candidates at or above
+    (:func:`custom.detection.candidates.candidate_features`: measured attributes, the evidence of these probabilities
+    over it, its detection probability) with the expression's words from ``text_encoder`` (tokens under
+    ``input_ids_key`` / ``attention_mask_key``; ``input_ids_key=None`` withholds them) and the candidates at or above
     ``select_threshold`` are chosen unless its "none" output reaches ``none_threshold``.
 
     Stored: ``decision_key`` (``found``, ``confidence``, ``reason`` when not present, ``features`` with
@@ -237,8 +238,8 @@ class CandidateReferrald(MapTransform):
     ``query``: the sentence as read; ``explanation``; ``steps``: the candidates that passed each filter and the
     selection; ``none_probability``; every candidate with its ``score``, ``evidence_mean``, ``supported`` (credible),
     ``chosen`` flag, ``why`` and attributes). ``confidence`` is the probability that the answer is right
-    (:class:`custom.confidence.ConfidenceCalibration` of ``calibration``, a dict of its arguments; None: the raw
-    score, 1 minus the none probability for a found answer); for a sentence about another organ it is
+    (:class:`custom.referral.confidence.ConfidenceCalibration` of ``calibration``, a dict of its arguments; None: the
+    raw score, 1 minus the none probability for a found answer); for a sentence about another organ it is
     ``out_of_scope_confidence``: that answer is right whenever the organ was read right (of the sentences the
     reader was checked on, it took none about the liver for another organ, and 152 of the 153 about another organ
     for one: ``tests/data/query_sentences.json``, ``benchmarks.referral_query``), which the scores calibrated on
@@ -438,7 +439,7 @@ def load_scorer(path: str | Path, text_dim: int = 384) -> CandidateScorer:
     path = Path(path)
     if not path.is_file():
         raise ScorerFileError(
-            f"The referral scorer file {path} does not exist. Train one with `python -m custom.referral_training`, "
+            f"The referral scorer file {path} does not exist. Train one with `python -m custom.referral.training`, "
             "or pass --referral_scorer_path with the path of a trained one."
         )
     try:
@@ -447,12 +448,12 @@ def load_scorer(path: str | Path, text_dim: int = 384) -> CandidateScorer:
     except Exception as err:
         raise ScorerFileError(
             f"{path} is not a referral scorer file ({type(err).__name__}). Give the file "
-            "`python -m custom.referral_training` writes."
+            "`python -m custom.referral.training` writes."
         ) from err
     if names != FEATURE_NAMES:
         raise ScorerFileError(
             f"{path} was trained on the candidate features {list(names)}, this version computes {list(FEATURE_NAMES)}; "
-            "retrain it with `python -m custom.referral_training`."
+            "retrain it with `python -m custom.referral.training`."
         )
     try:
         scorer = CandidateScorer(len(names), text_dim, **saved["settings"])
@@ -460,6 +461,6 @@ def load_scorer(path: str | Path, text_dim: int = 384) -> CandidateScorer:
     except Exception as err:
         raise ScorerFileError(
             f"{path} does not fit the referral scorer ({type(err).__name__}). Give the file "
-            "`python -m custom.referral_training` writes."
+            "`python -m custom.referral.training` writes."
         ) from err
     return scorer.eval()

@@ -30,7 +30,7 @@ __all__ = [
 
 #: A found answer is right when its 3D Dice with the referred lesions reaches this.
 RIGHT_DICE = 0.5
-#: Features of a "found" answer (decision features of :class:`custom.referral.CandidateReferrald`): the scorer's
+#: Features of a "found" answer (decision features of :class:`custom.referral.choose.CandidateReferrald`): the scorer's
 #: "none of them" probability, its mean score of the chosen candidates, its best score and the answer's volume.
 FOUND_FEATURES = ("none_probability", "chosen_score", "top_score", "volume_ml")
 #: Features of a "not present" answer.

@@ -1,6 +1,6 @@
 """Train the referral scorer on the detector's own candidates and on the ground-truth lesions.
 
-Usage: ``python -m custom.referral_training [--out runs/referral/referral_scorer.pt] [--extra_cases 96] [--epochs 80]
+Usage: ``python -m custom.referral.training [--out runs/referral/referral_scorer.pt] [--extra_cases 96] [--epochs 80]
 [--seed 0] [--checkpoint <weights>] [--set KEY=VALUE ...]`` from the repository root; evaluate the result with
 ``--referral_scorer_path <file>`` on the evaluation and inference configs, or write it over
 ``bundle/models/referral_scorer.pt`` to ship it.
@@ -8,24 +8,25 @@ Usage: ``python -m custom.referral_training [--out runs/referral/referral_scorer
 1. **Samples.** Every case of the training and validation splits of the default dataset (and ``--extra_cases``
    cases generated with another seed, as the segmentation training recipe adds them) goes through the
    evaluation config's own pipeline (``--config_file``: volume preprocessing, liver-focused inferer, text-free
-   outputs and :class:`custom.referral.LesionCandidatesd` once per case) with the shipped segmentation weights;
+   outputs and :class:`custom.referral.choose.LesionCandidatesd` once per case) with the shipped segmentation weights;
    each expression adds its referring pass. An expression gives two samples: the detector's candidates (a
-   candidate is referred when it stands for a referred lesion, :func:`custom.candidates.match_candidates`), so the
-   scorer learns the detector's mistakes, and the ground-truth lesions measured the same way (the same predicted
-   liver, the same evidence maps), so it learns what the words mean on clean sets. Samples are cached under
-   ``--cache_dir``/referral_samples, keyed by the weights, the candidate settings and the split.
+   candidate is referred when it stands for a referred lesion,
+   :func:`custom.detection.candidates.match_candidates`), so the scorer learns the detector's mistakes, and the
+   ground-truth lesions measured the same way (the same predicted liver, the same evidence maps), so it learns what the
+   words mean on clean sets. Samples are cached under ``--cache_dir``/referral_samples, keyed by the weights, the
+   candidate settings and the split.
 2. **Training.** :class:`custom.networks.scorer.CandidateScorer` with binary cross-entropy on every candidate and
    on the "none of them" output, AdamW and a cosine schedule.
 3. **Selection.** After every epoch the validation split's detector samples are answered as the bundle answers
-   them (:func:`custom.referral.choose_candidates`) and scored by 3D Dice per expression (computed exactly from
+   them (:func:`custom.referral.choose.choose_candidates`) and scored by 3D Dice per expression (computed exactly from
    each candidate's overlap with the referred lesions); the best epoch is kept and the "none" threshold that gives
    the best validation Dice is printed, for ``referral#none_threshold`` in the configs.
 
-Written: the scorer's ``state_dict`` with its ``settings`` and ``feature_names`` (:func:`custom.referral.load_scorer`
-reads it). Printed as it goes (also into a log file): a line every 10 cases collected and every tenth of the epochs
-(loss, validation 3D Dice), with the time taken and left. Printed at the end: the cost, validation 3D Dice,
-negatives answered empty and positives hit, and the validation 3D Dice of choosing exactly the candidates that stand
-for referred lesions (the ceiling these candidates allow).
+Written: the scorer's ``state_dict`` with its ``settings`` and ``feature_names``
+(:func:`custom.referral.choose.load_scorer` reads it). Printed as it goes (also into a log file): a line every 10 cases
+collected and every tenth of the epochs (loss, validation 3D Dice), with the time taken and left. Printed at the end:
+the cost, validation 3D Dice, negatives answered empty and positives hit, and the validation 3D Dice of choosing exactly
+the candidates that stand for referred lesions (the ceiling these candidates allow).
 """
 
 from __future__ import annotations
@@ -43,20 +44,20 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose, ResampleToMatch
 
 from custom.atomic_files import atomic_write
-from custom.candidates import (
+from custom.data.datalist import load_datalist
+from custom.data.default_dataset import extra_training_cases
+from custom.data.geometry import measure_lesions
+from custom.detection.candidates import (
     FEATURE_NAMES,
     candidate_evidence,
     candidate_feature_table,
     match_candidates,
     with_liver_fractions,
 )
-from custom.data.datalist import load_datalist
-from custom.data.default_dataset import extra_training_cases
-from custom.data.geometry import measure_lesions
+from custom.detection.postprocessing import PerVolumeOutputsd
 from custom.networks.scorer import CandidateScorer
 from custom.networks.weights import load_weights
-from custom.postprocessing import PerVolumeOutputsd
-from custom.referral import LesionCandidatesd, choose_candidates, full_candidate_map
+from custom.referral.choose import LesionCandidatesd, choose_candidates, full_candidate_map
 from custom.runtime import ProgressLog, format_duration
 from custom.user_inputs import parse_override
 
@@ -157,8 +158,9 @@ def pipeline_parts(config_file: str, checkpoint: str | None, overrides: dict | N
     finders = [t for t in getattr(per_volume, "transforms", Compose([])).transforms if isinstance(t, LesionCandidatesd)]
     if not isinstance(per_volume, PerVolumeOutputsd) or not finders:
         raise SystemExit(
-            "error: the evaluation config has no per_volume_outputs (custom.postprocessing.PerVolumeOutputsd holding "
-            "a custom.referral.LesionCandidatesd step). Use bundle/configs/evaluate.json or a config derived from it."
+            "error: the evaluation config has no per_volume_outputs (custom.detection.postprocessing."
+            "PerVolumeOutputsd holding a custom.referral.choose.LesionCandidatesd step). Use "
+            "bundle/configs/evaluate.json or a config derived from it."
         )
     finder, inferer = finders[0], parser.get_parsed_content("inferer")
     settings = {  # what the samples depend on besides the weights
@@ -329,7 +331,7 @@ def train_scorer(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m custom.referral.training", description=__doc__.split("\n\n")[0])
     parser.add_argument(  # evaluate.json layered on inference.json (ConfigParser reads comma-separated files)
         "--config_file",
         default=",".join(str(ROOT / "bundle/configs" / name) for name in ("inference.json", "evaluate.json")),

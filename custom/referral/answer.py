@@ -1,7 +1,7 @@
 """Answering a read sentence exactly on lesion candidates' measured attributes (DESIGN section 10).
 
-:func:`answer_query` takes the :class:`custom.query.ReadQuery` of a sentence and the candidates of a volume (their
-attribute dicts: ``volume_ml``, ``longest_axial_diameter_mm``, ``centroid_ras_mm``, ``mean_hu``, ``contrast_hu``,
+:func:`answer_query` takes the :class:`custom.referral.query.ReadQuery` of a sentence and the candidates of a volume
+(their attribute dicts: ``volume_ml``, ``longest_axial_diameter_mm``, ``centroid_ras_mm``, ``mean_hu``, ``contrast_hu``,
 ``lobe``, ``segment``, ``dome_distance_mm``, ``kind`` when known; the liver frame when known) and answers it with
 the rules that generated the targets (:func:`custom.data.expressions.evaluate`):
 
@@ -36,7 +36,7 @@ import numpy as np
 
 from custom.data.expressions import DIAMETER_EXCLUDE_MM, DIAMETER_MATCH_MM, POSITIONAL, RANK_MARGIN_MM, VOLUME_RATIO
 from custom.data.geometry import DENSITY_THRESHOLD_HU, REGION_CONDITIONS, LiverFrame
-from custom.query import ReadQuery
+from custom.referral.query import ReadQuery
 
 __all__ = [
     "CYST_MAX_HU",
@@ -325,7 +325,7 @@ def answer_query(
     """Answer a read sentence on the candidates.
 
     Args:
-        read: the sentence as read (:func:`custom.query.read_query`); its organ is not checked here.
+        read: the sentence as read (:func:`custom.referral.query.read_query`); its organ is not checked here.
         attributes: one measured attribute dict per candidate (see the module docstring).
         frame: the liver frame (:class:`custom.data.geometry.LiverFrame` or its dict); None: the ``lobe`` and
             ``segment`` attributes decide the place.
