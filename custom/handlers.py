@@ -76,15 +76,14 @@ class ReferringResultsWriter:
     the geometry of ``instance_key`` (the lesion instance map, a MetaTensor whose affine names the axial axis),
     and the strings ``case_id``, ``text``, ``kind``; the "not present" ``decision`` features (maximum probability,
     predicted volume) are recorded when present, for calibrating the rule on the validation split.
-    Writes ``<output_dir>/<prefix>_expressions.csv`` and
-    ``<prefix>_summary.json`` (DESIGN section 6 metrics, overall and per kind), gathering across DDP ranks and
-    writing on rank 0 only. The summary is also kept in ``engine.state.metrics["referring_summary"]``.
+    Writes ``<output_dir>/<prefix>_expressions.csv`` and ``<prefix>_summary.json`` (the metrics of
+    :mod:`custom.metrics`, overall and per kind), gathering across DDP ranks and writing on rank 0 only. The summary is also kept in ``engine.state.metrics["referring_summary"]``.
 
     Why not MONAI's ``MetricsSaver``: it writes the scalars of ``engine.state.metrics`` and, per metric, one row of
     numbers per image (``metric_details``, (batch, channel) arrays) keyed by the image's file name, with summaries
     over all rows (mean, median, percentiles). Here one image carries a dozen expressions, so the file name is not a
     row's key; a row holds text (case, expression, kind), lesion-wise counts and the "not present" features; and the
-    summary is grouped by expression kind and counts lesions over the split (DESIGN section 6), which those
+    summary is grouped by expression kind and counts lesions over the split, which those
     summary operations cannot express. The files are also written atomically, so a rerun never leaves half a CSV.
     """
 

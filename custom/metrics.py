@@ -1,4 +1,4 @@
-"""Metrics of referring lesion segmentation, one definition used everywhere (DESIGN section 6).
+"""Metrics of referring lesion segmentation, one definition used everywhere.
 
 Per (case, expression) a :class:`ExpressionScores` holds the 3D Dice, the 2D slice overlaps and the lesion-wise
 matching; :func:`summarize` aggregates a list of them, overall and per expression kind.
@@ -47,7 +47,7 @@ def dice_3d(pred: np.ndarray, target: np.ndarray) -> float:
 def slice_overlaps(pred: np.ndarray, target: np.ndarray, axis: int) -> list[tuple[int, int]]:
     """(intersection, union) per 2D slice sample along ``axis``: the slices where the target is present.
 
-    Counts rather than MONAI's ``compute_iou`` ratios: the overall IoU (oIoU) of DESIGN section 6 sums
+    Counts rather than MONAI's ``compute_iou`` ratios: the overall IoU (oIoU) sums
     intersections and unions over all slices, which the per-slice ratios cannot give.
     """
     pred, target = np.moveaxis(pred.astype(bool), axis, 0), np.moveaxis(target.astype(bool), axis, 0)

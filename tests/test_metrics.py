@@ -1,4 +1,4 @@
-"""Metrics of DESIGN section 6 and the volume-level referral step, on hand-made volumes with known answers."""
+"""The metrics of custom.metrics and the volume-level referral step, on hand-made volumes with known answers."""
 
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
 """Data tools of the LSMS bundle: the embedded synthetic referring dataset, the LiTS / MSD converter, the
 referring datalist (loading, validation, one item per expression) and the dataset summary.
 
-The datalist contract is described in ``DESIGN.md`` section 3; see :mod:`custom.data.datalist`.
+The datalist contract is described in :mod:`custom.data.datalist` and in the model card (Data).
 """

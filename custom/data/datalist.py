@@ -1,4 +1,4 @@
-"""The referring datalist (DESIGN section 3): loading, validation, one item per expression.
+"""The referring datalist: loading, validation, one item per expression.
 
 A datalist is a JSON object with case lists under ``training``, ``validation`` and ``test``. A case holds
 ``image`` and ``lesions`` (instance map: 0 background, 1..K one id per lesion), optionally ``liver``,

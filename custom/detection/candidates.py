@@ -1,4 +1,4 @@
-"""Lesion candidates of a volume, what each one carries, and the same for the ground truth (DESIGN section 8).
+"""Lesion candidates of a volume, what each one carries, and the same for the ground truth.
 
 The candidates of a case are the 3D components (26-connectivity) of the text-free all-lesion output inside the
 liver region. Each carries the attributes of the clinical record, measured exactly as the datalist's

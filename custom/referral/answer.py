@@ -1,4 +1,4 @@
-"""Answering a read sentence exactly on lesion candidates' measured attributes (DESIGN section 10).
+"""Answering a read sentence exactly on lesion candidates' measured attributes.
 
 :func:`answer_query` takes the :class:`custom.referral.query.ReadQuery` of a sentence and the candidates of a volume
 (their attribute dicts: ``volume_ml``, ``longest_axial_diameter_mm``, ``centroid_ras_mm``, ``mean_hu``, ``contrast_hu``,

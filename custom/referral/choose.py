@@ -1,4 +1,4 @@
-"""Candidate-level referral (DESIGN section 8): which of a volume's lesion candidates an expression refers to.
+"""Candidate-level referral: which of a volume's lesion candidates an expression refers to.
 
 Per volume, :class:`LesionCandidatesd` turns the text-free all-lesion output into 3D lesion candidates and measures
 them (:func:`custom.detection.candidates.lesion_candidates`). Per expression, :class:`CandidateReferrald` adds the
