@@ -77,7 +77,8 @@ class ReferringResultsWriter:
     and the strings ``case_id``, ``text``, ``kind``; the "not present" ``decision`` features (maximum probability,
     predicted volume) are recorded when present, for calibrating the rule on the validation split.
     Writes ``<output_dir>/<prefix>_expressions.csv`` and ``<prefix>_summary.json`` (the metrics of
-    :mod:`custom.metrics`, overall and per kind), gathering across DDP ranks and writing on rank 0 only. The summary is also kept in ``engine.state.metrics["referring_summary"]``.
+    :mod:`custom.metrics`, overall and per kind), gathering across DDP ranks and writing on rank 0 only. The
+    summary is also kept in ``engine.state.metrics["referring_summary"]``.
 
     Why not MONAI's ``MetricsSaver``: it writes the scalars of ``engine.state.metrics`` and, per metric, one row of
     numbers per image (``metric_details``, (batch, channel) arrays) keyed by the image's file name, with summaries
