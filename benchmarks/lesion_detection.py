@@ -56,6 +56,8 @@ from custom.referral.choose import LesionCandidatesd, full_candidate_map
 from custom.user_inputs import parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
+#: evaluate.json layered on inference.json, as one ``--config_file`` value (ConfigParser reads comma-separated files).
+EVALUATION_CONFIG = ",".join(str(ROOT / "bundle" / "configs" / name) for name in ("inference.json", "evaluate.json"))
 
 
 def build(config_file: str, overrides: dict) -> ConfigParser:
@@ -264,10 +266,7 @@ def report(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(  # evaluate.json layered on inference.json (ConfigParser reads comma-separated files)
-        "--config_file",
-        default=",".join(str(ROOT / "bundle/configs" / name) for name in ("inference.json", "evaluate.json")),
-    )
+    parser.add_argument("--config_file", default=EVALUATION_CONFIG)
     parser.add_argument("--split", default="test", choices=("training", "validation", "test"))
     parser.add_argument("--checkpoint", default=None, help="weights (default: the config's, the shipped model.pt)")
     parser.add_argument("--dataset_dir", default=None, help="a dataset folder with datalist.json (default: generated)")

@@ -63,10 +63,7 @@ def _recall_under_1ml(lesions: list[dict]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(  # evaluate.json layered on inference.json (ConfigParser reads comma-separated files)
-        "--config_file",
-        default=",".join(str(ROOT / "bundle/configs" / name) for name in ("inference.json", "evaluate.json")),
-    )
+    parser.add_argument("--config_file", default=lesion_detection.EVALUATION_CONFIG)
     parser.add_argument("--checkpoint", default=None, help="weights (default: the config's, the shipped model.pt)")
     parser.add_argument("--source", default="totalseg", choices=sorted(SOURCES))
     parser.add_argument("--cases", type=int, default=8, help="variants of the real CT, each with its own lesions")

@@ -488,10 +488,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(  # evaluate.json layered on inference.json (ConfigParser reads comma-separated files)
-        "--config_file",
-        default=",".join(str(ROOT / "bundle/configs" / name) for name in ("inference.json", "evaluate.json")),
-    )
+    parser.add_argument("--config_file", default=lesion_detection.EVALUATION_CONFIG)
     parser.add_argument("--split", default="test", choices=("training", "validation", "test"))
     parser.add_argument("--perturbations", nargs="+", default=DEFAULT_PERTURBATIONS, choices=list(PERTURBATIONS))
     parser.add_argument("--max_cases", type=int, default=None, help="the first N cases of the split only")

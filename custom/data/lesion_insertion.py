@@ -42,7 +42,15 @@ from custom.data.expressions import EXPRESSION_KINDS
 from custom.data.io import atomic_directory, write_json_atomic, write_nifti
 from custom.data.phantom import random_rotation, smooth_field
 
-__all__ = ["LESION_KINDS", "InsertionOptions", "estimate_phase", "insert_lesions", "write_inserted_dataset"]
+__all__ = [
+    "LESION_KINDS",
+    "InsertionOptions",
+    "LiverCanvas",
+    "estimate_phase",
+    "insert_into",
+    "insert_lesions",
+    "write_inserted_dataset",
+]
 
 LESION_KINDS = ("cyst", "metastasis", "hyperdense", "hemangioma", "hcc")
 PHASES = ("non_contrast", "arterial", "portal_venous", "delayed")
@@ -124,6 +132,49 @@ def lesion_hu(kind: str, phase: str, liver_hu: float, q: np.ndarray, diameter: f
     raise ValueError(f"unknown lesion kind {kind!r}; expected one of {LESION_KINDS}")
 
 
+@dataclass
+class LiverCanvas:
+    """A CT's liver, measured once, ready to receive lesions (:func:`insert_into`).
+
+    ``image`` (H, W, D) float32 HU; ``liver`` (H, W, D) bool; ``spacing`` (3,) mm; ``liver_hu`` the parenchyma's
+    median away from vessels; ``phase`` the contrast phase; ``inside_depth`` and ``vessel_distance`` (H, W, D) the
+    distances (mm) to the liver's border and to its vessels; ``local_mean`` (H, W, D) the image smoothed over 1.5 mm,
+    the mean HU a lesion replaces.
+    """
+
+    image: np.ndarray
+    liver: np.ndarray
+    spacing: np.ndarray
+    liver_hu: float
+    phase: str
+    inside_depth: np.ndarray
+    vessel_distance: np.ndarray
+    local_mean: np.ndarray
+
+    @classmethod
+    def of(cls, image: np.ndarray, liver: np.ndarray, affine: np.ndarray, phase: str | None = None) -> LiverCanvas:
+        """Measure the liver of ``image`` (HU) within the mask ``liver`` on the grid of ``affine``."""
+        liver = np.asarray(liver) > 0
+        spacing = spacing_of(affine)
+        image = np.asarray(image, np.float32)
+        parts = liver_parts(image, liver, np.zeros(liver.shape, bool), (1.0, 1.0, 0.0))
+        if parts["liver_hu"] is None:
+            raise ValueError("the liver mask is empty: there is no liver to insert lesions into")
+        phase = phase or estimate_phase(parts["liver_hu"])
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+        return cls(
+            image=image,
+            liver=liver,
+            spacing=spacing,
+            liver_hu=parts["liver_hu"],
+            phase=phase,
+            inside_depth=ndimage.distance_transform_edt(liver, sampling=spacing),
+            vessel_distance=ndimage.distance_transform_edt(~parts["vessels"], sampling=spacing),
+            local_mean=ndimage.gaussian_filter(image, 1.5 / spacing, mode="nearest"),
+        )
+
+
 def insert_lesions(
     image: np.ndarray,
     liver: np.ndarray,
@@ -138,22 +189,16 @@ def insert_lesions(
     (float32 HU), the label map (0 background, 1 liver, 2 lesion; LiTS / MSD numbering) and what was inserted
     (``phase``, ``liver_hu``, per lesion its kind, diameter and voxel count).
     """
+    return insert_into(LiverCanvas.of(image, liver, affine, phase), rng, options)
+
+
+def insert_into(
+    canvas: LiverCanvas, rng: np.random.Generator, options: InsertionOptions | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """:func:`insert_lesions` on a liver measured once (several variants of one CT)."""
     options = options or InsertionOptions()
-    liver = np.asarray(liver) > 0
-    spacing = spacing_of(affine)
-    image = np.asarray(image, np.float32)
-    parts = liver_parts(image, liver, np.zeros(liver.shape, bool), (1.0, 1.0, 0.0))
-    if parts["liver_hu"] is None:
-        raise ValueError("the liver mask is empty: there is no liver to insert lesions into")
-    liver_hu = parts["liver_hu"]
-    phase = phase or estimate_phase(liver_hu)
-    if phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
-    inside_depth = ndimage.distance_transform_edt(liver, sampling=spacing)
-    vessel_distance = ndimage.distance_transform_edt(~parts["vessels"], sampling=spacing)
-    local_mean = ndimage.gaussian_filter(image, 1.5 / spacing, mode="nearest")
-    out = image.copy()
-    lesions = np.zeros(liver.shape, bool)
+    out = canvas.image.copy()
+    lesions = np.zeros(canvas.liver.shape, bool)
     kinds, weights = zip(*options.kind_weights.items())
     weights = np.asarray(weights, float) / sum(weights)
     inserted = []
@@ -161,48 +206,32 @@ def insert_lesions(
         kind = str(rng.choice(kinds, p=weights))
         diameter = float(np.exp(rng.uniform(*np.log(options.diameter_range_mm))))
         for _attempt in range(20):
-            placed = _place(
-                out,
-                local_mean,
-                liver,
-                lesions,
-                inside_depth,
-                vessel_distance,
-                spacing,
-                kind,
-                diameter,
-                phase,
-                liver_hu,
-                options,
-                rng,
-            )
+            placed = _place(canvas, out, lesions, kind, diameter, options, rng)
             if placed is not None:
                 inserted.append({"kind": kind, "diameter_mm": round(diameter, 1), "voxels": placed})
                 break
             diameter = max(options.diameter_range_mm[0], diameter * 0.85)
-    label = liver.astype(np.uint8)
+    label = canvas.liver.astype(np.uint8)
     label[lesions] = 2
-    return out, label, {"phase": phase, "liver_hu": round(liver_hu, 1), "lesions": inserted}
+    return out, label, {"phase": canvas.phase, "liver_hu": round(canvas.liver_hu, 1), "lesions": inserted}
 
 
 def _place(
-    out,
-    local_mean,
-    liver,
-    lesions,
-    inside_depth,
-    vessel_distance,
-    spacing,
-    kind,
-    diameter,
-    phase,
-    liver_hu,
-    options,
-    rng,
+    canvas: LiverCanvas,
+    out: np.ndarray,
+    lesions: np.ndarray,
+    kind: str,
+    diameter: float,
+    options: InsertionOptions,
+    rng: np.random.Generator,
 ) -> int | None:
-    """Paint one lesion at a random admissible centre; its voxel count, or None when it did not fit."""
+    """Paint one lesion into ``out`` and ``lesions`` at a random admissible centre; its voxel count, or None when it
+    did not fit."""
+    liver, spacing = canvas.liver, canvas.spacing
     radius = diameter / 2
-    admissible = (inside_depth >= 0.5 * radius) & (vessel_distance >= options.vessel_clearance_mm) & ~lesions
+    admissible = (
+        (canvas.inside_depth >= 0.5 * radius) & (canvas.vessel_distance >= options.vessel_clearance_mm) & ~lesions
+    )
     points = np.argwhere(admissible)
     if len(points) == 0:
         return None
@@ -222,8 +251,8 @@ def _place(
     ):
         return None
     weight = np.where(liver[box], weight, 0.0)
-    target = lesion_hu(kind, phase, liver_hu, q, diameter, rng)
-    out[box] += (weight * (target - local_mean[box])).astype(np.float32)
+    target = lesion_hu(kind, canvas.phase, canvas.liver_hu, q, diameter, rng)
+    out[box] += (weight * (target - canvas.local_mean[box])).astype(np.float32)
     lesions[box] |= mask
     return int(mask.sum())
 
@@ -248,8 +277,7 @@ def write_inserted_dataset(
     liver_image = nib.load(str(liver_path))
     if ct.shape[:3] != liver_image.shape[:3] or not np.allclose(ct.affine, liver_image.affine, atol=1e-3):
         raise ValueError(f"{liver_path} is not on the grid of {image_path}: resample the liver mask onto the CT first")
-    hu = ct.get_fdata(dtype=np.float32)
-    liver = np.asarray(liver_image.dataobj) > 0
+    canvas = LiverCanvas.of(ct.get_fdata(dtype=np.float32), np.asarray(liver_image.dataobj) > 0, ct.affine)
     final_dir = Path(out).absolute()
     records, inserted = [], {}
     with atomic_directory(final_dir, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
@@ -257,7 +285,7 @@ def write_inserted_dataset(
         for index in range(cases):
             case_id = f"inserted_{index:03d}"
             rng = np.random.default_rng([seed, index])
-            image, label, inserted[case_id] = insert_lesions(hu, liver, ct.affine, rng, options)
+            image, label, inserted[case_id] = insert_into(canvas, rng, options)
             image_file = Path(tmp) / "images" / f"{case_id}.nii.gz"
             label_file = Path(scratch) / f"{case_id}_label.nii.gz"
             write_nifti(image_file, np.clip(np.rint(image), -1024, 3071).astype(np.int16), ct.affine)
