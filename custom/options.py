@@ -126,6 +126,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_train_cases", TRAIN, "Train on the first N training cases of the datalist only (null: all)."),
     Option("extra_cases", TRAIN, "Cases generated with another seed and added to the training split (with the default "
            "dataset only, never with --dataset_dir)."),
+    Option("replay_cases", TRAIN, "Cases of the generated phantom added to the training split of a --dataset_dir, so "
+           "that fine-tuning on a few real cases keeps what the phantom taught (0: none)."),
+    Option("dataset_cache", TRAIN, "How preprocessed training cases are kept: memory (every case held in memory; the "
+           "default for the generated dataset) or disk (each case's liver-centred crop written once under "
+           "crop_cache_dir and read back when drawn, so memory stays flat as cases are added; the default with "
+           "--dataset_dir)."),
+    Option("crop_cache_dir", TRAIN, "Folder of the disk cache of training crops (default: in the run folder), one "
+           "subfolder per preprocessing setting; a case whose files change is cropped again."),
     Option("hard_cases", TRAIN, "Cases generated with seed 2 and hard_case_options (more small and hyperdense "
            "lesions) added to the training split (default dataset only)."),
     Option("hard_case_options#kind_weights", TRAIN, "Shares of cysts, metastases and hyperdense lesions in the hard "

@@ -9,9 +9,10 @@
   fsync, rename), and restores them when resuming. Every epoch starts from seeds derived from ``(seed, epoch)``, so
   a resumed run repeats exactly the epochs an uninterrupted run would have had.
 - ``python -m custom.training publish --run_dir runs/training``: the one step that replaces the bundle's shipped
-  weights (``bundle/models/model.pt``) with a run's best model, logged. Every replaced file is kept in the run
-  folder as ``models/replaced/model-<UTC time>-<sha256[:12]>.pt``, never over a kept one; publishing the weights
-  that are shipped already changes nothing.
+  weights (``bundle/models/model.pt``) with a run's best model, and the referral scorer with the run's own when it
+  has one (``models/referral_scorer.pt``, from ``custom.fine_tune``), logged. Every replaced file is kept in the run
+  folder as ``models/replaced/<model|referral_scorer>-<UTC time>-<sha256[:12]>.pt``, never over a kept one;
+  publishing the files that are shipped already changes nothing.
 - ``python -m custom.training widen --weights bundle/models/model.pt --windows 2 3 --out widened.pt``: a weights file
   for a network with more HU windows or neighbouring slices (``--context_slices 0 2``) that starts with the outputs
   of the original one, for ``--initial_weights`` (:func:`custom.networks.weights.widen_input_channels`).
@@ -50,6 +51,7 @@ __all__ = [
     "RunFolderError",
     "check_run_dir",
     "check_schedule",
+    "check_dataset_cache",
     "keep_replaced",
     "publish_weights",
     "widen_weights",
@@ -62,6 +64,8 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "training_state.pt"
 #: File name of the best model (network weights only) inside the checkpoint folder.
 MODEL_FILE = "model.pt"
+#: File name of the referral scorer trained for a run's model (``custom.fine_tune`` writes it beside the model).
+SCORER_FILE = "referral_scorer.pt"
 #: Folder of the run's checkpoint folder where ``publish`` keeps every shipped model it replaced.
 REPLACED_FOLDER = "replaced"
 #: The folder that holds the ``custom`` package: the repository checkout, or a packaged bundle.
@@ -162,6 +166,21 @@ def check_schedule(epochs: int, val_interval: int) -> bool:
             f"(models/{MODEL_FILE}) is saved. Pass --val_interval {epochs} or more --epochs."
         )
     return validates
+
+
+DATASET_CACHES = ("memory", "disk")
+
+
+def check_dataset_cache(dataset_cache: str) -> bool:
+    """Refuse a ``--dataset_cache`` other than ``memory`` (MONAI's ``CacheDataset``: every preprocessed training case
+    held in memory) or ``disk`` (``PersistentDataset``: each case's liver-centred crop written once under
+    ``crop_cache_dir`` and read back when drawn, so memory stays flat however many cases there are)."""
+    if dataset_cache not in DATASET_CACHES:
+        raise InputError(
+            f"--dataset_cache is '{dataset_cache}', which is not a training cache. Pass --dataset_cache memory "
+            "(fastest; every case held in memory) or --dataset_cache disk (for many or full-size cases)."
+        )
+    return True
 
 
 def _is_main_process() -> bool:
@@ -290,25 +309,59 @@ def _run_model(run_dir: str | os.PathLike) -> Path:
 
 
 def keep_replaced(model: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
-    """Keep a copy of ``model`` as ``<run_dir>/models/replaced/model-<UTC time>-<sha12>.pt``; returns its path.
+    """Keep a copy of ``model`` as ``<run_dir>/models/replaced/<stem>-<UTC time>-<sha12>.pt`` (``model-...`` for
+    ``model.pt``); returns its path.
 
     A kept copy is never overwritten (exclusive create); a file of the same sha256 kept already is reused.
     """
     model = Path(model)
     digest = file_sha256(model)
     folder = Path(run_dir) / "models" / REPLACED_FOLDER
-    for kept in sorted(folder.glob(f"model-*-{digest[:12]}*.pt")):
+    for kept in sorted(folder.glob(f"{model.stem}-*-{digest[:12]}*.pt")):
         if kept.is_file() and file_sha256(kept) == digest:
             return kept
     stamp = _utc_stamp()
     for attempt in range(1, 100):
         suffix = "" if attempt == 1 else f"-{attempt}"
-        kept = folder / f"model-{stamp}-{digest[:12]}{suffix}.pt"
+        kept = folder / f"{model.stem}-{stamp}-{digest[:12]}{suffix}.pt"
         try:
             return atomic_write(kept, lambda tmp: shutil.copyfile(model, tmp), overwrite=False, protected=[model])
         except OutputExistsError:
             continue
     raise PublishError(f"Could not find a free file name in '{folder}' to keep '{model}'. Publish again.")
+
+
+def _run_scorer(run_dir: str | os.PathLike) -> Path | None:
+    """The referral scorer trained for the run's model (``models/referral_scorer.pt``, as ``custom.fine_tune``
+    writes it), checked to load; None when the run has none."""
+    from custom.referral.choose import load_scorer
+
+    source = Path(run_dir) / "models" / SCORER_FILE
+    if not source.is_file():
+        return None
+    try:
+        load_scorer(source)
+    except Exception as err:  # a file of the run folder that is not a scorer: refuse before publishing anything
+        raise PublishError(
+            f"'{source}' is not a referral scorer ({err}), so the run cannot be published with it. Retrain it with "
+            "python -m custom.referral.training --checkpoint <run>/models/model.pt, or remove it."
+        ) from err
+    return source
+
+
+def _replace(source: Path, target: Path, run_dir: str | os.PathLike) -> Path:
+    """Copy ``source`` over ``target``, the replaced file kept first; an identical ``target`` changes nothing."""
+    new = file_sha256(source)
+    if target.is_file():
+        old = file_sha256(target)
+        if old == new:
+            logger.warning(f"{target} is already {source} (sha256 {new[:12]}); nothing was changed.")
+            return target
+        kept = keep_replaced(target, run_dir)
+        logger.warning(f"Replacing {target} (sha256 {old[:12]}); the replaced file is kept as {kept}.")
+    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp), overwrite=True, protected=[source])
+    logger.warning(f"Published {source} as {target} (sha256 {file_sha256(target)[:12]}).")
+    return target
 
 
 def _check_bundle_dir(bundle_dir: Path) -> None:
@@ -321,23 +374,18 @@ def _check_bundle_dir(bundle_dir: Path) -> None:
 
 
 def publish_weights(run_dir: str | os.PathLike, bundle_dir: str | os.PathLike = "bundle") -> Path:
-    """Replace ``<bundle_dir>/models/model.pt`` by the best model of a run; returns the bundle's model path.
+    """Replace ``<bundle_dir>/models/model.pt`` by the best model of a run, and ``referral_scorer.pt`` by the run's
+    scorer when it has one (a fine-tune's); returns the bundle's model path.
 
-    The replaced file is kept first (:func:`keep_replaced`); weights identical to the shipped ones change nothing.
+    Both files are checked before either is written. Each replaced file is kept first (:func:`keep_replaced`);
+    files identical to the shipped ones change nothing.
     """
     source = _run_model(run_dir)
+    scorer = _run_scorer(run_dir)
     _check_bundle_dir(Path(bundle_dir))
-    target = Path(bundle_dir) / "models" / MODEL_FILE
-    new = file_sha256(source)
-    if target.is_file():
-        old = file_sha256(target)
-        if old == new:
-            logger.warning(f"{target} is already the model of {source} (sha256 {new[:12]}); nothing was changed.")
-            return target
-        kept = keep_replaced(target, run_dir)
-        logger.warning(f"Replacing {target} (sha256 {old[:12]}); the replaced file is kept as {kept}.")
-    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp), overwrite=True, protected=[source])
-    logger.warning(f"Published {source} as {target} (sha256 {file_sha256(target)[:12]}).")
+    target = _replace(source, Path(bundle_dir) / "models" / MODEL_FILE, run_dir)
+    if scorer is not None:
+        _replace(scorer, Path(bundle_dir) / "models" / SCORER_FILE, run_dir)
     return target
 
 

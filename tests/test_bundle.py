@@ -70,8 +70,7 @@ def checkpoint(dataset, tmp_path_factory) -> Path:
         "train.json",
         "train",
         dataset_dir=str(dataset),
-        output_dir=str(out / "logs"),
-        ckpt_dir=str(out / "models"),
+        run_dir=str(out),
         **TINY_TRAIN,
     )
     run_workflow(flow)
@@ -213,8 +212,7 @@ def test_command_line_training_with_legacy_id_and_run(dataset, tmp_path, run_id)
             {
                 **TINY_TRAIN,
                 "dataset_dir": str(dataset),
-                "output_dir": str(tmp_path / "logs"),
-                "ckpt_dir": str(tmp_path / "models"),
+                "run_dir": str(tmp_path),
             }
         ),
     )
@@ -233,8 +231,7 @@ def test_two_process_ddp_training_ends_with_one_checkpoint(dataset, tmp_path):
                 **TINY_TRAIN,
                 "batch_cases": 1,
                 "dataset_dir": str(dataset),
-                "output_dir": str(tmp_path / "logs"),
-                "ckpt_dir": str(tmp_path / "models"),
+                "run_dir": str(tmp_path),
             }
         ),
         runner=runner,

@@ -13,16 +13,26 @@ the problem and the fix.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from monai.data.utils import pickle_hashing
 
 from custom.errors import InputError
 
 from .expressions import EXPRESSION_KINDS
 
-__all__ = ["SPLITS", "DatalistError", "load_datalist", "validate_datalist", "expand_expressions", "read_datalist"]
+__all__ = [
+    "SPLITS",
+    "DatalistError",
+    "load_datalist",
+    "validate_datalist",
+    "expand_expressions",
+    "read_datalist",
+    "file_state_hashing",
+]
 
 SPLITS = ("training", "validation", "test")
 FILE_KEYS = ("image", "lesions", "liver")
@@ -294,3 +304,16 @@ def shuffle_texts(items: list[dict], seed: int | None) -> list[dict]:
         donor = others[int(rng.integers(len(others)))]
         shuffled.append({**item, "text": donor["text"]})
     return shuffled
+
+
+def file_state_hashing(item: dict) -> bytes:
+    """Cache key of a datalist case for MONAI's ``PersistentDataset``: the case itself and the size and modification
+    time of each of its files, so that a file replaced under the same path (a re-imported dataset) is read again
+    instead of its stale cached crop."""
+    stamps = {}
+    for key in FILE_KEYS:
+        value = item.get(key)
+        if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
+            status = os.stat(value)
+            stamps[key] = [status.st_size, status.st_mtime_ns]
+    return pickle_hashing({"case": item, "files": stamps})

@@ -3,7 +3,7 @@
 Usage::
 
     python -m custom.data.import_labelled --src DIR --out DIR [--layout auto|lits|msd|ircadb|dicom_seg|slicer]
-        [--min-volume-ml X] [--seed S] [--copy-images] [--overwrite] [--no-progress]
+        [--min-volume-ml X] [--seed S] [--test-cases ID [ID ...]] [--copy-images] [--overwrite] [--no-progress]
 
 The layouts are those of :mod:`custom.data.importers` (``auto`` detects the layout and says which). Every case is
 converted as a LiTS / MSD case is (:func:`custom.data.convert_lits.write_case`: lesion instances from the tumour
@@ -19,6 +19,10 @@ added to the liver, as a LiTS label map counts its tumours as liver, and the rep
 The report (``import_report.json`` and the printed summary): cases imported, lesions by size (<1 ml, 1-10 ml,
 >=10 ml) and density (hypodense, isodense, hyperdense from the lesion attributes; unmeasured without a liver
 reference), expressions by kind, notes per case, and each refused case with its problem and reason.
+
+Splits: training, validation and test at random (``--seed``), or, with ``--test-cases``, the cases named form the
+held-out test split (patients kept for the comparison after fine-tuning, ``python -m custom.fine_tune``) and the
+others are split into training and validation.
 """
 
 from __future__ import annotations
@@ -157,8 +161,11 @@ def import_labelled(
     split_fractions=DEFAULT_SPLIT_FRACTIONS,
     overwrite: bool = False,
     progress: bool = True,
+    test_cases: list[str] | None = None,
 ) -> tuple[Path, dict]:
     """Import the labelled CT under ``src`` as a dataset in ``out``; returns (``out/datalist.json``, the report).
+
+    ``test_cases``: case ids that form the test split (held out); the others are split into training and validation.
 
     Raises :class:`DatasetImportError` (with the report) when no case, or fewer than 3, could be imported; nothing
     is written then.
@@ -175,6 +182,12 @@ def import_labelled(
     if layout == "auto":
         layout, detected = detect_layout(src)
     sources, refusals = find_sources(src, layout)
+    found_ids = [source.case_id for source in sources] + [refusal.case_id for refusal in refusals]
+    if test_cases and (unknown := sorted(set(test_cases) - set(found_ids))):
+        raise DatasetImportError(
+            f"--test-cases names {', '.join(unknown)}, which is not a case under {src}. Pass ids of its cases: "
+            f"{', '.join(found_ids)}."
+        )
     options = {"min_volume_ml": min_volume_ml, "seed": seed, "copy_images": copy_images}
     found = len(sources) + len(refusals)
     with atomic_directory(final_dir, overwrite=overwrite) as tmp:
@@ -200,7 +213,7 @@ def import_labelled(
                 "each for training, validation and test). Add cases, or fix the refused ones, and run again.",
                 report,
             )
-        splits = split_cases([case["case_id"] for case in done], seed, split_fractions)
+        splits = held_out_splits([case["case_id"] for case in done], test_cases, seed, split_fractions, report)
         split_of = {case_id: name for name, ids in splits.items() for case_id in ids}
         for case, entry in zip(done, report["cases"]):
             entry["split"] = case["split"] = split_of[case["case_id"]]
@@ -218,6 +231,38 @@ def import_labelled(
         write_json_atomic(Path(tmp) / "datalist.json", datalist)
         write_json_atomic(Path(tmp) / "import_report.json", report)
     return final_dir / "datalist.json", report
+
+
+def held_out_splits(
+    case_ids: list[str], test_cases: list[str] | None, seed: int, fractions, report: dict | None = None
+) -> dict[str, list[str]]:
+    """Training, validation and test case ids: at random (:func:`custom.data.synthetic.split_cases`), or with the
+    ``test_cases`` named as the test split and the others split into training and validation (at least one each)."""
+    if not test_cases:
+        return split_cases(case_ids, seed, fractions)
+    unknown = sorted(set(test_cases) - set(case_ids))
+    if unknown:
+        raise DatasetImportError(
+            f"--test-cases names {', '.join(unknown)}, which is not an imported case. Pass ids of the imported cases: "
+            f"{', '.join(case_ids)}.",
+            report,
+        )
+    rest = [case_id for case_id in case_ids if case_id not in set(test_cases)]
+    if len(rest) < 2:
+        raise DatasetImportError(
+            f"--test-cases leaves {len(rest)} case(s) for training and validation; they need at least 2. Hold out "
+            "fewer cases.",
+            report,
+        )
+    share = fractions[1] / (fractions[0] + fractions[1])
+    n_val = min(len(rest) - 1, max(1, int(round(share * len(rest)))))
+    order = np.random.default_rng([seed, 3]).permutation(len(rest))
+    validation = {rest[i] for i in order[:n_val]}
+    return {
+        "training": [c for c in rest if c not in validation],
+        "validation": [c for c in rest if c in validation],
+        "test": [c for c in case_ids if c in set(test_cases)],
+    }
 
 
 def _counts(mapping: dict) -> str:
@@ -257,6 +302,9 @@ def main(argv=None) -> None:
         "--min-volume-ml", type=float, default=DEFAULT_MIN_VOLUME_ML, help="drop lesion components under this (ml)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits and expression sampling")
+    parser.add_argument(
+        "--test-cases", nargs="+", default=None, metavar="ID", help="case ids held out as the test split"
+    )
     parser.add_argument("--copy-images", action="store_true", help="copy NIfTI images into the dataset")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -274,6 +322,7 @@ def main(argv=None) -> None:
             args.copy_images,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            test_cases=args.test_cases,
         )
     except DatasetImportError as error:
         if error.report is not None:

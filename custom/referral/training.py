@@ -1,20 +1,21 @@
 """Train the referral scorer on the detector's own candidates and on the ground-truth lesions.
 
 Usage: ``python -m custom.referral.training [--out runs/referral/referral_scorer.pt] [--extra_cases 96] [--epochs 80]
-[--seed 0] [--checkpoint <weights>] [--set KEY=VALUE ...]`` from the repository root; evaluate the result with
-``--referral_scorer_path <file>`` on the evaluation and inference configs, or write it over
+[--seed 0] [--checkpoint <weights>] [--dataset_dir <dataset>] [--set KEY=VALUE ...]`` from the repository root;
+evaluate the result with ``--referral_scorer_path <file>`` on the evaluation and inference configs, or write it over
 ``bundle/models/referral_scorer.pt`` to ship it.
 
-1. **Samples.** Every case of the training and validation splits of the default dataset (and ``--extra_cases``
-   cases generated with another seed, as the segmentation training recipe adds them) goes through the
-   evaluation config's own pipeline (``--config_file``: volume preprocessing, liver-focused inferer, text-free
-   outputs and :class:`custom.referral.choose.LesionCandidatesd` once per case) with the shipped segmentation weights;
+1. **Samples.** Every case of the training and validation splits of the default dataset or ``--dataset_dir``
+   (and ``--extra_cases`` cases generated with another seed, as the segmentation training recipe adds them) goes
+   through the evaluation config's own pipeline (``--config_file``: volume preprocessing, liver-focused inferer,
+   text-free outputs and :class:`custom.referral.choose.LesionCandidatesd` once per case) with the shipped
+   segmentation weights;
    each expression adds its referring pass. An expression gives two samples: the detector's candidates (a
    candidate is referred when it stands for a referred lesion,
    :func:`custom.detection.candidates.match_candidates`), so the scorer learns the detector's mistakes, and the
    ground-truth lesions measured the same way (the same predicted liver, the same evidence maps), so it learns what the
    words mean on clean sets. Samples are cached under ``--cache_dir``/referral_samples, keyed by the weights, the
-   candidate settings and the split.
+   candidate settings, the datalist and the split.
 2. **Training.** :class:`custom.networks.scorer.CandidateScorer` with binary cross-entropy on every candidate and
    on the "none of them" output, AdamW and a cosine schedule.
 3. **Selection.** After every epoch the validation split's detector samples are answered as the bundle answers
@@ -57,11 +58,11 @@ from custom.detection.candidates import (
 from custom.detection.postprocessing import PerVolumeOutputsd
 from custom.networks.scorer import CandidateScorer
 from custom.networks.weights import load_weights
+from custom.options import config_dir
 from custom.referral.choose import LesionCandidatesd, choose_candidates, full_candidate_map
 from custom.runtime import ProgressLog, format_duration
 from custom.user_inputs import parse_override
 
-ROOT = Path(__file__).resolve().parents[1]
 SCORER_SETTINGS = {"dim": 128, "heads": 4, "layers": 2, "dropout": 0.1}
 
 
@@ -150,7 +151,7 @@ def pipeline_parts(config_file: str, checkpoint: str | None, overrides: dict | N
     """The network (with its weights), transforms and inferer of an evaluation config."""
     parser = ConfigParser()
     parser.read_config(config_file)
-    parser.update({"bundle_root": str(ROOT / "bundle"), **(overrides or {})})
+    parser.update({"bundle_root": str(config_dir().parent), **(overrides or {})})
     network = parser.get_parsed_content("network")
     checkpoint = checkpoint or parser.get_parsed_content("checkpoint")
     load_weights(network, checkpoint)
@@ -195,6 +196,8 @@ def collect_split(parts: dict, split: str, cache_dir: Path, extra_cases: int = 0
     hasher = hashlib.sha256(Path(parts["checkpoint"]).read_bytes())
     if parts.get("settings"):
         hasher.update(json.dumps(parts["settings"], sort_keys=True).encode())
+    if split != "extra":  # the same split name of another dataset, or of a re-imported one
+        hasher.update(Path(parts["datalist"]).read_bytes())
     digest = hasher.hexdigest()[:12]
     name = f"extra{extra_cases}" if split == "extra" else split
     path = cache_dir / "referral_samples" / f"{name}_{digest}.pt"
@@ -334,10 +337,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m custom.referral.training", description=__doc__.split("\n\n")[0])
     parser.add_argument(  # evaluate.json layered on inference.json (ConfigParser reads comma-separated files)
         "--config_file",
-        default=",".join(str(ROOT / "bundle/configs" / name) for name in ("inference.json", "evaluate.json")),
+        default=",".join(str(config_dir() / name) for name in ("inference.json", "evaluate.json")),
     )
     parser.add_argument("--checkpoint", default=None, help="segmentation weights (default: the config's)")
     parser.add_argument("--cache_dir", default="cache")
+    parser.add_argument(
+        "--dataset_dir", default=None, help="a dataset folder with datalist.json (default: the generated dataset)"
+    )
     parser.add_argument(
         "--out",
         default="runs/referral/referral_scorer.pt",
@@ -359,7 +365,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    parts = pipeline_parts(args.config_file, args.checkpoint, {"cache_dir": args.cache_dir, **dict(args.overrides)})
+    overrides = {"cache_dir": args.cache_dir, **dict(args.overrides)}
+    if args.dataset_dir:
+        overrides["dataset_dir"] = str(Path(args.dataset_dir).resolve())
+    parts = pipeline_parts(args.config_file, args.checkpoint, overrides)
     samples = {split: collect_split(parts, split, Path(args.cache_dir)) for split in ("training", "validation")}
     if args.extra_cases:
         samples["training"] = samples["training"] + collect_split(
