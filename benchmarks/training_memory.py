@@ -96,6 +96,7 @@ def epoch_seconds(log: str) -> dict[int, float]:
 def measure(dataset: Path, dataset_cache: str, epochs: int, run_dir: Path, cache_dir: Path) -> dict:
     """One training run in a process of its own; its peak resident memory and epoch times."""
     shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     crops = cache_dir / "training_crops_benchmark"
     shutil.rmtree(crops, ignore_errors=True)  # every run fills its cache from scratch
     command = [

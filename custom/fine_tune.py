@@ -11,7 +11,8 @@ Three steps, each the bundle's own command, printed before it runs, in one run f
    the dataset's training split, its validation split choosing the best epoch, with ``--replay_cases`` generated
    phantom cases added so that a few real cases do not wipe out what the phantom taught. The dataset's cases are
    cached on disk as liver-centred crops (``--dataset_cache disk``), so memory does not grow with the number of
-   cases; mixed precision is used where CUDA is present. Writes ``<run_dir>/models/model.pt``.
+   cases (the cache is removed when the step ends); mixed precision is used where CUDA is present. Writes
+   ``<run_dir>/models/model.pt``.
 2. **Referral scorer**: ``custom.referral.training`` on the new weights' own candidates of the dataset's training
    and validation splits (and the replay cases). Writes ``<run_dir>/models/referral_scorer.pt``.
 3. **Comparison**: ``monai.bundle run evaluating`` on the dataset's held-out test split, once with the initial
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -58,6 +60,8 @@ COMPARED = {
     "false_positives_per_case": False,
 }
 COMPARISON_FILE = "comparison.json"
+#: The training's disk cache of liver-centred crops in the run folder (``crop_cache_dir`` of ``train.json``).
+CROPS_FOLDER = "training_crops"
 
 
 class FineTuneError(InputError, ValueError):
@@ -147,7 +151,6 @@ def evaluation_command(args, bundle: Path, weights: Path, scorer: Path, output_d
         "--checkpoint", str(weights),
         "--referral_scorer_path", str(scorer),
         "--output_dir", str(output_dir),
-        "--overwrite", "true",
     ]  # fmt: skip
 
 
@@ -219,6 +222,7 @@ def fine_tune(args) -> dict:
     start = time.perf_counter()
     if not (args.resume and _trained_every_epoch(run_dir, args.epochs)):
         _run(training_command(args, bundle, run_dir), log)
+    shutil.rmtree(run_dir / CROPS_FOLDER, ignore_errors=True)  # the disk cache of step 1, of no use once it ended
     trained = time.perf_counter()
     model, scorer = run_dir / "models" / MODEL_FILE, run_dir / "models" / SCORER_FILE
     if not (args.resume and scorer.is_file() and scorer.stat().st_mtime > model.stat().st_mtime):

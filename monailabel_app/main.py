@@ -15,6 +15,11 @@ Start it from anywhere (see README.md beside this file)::
 - ``datastore_writes``: ``true`` to let clients add, change and delete studies and labels; default ``false``
   (``lib/datastore.py``).
 - ``logs``: ``true`` to serve the server log at ``GET /logs/``; default ``false``.
+- ``training``: ``true`` to offer ``POST /train/lsms``: fine-tune on the studies labelled in 3D Slicer and serve the
+  new weights when they are better on the held-out studies (``lib/train.py``); needs ``datastore_writes true``;
+  default ``false``.
+- ``model_dir``: where the trained versions and the served-version pointer are kept (``<model_dir>/lsms``);
+  default: the ``model/`` folder of this app.
 
 Every request passes the app's guard first (``lib/guard.py``): endpoints the app does not offer are 404/405 with a
 detail, and inference requests whose options would be lost are 4xx.
@@ -28,12 +33,15 @@ from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.datastore import WRITES_OFF, GuardedDatastore, check_name
 from lib.guard import guard_requests
-from lib.infer import LSMSReferringInfer
+from lib.infer import LSMSReferringInfer, code_root_of
 from lib.network import check_bind_address
 from lib.options import AppOptions
+from lib.train import LSMSFineTune
+from lib.versions import VersionStore
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +58,18 @@ class MyApp(MONAILabelApp):
         conf = dict(conf or {})
         self.options = AppOptions.from_conf(conf)
         check_bind_address(self.options.allow_remote)  # before anything slow: uvicorn has not opened its socket yet
-        self.bundle_path = os.path.realpath(os.path.expanduser(conf.get("bundle_path", DEFAULT_BUNDLE_PATH)))
+        # not ``self.bundle_path``: that is a method of MONAILabelApp, called when a training run starts
+        self.bundle_dir = os.path.realpath(os.path.expanduser(conf.get("bundle_path", DEFAULT_BUNDLE_PATH)))
         self.config_file = conf.get("config_file", "inference.json")
 
         models = [m.strip() for m in conf.get("models", MODEL_NAME).split(",") if m.strip()]
         unknown = [m for m in models if m not in (MODEL_NAME, "all")]
         if unknown:
             raise ValueError(f"Unknown model(s) {unknown}; this app serves only '{MODEL_NAME}' (--conf models lsms).")
-        if not os.path.isdir(self.bundle_path):
-            raise FileNotFoundError(f"Bundle folder not found: {self.bundle_path} (set it with --conf bundle_path).")
+        if not os.path.isdir(self.bundle_dir):
+            raise FileNotFoundError(f"Bundle folder not found: {self.bundle_dir} (set it with --conf bundle_path).")
+        model_dir = os.path.realpath(os.path.expanduser(conf.get("model_dir", os.path.join(app_dir, "model"))))
+        self.versions = VersionStore(os.path.join(model_dir, MODEL_NAME), os.path.join(self.bundle_dir, "models"))
         guard_requests(self.options)
 
         super().__init__(
@@ -75,8 +86,19 @@ class MyApp(MONAILabelApp):
         return GuardedDatastore(super().init_datastore(), writes=self.options.datastore_writes)
 
     def init_infers(self) -> Dict[str, InferTask]:
-        task = LSMSReferringInfer(self.bundle_path, config_file=self.config_file, conf=self.conf)
-        logger.info(f"+++ Adding Inferer:: {MODEL_NAME} => bundle {self.bundle_path} (valid: {task.is_valid()})")
+        task = LSMSReferringInfer(self.bundle_dir, config_file=self.config_file, conf=self.conf, store=self.versions)
+        logger.info(
+            f"+++ Adding Inferer:: {MODEL_NAME} => bundle {self.bundle_dir} (valid: {task.is_valid()}; weights: "
+            f"{task.info()['weights_version']})"
+        )
+        return {MODEL_NAME: task}
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        """The ``lsms`` fine-tuning with ``--conf training true``; no trainer otherwise."""
+        if not self.options.training:
+            return {}
+        task = LSMSFineTune(self.bundle_dir, self.versions, code_root_of(self.bundle_dir))
+        logger.info(f"+++ Adding Trainer:: {MODEL_NAME} => versions in {self.versions.root}")
         return {MODEL_NAME: task}
 
     def infer(self, request, datastore=None):

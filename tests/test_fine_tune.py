@@ -146,6 +146,7 @@ def test_fine_tune_trains_scores_compares_and_publishes_the_pair(dataset, tmp_pa
         )
     assert comparison["better"] == (comparison["fine_tuned"]["dice_3d"] > comparison["initial"]["dice_3d"])
     assert "fine-tuned pair:" in result.stdout and "publish it" in result.stdout
+    assert not (run_dir / "training_crops").exists()  # the crops of the training step are a cache, removed after it
 
     bundle = tmp_path / "bundle"
     shutil.copytree(ROOT / "bundle" / "configs", bundle / "configs")

@@ -58,6 +58,14 @@ CHEAP = {
         "num_workers": "0",
     },
     ("monai.bundle", "evaluating"): {"dataset_dir": "<small_dataset>", "max_expressions": "2", "num_workers": "0"},
+    ("custom.fine_tune", None): {
+        "epochs": "1",
+        "referral_epochs": "1",
+        "replay_cases": "0",
+        "batch_cases": "2",
+        "slices_per_expression": "2",
+        "max_val_expressions": "2",
+    },
 }
 #: Launchers whose commands are only checked in this process (see the module docstring).
 STATIC_ONLY = ("torchrun",)

@@ -8,11 +8,14 @@ and answers 500 for most of those this app does not implement. :class:`RequestGu
    rebinding) or from web pages of other sites (``Origin``), unless ``--conf allow_remote true``;
 2. refuses (404, or 405 for another method) every endpoint the app does not offer, with a detail saying why;
 3. refuses (403) datastore writes and deletes unless ``--conf datastore_writes true``, and then ids and tags that
-   are not plain names (422); refuses (403) ``GET /logs/`` unless ``--conf logs true``;
+   are not plain names (422); refuses (403) ``GET /logs/`` unless ``--conf logs true``; offers training
+   (``POST /train/lsms``, ``GET``/``DELETE /train/``) only with ``--conf training true`` (404 otherwise);
 4. reads an inference request's query and body (at most :data:`MAX_INFER_BODY` bytes) and refuses (4xx) those
    whose options MONAI Label would ignore or fail on (a body that is not a form, a malformed form, unknown
    fields, ``params`` that are not a JSON object, uploads, sessions), so that a client's prompt is never lost
-   silently. The body is replayed to the server unchanged.
+   silently; reads a training request's query and JSON body the same way and refuses (4xx) unknown options and
+   values out of range (``lib/train.py``) before a training process starts. The body is replayed to the server
+   unchanged.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from starlette.responses import JSONResponse
 from lib.datastore import WRITES_OFF, name_problem
 from lib.network import is_loopback
 from lib.options import AppOptions
+from lib.train import train_options_problem
 
 #: Largest inference request body read (a prompt and options; images come from the datastore).
 MAX_INFER_BODY = 1 << 20
 
-OPEN, INFER, WRITE, LOGS = "open", "infer", "write", "logs"
+OPEN, INFER, WRITE, LOGS, TRAIN = "open", "infer", "write", "logs", "train"
 
 #: What the app offers: (methods, path below MONAI Label's API prefix, kind). GET also allows HEAD.
 API_ROUTES = (
@@ -48,14 +52,17 @@ API_ROUTES = (
     ("PUT", r"/datastore/(image|label)/info", WRITE),
     ("PUT", r"/datastore/updatelabelinfo", WRITE),
     ("GET", r"/logs/?", LOGS),
+    ("POST", r"/train/lsms", TRAIN),  # with --conf training true only
+    ("GET DELETE", r"/train/?", TRAIN),  # the status and the stop of the training run
 )
 #: The API's own pages (not below the API prefix): Swagger UI, ReDoc, the OpenAPI schema, the icon.
 PAGE_ROUTES = (("GET", r"/|/docs|/openapi\.json|/favicon\.ico", OPEN),)
 
 #: Why MONAI Label features are not offered: (path below the API prefix, detail).
 NOT_OFFERED = (
-    (r"/train(/.*)?", "Training is not offered by this app. Train with the bundle: python -m monai.bundle run "
-     "training (see monailabel_app/README.md, 'Training: not offered')."),
+    (r"/train(/.*)?", "Training is not offered by this server. Start it with --conf training true --conf "
+     "datastore_writes true to fine-tune on the submitted labels (POST /train/lsms), or train with the bundle "
+     "(see monailabel_app/README.md, 'Training on submitted labels')."),
     (r"/batch(/.*)?", "Batch inference is not offered by this app. Send one POST /infer/lsms?image=<id> per study."),
     (r"/scoring(/.*)?", "Scoring is not offered by this app. Use GET /datastore/ to list the studies."),
     (r"/model(/.*)?", "Model files are neither served nor replaced over HTTP by this app. The bundle's weights "
@@ -75,6 +82,12 @@ OFFERED = (
     "(see monailabel_app/README.md)."
 )
 
+#: The answer to ``/train/...`` paths other than the offered ones, with ``--conf training true``.
+TRAIN_PATHS = (
+    "This server trains the model 'lsms' only: POST /train/lsms starts a run, GET /train/ shows its status, "
+    "DELETE /train/ stops it."
+)
+
 LOGS_OFF = (
     "The server log is not served: it holds every request, prompt and study id. Start the server with "
     "--conf logs true to serve it, or read monailabel_app/logs/app.log on the server."
@@ -87,6 +100,11 @@ FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 SEND_PARAMS = (
     "Send the options as JSON in the form field 'params', e.g. -F 'params={\"prompt\": \"the largest lesion\"}'."
 )
+
+#: Query parameters of a training request (``enqueue``: wait for the running one to end, instead of 429).
+TRAIN_QUERY = {"enqueue"}
+YES_NO = ("true", "false", "1", "0", "yes", "no", "on", "off")
+SEND_OPTIONS = 'Send the options as a JSON object, e.g. -H "Content-Type: application/json" -d \'{"epochs": 5}\'.'
 
 #: The checksum algorithms of ``HEAD /datastore/image?check_sum=<algorithm>:<hex>`` (MONAI Label's
 #: ``file_checksum``; another one is a 500 there).
@@ -263,6 +281,40 @@ def form_problem(form) -> Optional[str]:
     return params_problem(form.get("params"))
 
 
+def train_query_problem(query: Dict[str, List[str]]) -> Optional[str]:
+    """Why a training request's query is refused (a run in the server process, unknown parameters), or None."""
+    if any(value.strip().lower() not in ("false", "0", "no", "off") for value in query.get("run_sync", [])):
+        return (
+            "run_sync is not offered: a run takes minutes and would hold the server until it ends. Send POST "
+            "/train/lsms and follow the run with GET /train/."
+        )
+    unknown = sorted(set(query) - TRAIN_QUERY - {"run_sync"})
+    if unknown:
+        return f"Unknown query parameter(s) {_names(unknown)}. Pass only enqueue=true or false. {SEND_OPTIONS}"
+    for value in query.get("enqueue", []):
+        if value.strip().lower() not in YES_NO:
+            return f"enqueue={_names([value])} is not a yes/no value. Pass enqueue=true or enqueue=false."
+    return None
+
+
+def train_body_problem(scope, body: bytes) -> Optional[Tuple[int, str]]:
+    """(status, detail) when a training request's body is not a JSON object of known options in range, or None.
+
+    An empty body (or ``null``) is accepted: the run takes the default options.
+    """
+    if not body.strip():
+        return None
+    content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+        return 415, f"The request body is '{content_type}', not JSON: its options would be lost. {SEND_OPTIONS}"
+    try:
+        params = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        return 422, f"The request body is not JSON ({err}). {SEND_OPTIONS}"
+    problem = train_options_problem(params)
+    return (422, problem) if problem else None
+
+
 async def infer_body_problem(scope, body: bytes) -> Optional[Tuple[int, str]]:
     """(status, detail) when an inference request's body is not a form holding only a JSON ``params``, or None.
 
@@ -306,6 +358,7 @@ class RequestGuard:
         self.routes = compile_routes(API_ROUTES, api_prefix) + compile_routes(PAGE_ROUTES)
         self.not_offered = [(re.compile(re.escape(api_prefix) + p), d) for p, d in NOT_OFFERED]
         self.not_offered.append((re.compile(r"/reload/?"), "Reloading the app over HTTP is not offered. Restart it."))
+        self.train_path = re.compile(re.escape(api_prefix) + r"/train(/.*)?")
 
     async def __call__(self, scope, receive, send):
         if scope.get("type") != "http":
@@ -315,6 +368,8 @@ class RequestGuard:
             kind = self.check(scope)
             if kind == INFER and scope.get("method") == "POST":
                 receive = await self.check_infer(scope, receive)
+            elif kind == TRAIN and scope.get("method") == "POST":
+                receive = await self.check_train(scope, receive)
         except Refusal as refusal:
             await refusal.send(scope, receive, send)
             return
@@ -323,7 +378,7 @@ class RequestGuard:
 
     def route_kind(self, method: str, path: str) -> str:
         """The kind of an offered request; :class:`Refusal` 404 (not offered) or 405 (other methods) otherwise."""
-        matched = [route for route in self.routes if route.pattern.fullmatch(path)]
+        matched = [route for route in self.routes if route.pattern.fullmatch(path) and self.offers(route.kind)]
         for route in matched:
             if method in route.methods or method == "OPTIONS":
                 return route.kind
@@ -332,7 +387,13 @@ class RequestGuard:
             detail = f"{method} is not allowed on {path}. Use {' or '.join(allowed)}."
             raise Refusal(405, detail, {"Allow": ", ".join(allowed)})
         reason = next((detail for pattern, detail in self.not_offered if pattern.fullmatch(path)), None)
+        if self.options.training and self.train_path.fullmatch(path):
+            reason = f"{method} {path} is not offered. {TRAIN_PATHS}"
         raise Refusal(404, reason or f"{method} {path} is not offered by this app. {OFFERED}")
+
+    def offers(self, kind: str) -> bool:
+        """Whether requests of ``kind`` are offered at all (training: with ``--conf training true`` only)."""
+        return kind != TRAIN or self.options.training
 
     def check(self, scope) -> str:
         """The kind of a request that may go on (see :data:`API_ROUTES`); :class:`Refusal` otherwise."""
@@ -371,16 +432,37 @@ class RequestGuard:
         found = await infer_body_problem(scope, body)
         if found:
             raise Refusal(*found)
-        replayed = False
+        return _replaying(body, receive)
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+    async def check_train(self, scope, receive):
+        """Check a training request's query and JSON options; return a ``receive`` that replays the body read.
 
-        return replay
+        Returns None when the client disconnected before sending the whole body.
+        """
+        problem = train_query_problem(_query(scope))
+        if problem:
+            raise Refusal(422, problem)
+        body = await _read_body(receive)
+        if body is None:
+            return None
+        found = train_body_problem(scope, body)
+        if found:
+            raise Refusal(*found)
+        return _replaying(body, receive)
+
+
+def _replaying(body: bytes, receive):
+    """A ``receive`` that gives the server the body already read, then what the client sends after it."""
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def _read_body(receive) -> Optional[bytes]:

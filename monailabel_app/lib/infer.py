@@ -8,6 +8,9 @@ edited in ``displayable_configs`` only reaches the tokenizer if the bundle refer
 the bundle's workflow (``initialize``/``run``/``finalize`` of ``configs/inference.json``) once per request gives
 exactly what ``python -m monai.bundle run inference`` gives for the same image and prompt, with no pipeline logic
 repeated here.
+
+The weights are the bundle's own, or those of the trained version the app serves (``lib/versions.py``), looked up
+for each request; the answer names them (``weights_version``: ``bundle`` or ``v<N>``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from fastapi import HTTPException
@@ -29,6 +33,7 @@ from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.prompt import PromptChecker, PromptError
+from lib.versions import BUNDLE, VersionStore, Weights
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +60,13 @@ def _segment_name(prompt: str, found: Optional[bool]) -> str:
     return f"{name} (not present)" if found is False else name
 
 
+def code_root_of(bundle_path: str) -> str:
+    """The folder holding the bundle's Python components, the ``custom`` package: the bundle folder itself in a
+    packaged bundle (python -m custom.package), else the folder above it (the repository)."""
+    bundle_path = os.path.realpath(bundle_path)
+    return bundle_path if os.path.isdir(os.path.join(bundle_path, "custom")) else os.path.dirname(bundle_path)
+
+
 class LSMSReferringInfer(InferTask):
     """Referring lesion segmentation: the mask of the lesion(s) a free-text prompt refers to, and its record.
 
@@ -62,17 +74,23 @@ class LSMSReferringInfer(InferTask):
         bundle_path: the bundle folder (``configs/inference.json``, ``configs/metadata.json``, ``models/``).
         config_file: name of the inference config inside ``<bundle_path>/configs``.
         conf: the app's ``--conf`` options (unused keys are ignored).
+        store: the trained versions (``lib/versions.py``): each request is answered with the weights of the version
+            served at that moment, else the bundle's own. None: always the bundle's.
     """
 
-    def __init__(self, bundle_path: str, config_file: str = "inference.json", conf: Optional[Dict[str, str]] = None):
+    def __init__(
+        self,
+        bundle_path: str,
+        config_file: str = "inference.json",
+        conf: Optional[Dict[str, str]] = None,
+        store: Optional[VersionStore] = None,
+    ):
         self.bundle_path = os.path.realpath(bundle_path)
+        self.store = store
         self.config_path = os.path.join(self.bundle_path, "configs", config_file)
         self.meta_path = os.path.join(self.bundle_path, "configs", "metadata.json")
         self.conf = dict(conf or {})
-        # The bundle's Python components, the ``custom`` package: inside a packaged bundle (python -m custom.package),
-        # or beside the bundle folder in the repository.
-        packaged = os.path.isdir(os.path.join(self.bundle_path, "custom"))
-        self.code_root = self.bundle_path if packaged else os.path.dirname(self.bundle_path)
+        self.code_root = code_root_of(self.bundle_path)
         if self.code_root not in sys.path:
             sys.path.insert(0, self.code_root)
 
@@ -126,6 +144,7 @@ class LSMSReferringInfer(InferTask):
     def info(self) -> Dict[str, Any]:
         i = super().info()
         i["version"] = self.version
+        i["weights_version"] = self._weights().version
         i["prompt"] = {
             "param": "prompt",
             "max_tokens": self.prompt_checker.max_tokens,
@@ -161,7 +180,8 @@ class LSMSReferringInfer(InferTask):
 
         with self._lock, tempfile.TemporaryDirectory(prefix="lsms-label-") as output_dir:
             start = time.time()
-            self._run_workflow(image, options, output_dir)
+            weights = self._weights()  # read per request: a version served since the last one answers this one
+            self._run_workflow(image, options, output_dir, weights)
             latency_infer = time.time() - start
             mask_path, record = self._collect_outputs(output_dir)
             suffix = ".nii.gz" if mask_path.endswith(".nii.gz") else os.path.splitext(mask_path)[1]
@@ -170,24 +190,36 @@ class LSMSReferringInfer(InferTask):
             shutil.copyfile(mask_path, result_file)
 
         found = record.get("found") if isinstance(record, dict) else None
-        logger.info(f"LSMS: prompt={options['prompt']!r} found={found} ({time.time() - begin:.2f}s)")
+        logger.info(
+            f"LSMS: prompt={options['prompt']!r} found={found} weights={weights.version} ({time.time() - begin:.2f}s)"
+        )
         logger.info(f"LSMS record: {json.dumps(record)}")
         result_json: Dict[str, Any] = {
             "prompt": options["prompt"],
             "found": found,
             "record": record,
             "label_names": {_segment_name(options["prompt"], found): 1},
+            "weights_version": weights.version,
             "latencies": {"infer": round(latency_infer, 2), "total": round(time.time() - begin, 2)},
         }
         return result_file, result_json
 
-    def _run_workflow(self, image: str, options: Dict[str, Any], output_dir: str) -> None:
+    def _weights(self) -> Weights:
+        """The weights to answer with: the served version's (``current.json``), else the bundle's."""
+        if self.store is None:
+            return Weights(BUNDLE, Path(self.bundle_path) / "models")
+        return self.store.served()
+
+    def _run_workflow(self, image: str, options: Dict[str, Any], output_dir: str, weights: Weights) -> None:
         # The request's image and prompt are data: UserDataWorkflow sets them after the config is parsed, so no
         # character of them reaches MONAI's config parser (no expression, reference or macro is ever read).
         from custom.user_inputs import UserDataWorkflow
 
         data = {key: value for key, value in options.items() if key in self._top_level_ids}
         data["image"] = image
+        # A trained version's weights folder replaces the bundle's (the ids checkpoint and referral_scorer_path
+        # are files of ckpt_dir); the bundle's own weights leave the config as it is.
+        weights_override = {} if weights.version == BUNDLE else {"ckpt_dir": str(weights.models_dir)}
         workflow = UserDataWorkflow(
             config_file=self.config_path,
             data=data,
@@ -195,6 +227,7 @@ class LSMSReferringInfer(InferTask):
             logging_file=False,  # keep the server's logging as it is
             bundle_root=self.bundle_path,
             output_dir=output_dir,
+            **weights_override,
         )
         added = self.bundle_path  # ConfigWorkflow.run() puts the bundle folder on sys.path on every call
         count_before = sys.path.count(added)
