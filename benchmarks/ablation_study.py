@@ -186,7 +186,7 @@ def training_slices(epochs: int, max_train_cases: int | None = None) -> tuple[in
     parser = ConfigParser()
     parser.read_config(TRAIN_CONFIG)
     parser.update({**BASE_TRAIN, "max_train_cases": max_train_cases})
-    cases = len(parser.get_parsed_content("train#dataset#data"))
+    cases = len(parser.get_parsed_content("train#data"))
     batch, per_expression = parser["batch_cases"], parser["slices_per_expression"]
     steps = epochs * -(-cases // batch)
     return steps, epochs * cases * per_expression

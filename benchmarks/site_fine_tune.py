@@ -18,7 +18,8 @@ What a site does with its labelled CT, on the real CT the repository may redistr
     python -m benchmarks.site_fine_tune [--run_dir runs/site_fine_tune] [--epochs 40] [--replay_cases 32]
 
 The held-out slab is the same patient as the lower slab trained on (the only real 3D volume at hand), so its figures
-say that the recipe learns real anatomy, not what it does on another patient. The fine-tuned weights are not
+say that the recipe learns real anatomy, not what it does on another patient; the validation cases that choose the
+epoch are variants of volumes trained on. The fine-tuned weights are not
 shipped: the real-anatomy benchmark (``benchmarks.real_anatomy``) evaluates the whole TotalSegmentator CT, which they
 have partly seen.
 """

@@ -12,14 +12,13 @@ written as ``.nii.gz`` (int16 CT, uint8 labels) with its own expressions. They a
 For each number of cases and each ``--dataset_cache``, ``monai.bundle run training`` runs ``--epochs`` epochs
 (batch 8, no replay cases, one validation case at the end) in a process of its own; printed per run: the peak
 resident memory of that process (``ru_maxrss`` from ``wait4``), the time of the first epoch (which fills the disk
-cache or the memory cache) and of the last one (read from the cache), and the ratio of the peak memory with the most
-cases to that with the fewest.
+cache; the memory cache fills before it) and of the last one (read from the cache), and the ratio of the peak memory
+with the most cases to that with the fewest. The crops of the disk cache are removed after each run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -114,7 +113,10 @@ def measure(dataset: Path, dataset_cache: str, epochs: int, run_dir: Path, cache
     text = run_dir.with_suffix(".log").read_text()
     if process.returncode:
         raise SystemExit(f"error: training failed (exit {process.returncode}); see {run_dir.with_suffix('.log')}")
+    shutil.rmtree(crops, ignore_errors=True)
     epochs_taken = epoch_seconds(text)
+    if 1 not in epochs_taken or epochs not in epochs_taken:
+        raise SystemExit(f"error: no epoch times in {run_dir.with_suffix('.log')}; the training log format changed")
     return {
         "peak_rss_gb": usage.ru_maxrss / 1024**2,
         "first_epoch_s": epochs_taken.get(1),
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{dataset_cache} cache: peak memory with {most} cases / with {fewest}: {peaks[most] / peaks[fewest]:.2f}"
         )
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        write_json_atomic(Path(args.out), results)
 
 
 if __name__ == "__main__":

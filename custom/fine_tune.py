@@ -21,16 +21,17 @@ Three steps, each the bundle's own command, printed before it runs, in one run f
    fine-tuned pair has the higher 3D Dice per expression).
 
 Nothing is published: the bundle's weights change only with ``python -m custom.training publish --run_dir <run_dir>``
-(the model and its scorer together). ``--resume true`` continues an interrupted run: step 1 from its last saved
-epoch (skipped when it has trained every epoch), step 2 unless its scorer is newer than the model, and step 3.
-Any other ``--name value`` goes to the training command (``--batch_cases 4``, ``--device cuda:1``; its options are in
-``bundle/docs/options.md``). The cost of the default schedule is in ``docs/experiments.md``; on a GPU, the same
-command uses it with mixed precision.
+(the model and its scorer, checked to be trained for it). ``--resume true`` continues an interrupted run: step 1
+from its last saved epoch (skipped when it has trained every epoch), step 2 unless the run's scorer was trained for
+the run's model, and step 3. A few training options may be added as ``--name value`` and go to the training command
+(:data:`TRAINING_ONLY`, e.g. ``--batch_cases 4``; ``bundle/docs/options.md`` describes them). The cost of the
+default schedule is in ``docs/experiments.md``; on a GPU, the same command uses it with mixed precision.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -116,11 +117,11 @@ def training_command(args, bundle: Path, run_dir: Path) -> list[str]:
         "--run_dir", str(run_dir),
         "--epochs", str(args.epochs),
         "--val_interval", str(val_interval),
-        "--save_interval", str(val_interval),
+        "--save_interval", "1",
         "--learning_rate", str(args.learning_rate),
         "--replay_cases", str(args.replay_cases),
         "--cache_dir", str(args.cache_dir),
-        "--resume", str(args.resume).lower(),
+        "--resume", str(args.resume and (run_dir / "models" / STATE_FILE).is_file()).lower(),
         "--progress", "false",
         *args.training_options,
     ]  # fmt: skip
@@ -189,20 +190,50 @@ def _trained_every_epoch(run_dir: Path, epochs: int) -> bool:
     state_file = run_dir / "models" / STATE_FILE
     if not state_file.is_file():
         return False
-    trainer = torch.load(state_file, map_location="cpu", weights_only=False).get("trainer", {})
+    try:
+        trainer = torch.load(state_file, map_location="cpu", weights_only=False).get("trainer", {})
+    except Exception:  # a damaged state: step 1 runs and its own check names the problem
+        return False
     return bool(trainer.get("epoch_length")) and trainer.get("iteration", 0) // trainer["epoch_length"] >= epochs
 
 
+def _scorer_is_for_model(run_dir: Path) -> bool:
+    """Whether the run's scorer was trained on the candidates of the run's model (step 2 has nothing left to do)."""
+    model, scorer = run_dir / "models" / MODEL_FILE, run_dir / "models" / SCORER_FILE
+    if not (model.is_file() and scorer.is_file()):
+        return False
+    try:
+        trained_for = torch.load(scorer, map_location="cpu", weights_only=True).get("segmentation_sha256")
+    except Exception:
+        return False
+    return trained_for == hashlib.sha256(model.read_bytes()).hexdigest()
+
+
 def _summary(output_dir: Path) -> dict:
-    return json.loads((output_dir / "test_summary.json").read_text())["overall"]
+    """The ``overall`` figures the evaluation wrote into ``output_dir``."""
+    path = output_dir / "test_summary.json"
+    try:
+        overall = json.loads(path.read_text())["overall"]
+    except (OSError, ValueError, KeyError) as err:
+        raise FineTuneError(
+            f"The evaluation wrote no usable summary ({path}: {err}). Rerun with --resume true."
+        ) from err
+    if overall.get("dice_3d") is None:
+        raise FineTuneError(f"The evaluation in {path} scored no expression; the test split needs expressions.")
+    return overall
 
 
 def fine_tune(args) -> dict:
     """The three steps of the module docstring; returns the comparison record."""
     bundle = Path(args.bundle_dir).resolve() if args.bundle_dir else config_dir().parent
+    if not (bundle / "configs" / "train.json").is_file():
+        raise FineTuneError(f"--bundle_dir '{bundle}' is not a bundle folder (no configs/train.json). Pass the bundle "
+                            "folder, or leave --bundle_dir out.")  # fmt: skip
     run_dir, dataset_dir = Path(args.run_dir).resolve(), Path(args.dataset_dir).resolve()
     args.dataset_dir = dataset_dir
     counts = check_dataset(dataset_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FineTuneError(f"--run_dir '{run_dir}' is a file. Pass a new folder.")
     for given in (args.initial_weights, args.initial_scorer):
         if not Path(given).is_file():
             raise FineTuneError(f"'{given}' is not a file. Pass an existing weights file (the shipped ones are in "
@@ -220,12 +251,13 @@ def fine_tune(args) -> dict:
         flush=True,
     )
     start = time.perf_counter()
-    if not (args.resume and _trained_every_epoch(run_dir, args.epochs)):
-        _run(training_command(args, bundle, run_dir), log)
-    shutil.rmtree(run_dir / CROPS_FOLDER, ignore_errors=True)  # the disk cache of step 1, of no use once it ended
+    try:
+        if not (args.resume and _trained_every_epoch(run_dir, args.epochs)):
+            _run(training_command(args, bundle, run_dir), log)
+    finally:  # the crops are the training's disk cache; a resumed step 1 crops its cases again
+        shutil.rmtree(run_dir / CROPS_FOLDER, ignore_errors=True)
     trained = time.perf_counter()
-    model, scorer = run_dir / "models" / MODEL_FILE, run_dir / "models" / SCORER_FILE
-    if not (args.resume and scorer.is_file() and scorer.stat().st_mtime > model.stat().st_mtime):
+    if not (args.resume and _scorer_is_for_model(run_dir)):
         _run(referral_command(args, bundle, run_dir), log)
     scored = time.perf_counter()
     pairs = {
@@ -251,14 +283,17 @@ def fine_tune(args) -> dict:
     print(
         f"cost: segmentation {seconds['segmentation']:.0f} s, referral {seconds['referral']:.0f} s, comparison "
         f"{seconds['comparison']:.0f} s; written: {run_dir / COMPARISON_FILE}\n"
-        f"publish it (the model and its scorer) with: python -m custom.training publish --run_dir {run_dir}"
+        f"publish it (the model and its scorer) with: python -m custom.training publish --run_dir {run_dir} "
+        f"--bundle_dir {bundle}"
     )
     return comparison
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bundle = config_dir().parent
-    parser = argparse.ArgumentParser(prog="python -m custom.fine_tune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m custom.fine_tune", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument("--dataset_dir", required=True, help="an imported dataset (datalist.json with 3 splits)")
     parser.add_argument("--run_dir", default="runs/fine_tune", help="the run folder (new, or --resume true)")
     parser.add_argument("--initial_weights", default=str(bundle / "models" / MODEL_FILE), help="weights to start from")
@@ -282,18 +317,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+#: Training options that may be passed on (``--name value``): they change how the network is trained, not what it
+#: takes in or where anything is written, so the referral and comparison steps stay consistent with step 1.
+TRAINING_ONLY = (
+    "batch_cases", "slices_per_expression", "max_val_expressions", "num_workers", "negative_ratio", "text_free_prob",
+    "dense_weight", "small_lesion_weight", "augment", "dataset_cache", "max_train_cases", "seed",
+)  # fmt: skip
+
+
 def _check_training_options(parser: argparse.ArgumentParser, options: list[str]) -> None:
-    """Other options go to the training command as ``--name value`` pairs (its own check refuses unknown names)."""
-    names = options[::2]
-    if len(options) % 2 or not all(name.startswith("--") for name in names):
+    """Other options go to the training command as ``--name value`` pairs, the names of :data:`TRAINING_ONLY` only."""
+    names = [option[2:] for option in options[::2]]
+    if len(options) % 2 or not all(option.startswith("--") for option in options[::2]):
         parser.error(
             f"unexpected arguments {' '.join(options)}; options for the training command go as --name value pairs, "
             "e.g. --batch_cases 4"
         )
-    taken = {"dataset_dir", "initial_weights", "run_dir", "epochs", "val_interval", "save_interval", "learning_rate"}
-    clash = [name for name in names if name[2:] in taken | {"replay_cases", "cache_dir", "resume", "config_file"}]
-    if clash:
-        parser.error(f"{', '.join(clash)} is set by the fine-tune itself; use its own option (see --help)")
+    refused = [name for name in names if name not in TRAINING_ONLY]
+    if refused:
+        parser.error(
+            f"--{refused[0]} is not an option the fine-tune passes on to training (it would make the referral and "
+            f"comparison steps disagree with it, or is set by the fine-tune itself); pass one of "
+            f"{', '.join('--' + n for n in TRAINING_ONLY)}, or see --help"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -339,13 +339,19 @@ def _run_scorer(run_dir: str | os.PathLike) -> Path | None:
     source = Path(run_dir) / "models" / SCORER_FILE
     if not source.is_file():
         return None
+    retrain = (
+        f"Retrain it for the run's model with python -m custom.referral.training --checkpoint "
+        f"{Path(run_dir) / 'models' / MODEL_FILE} --out {source}, or remove it."
+    )
     try:
         load_scorer(source)
+        trained_for = torch.load(source, map_location="cpu", weights_only=True).get("segmentation_sha256")
     except Exception as err:  # a file of the run folder that is not a scorer: refuse before publishing anything
-        raise PublishError(
-            f"'{source}' is not a referral scorer ({err}), so the run cannot be published with it. Retrain it with "
-            "python -m custom.referral.training --checkpoint <run>/models/model.pt, or remove it."
-        ) from err
+        raise PublishError(f"'{source}' is not a referral scorer ({err}), so the run cannot be published with it. "
+                           f"{retrain}") from err  # fmt: skip
+    if trained_for != file_sha256(Path(run_dir) / "models" / MODEL_FILE):
+        raise PublishError(f"'{source}' was not trained on the candidates of the run's model, so the two cannot be "
+                           f"published together. {retrain}")  # fmt: skip
     return source
 
 
@@ -368,8 +374,8 @@ def _check_bundle_dir(bundle_dir: Path) -> None:
     """Refuse a ``--bundle_dir`` that is not a bundle folder (no ``configs/metadata.json``)."""
     if not (bundle_dir / "configs" / "metadata.json").is_file():
         raise PublishError(
-            f"'{bundle_dir}' is not a bundle folder (it has no configs/metadata.json). Pass the bundle with "
-            "--bundle_dir bundle (the default)."
+            f"'{bundle_dir}' is not a bundle folder (it has no configs/metadata.json). Pass the bundle folder with "
+            "--bundle_dir (bundle in the repository, . inside a packaged bundle)."
         )
 
 
@@ -414,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     publish.add_argument(
         "--run_dir", required=True, help="the training run folder (holds models/model.pt; keeps models/replaced/)"
     )
-    publish.add_argument("--bundle_dir", default="bundle", help="the bundle folder (default: bundle)")
+    publish.add_argument(
+        "--bundle_dir", default=None, help="the bundle folder (default: this code's bundle, bundle/ in the repository)"
+    )
     widen = commands.add_parser("widen", help="a weights file for more HU windows or neighbouring slices")
     widen.add_argument("--weights", default="bundle/models/model.pt", help="the weights to widen")
     widen.add_argument("--windows", type=int, nargs=2, default=(2, 2), metavar=("FROM", "TO"), help="HU windows")
@@ -427,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "publish":
-            publish_weights(args.run_dir, args.bundle_dir)
+            from custom.options import config_dir
+
+            publish_weights(args.run_dir, args.bundle_dir or config_dir().parent)
         else:
             widen_weights(args.weights, args.out, tuple(args.windows), tuple(args.context_slices), args.overwrite)
     except InputError as err:

@@ -251,7 +251,10 @@ def test_publishing_into_a_folder_that_is_not_a_bundle_is_refused(tmp_path, caps
     run = tmp_path / "run"
     weights(run / "models" / "model.pt", 2.0)
     assert publish(run, tmp_path / "nowhere") == 1
-    assert "--bundle_dir bundle" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        "--bundle_dir (bundle in the repository, . inside a packaged bundle)"
+        in capsys.readouterr().err.strip().splitlines()[-1]
+    )
     assert not (tmp_path / "nowhere").exists()
 
 

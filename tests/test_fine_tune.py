@@ -46,13 +46,14 @@ def test_dataset_cache_accepts_memory_and_disk_and_refuses_anything_else():
 
 
 def test_file_state_hash_changes_when_a_file_is_replaced_under_the_same_path(tmp_path):
-    image = tmp_path / "ct.nii.gz"
+    image = tmp_path / "ct.nii"  # uncompressed: the same size before and after, only the modification time differs
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), image)
     case = {"image": str(image), "case_id": "a"}
-    before = file_state_hashing(case)
+    before, size = file_state_hashing(case), image.stat().st_size
     assert file_state_hashing(dict(case)) == before
-    nib.save(nib.Nifti1Image(np.ones((4, 4, 5), np.int16), np.eye(4)), image)
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.int16), np.eye(4)), image)  # same size, other values
     os.utime(image, ns=(1, 1))  # a different modification time even on a coarse clock
+    assert image.stat().st_size == size
     assert file_state_hashing(case) != before
     assert file_state_hashing({**case, "case_id": "b"}) != file_state_hashing(case)
 
@@ -155,3 +156,18 @@ def test_fine_tune_trains_scores_compares_and_publishes_the_pair(dataset, tmp_pa
     for name in ("model.pt", SCORER_FILE):
         assert (bundle / "models" / name).read_bytes() == (run_dir / "models" / name).read_bytes()
         assert len(list((run_dir / "models" / "replaced").glob(f"{Path(name).stem}-*.pt"))) == 1
+
+
+def test_publish_refuses_a_scorer_not_trained_for_the_run_model_and_writes_nothing(tmp_path):
+    run_dir, bundle = tmp_path / "run", tmp_path / "bundle"
+    (run_dir / "models").mkdir(parents=True)
+    shutil.copytree(ROOT / "bundle" / "configs", bundle / "configs")
+    shutil.copytree(ROOT / "bundle" / "models", bundle / "models")
+    shutil.copyfile(ROOT / "bundle" / "models" / "model.pt", run_dir / "models" / "model.pt")
+    scorer = torch.load(ROOT / "bundle" / "models" / SCORER_FILE, weights_only=True)
+    scorer["segmentation_sha256"] = "0" * 64  # trained for other weights
+    torch.save(scorer, run_dir / "models" / SCORER_FILE)
+    before = {p.name: p.read_bytes() for p in (bundle / "models").iterdir() if p.is_file()}
+    with pytest.raises(InputError, match="not trained on the candidates of the run's model.*--checkpoint"):
+        publish_weights(run_dir, bundle)
+    assert {p.name: p.read_bytes() for p in (bundle / "models").iterdir() if p.is_file()} == before

@@ -177,6 +177,13 @@ def main(argv=None) -> None:
     parser.add_argument("--diagram", help="(--confidence) write the reliability diagram (PNG) here")
     parser.add_argument("--write", nargs="*", default=[], help="bundle configs to update")
     args = parser.parse_args(argv)
+    entry = "referral" if args.confidence else "not_present_rule"
+    for config in args.write:  # every config checked before anything is computed or written
+        if not Path(config).is_file() or entry not in json.loads(Path(config).read_text()):
+            parser.error(
+                f"--write {config} has no '{entry}' entry to update; pass the config that defines it "
+                "(bundle/configs/inference.json: evaluate.json takes it from there)"
+            )
     if args.confidence:
         calibrate_confidence(args)
         return

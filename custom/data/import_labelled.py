@@ -189,6 +189,7 @@ def import_labelled(
             f"{', '.join(found_ids)}."
         )
     options = {"min_volume_ml": min_volume_ml, "seed": seed, "copy_images": copy_images}
+    options["test_cases"] = sorted(test_cases or [])
     found = len(sources) + len(refusals)
     with atomic_directory(final_dir, overwrite=overwrite) as tmp:
         done = []
@@ -224,7 +225,7 @@ def import_labelled(
             "(custom.data.import_labelled).",
             "modality": "CT",
             "generator": {"module": "custom.data.import_labelled", "source": str(src.absolute()), "layout": layout}
-            | {"seed": seed, "min_volume_ml": min_volume_ml},
+            | {"seed": seed, "min_volume_ml": min_volume_ml, "test_cases": sorted(test_cases or [])},
             "expression_kinds": list(EXPRESSION_KINDS),
             **{name: [records[case_id] for case_id in ids] for name, ids in splits.items()},
         }
@@ -243,8 +244,8 @@ def held_out_splits(
     unknown = sorted(set(test_cases) - set(case_ids))
     if unknown:
         raise DatasetImportError(
-            f"--test-cases names {', '.join(unknown)}, which is not an imported case. Pass ids of the imported cases: "
-            f"{', '.join(case_ids)}.",
+            f"--test-cases names {', '.join(unknown)}, which is not an imported case (refused, see the report above). "
+            f"Fix it, or hold out imported cases: {', '.join(case_ids)}.",
             report,
         )
     rest = [case_id for case_id in case_ids if case_id not in set(test_cases)]

@@ -23,7 +23,8 @@ evaluate the result with ``--referral_scorer_path <file>`` on the evaluation and
    each candidate's overlap with the referred lesions); the best epoch is kept and the "none" threshold that gives
    the best validation Dice is printed, for ``referral#none_threshold`` in the configs.
 
-Written: the scorer's ``state_dict`` with its ``settings`` and ``feature_names``
+Written: the scorer's ``state_dict`` with its ``settings``, ``feature_names`` and the sha256 of the segmentation
+weights whose candidates it learnt (``segmentation_sha256``)
 (:func:`custom.referral.choose.load_scorer` reads it). Printed as it goes (also into a log file): a line every 10 cases
 collected and every tenth of the epochs (loss, validation 3D Dice), with the time taken and left. Printed at the end:
 the cost, validation 3D Dice, negatives answered empty and positives hit, and the validation 3D Dice of choosing exactly
@@ -364,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.dataset_dir and not (Path(args.dataset_dir) / "datalist.json").is_file():
+        parser.error(f"--dataset_dir {args.dataset_dir} has no datalist.json; import the dataset first")
     start = time.perf_counter()
     overrides = {"cache_dir": args.cache_dir, **dict(args.overrides)}
     if args.dataset_dir:
@@ -385,7 +388,12 @@ def main(argv: list[str] | None = None) -> None:
     validation_samples = [samples["validation"][i] for i in detected]
     scorer, epoch, _ = train_scorer(tensors["training"], validation, validation_samples, args.epochs, args.seed)
     none_threshold, result = best_none_threshold(validation_samples, *predict(scorer, validation))
-    scorer_file = {"state_dict": scorer.state_dict(), "settings": SCORER_SETTINGS, "feature_names": list(FEATURE_NAMES)}
+    scorer_file = {
+        "state_dict": scorer.state_dict(),
+        "settings": SCORER_SETTINGS,
+        "feature_names": list(FEATURE_NAMES),
+        "segmentation_sha256": hashlib.sha256(Path(parts["checkpoint"]).read_bytes()).hexdigest(),
+    }
     atomic_write(args.out, lambda tmp: torch.save(scorer_file, tmp), overwrite=True)
     kinds = ", ".join(f"{k} {v:.3f}" for k, v in result["by_kind"].items())
     print(
