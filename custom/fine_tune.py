@@ -31,7 +31,6 @@ default schedule is in ``docs/experiments.md``; on a GPU, the same command uses 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shutil
@@ -43,6 +42,7 @@ from pathlib import Path
 import torch
 
 from custom.atomic_files import atomic_write
+from custom.clinical.writers import file_sha256
 from custom.data.datalist import load_datalist
 from custom.errors import InputError
 from custom.options import config_dir
@@ -206,7 +206,7 @@ def _scorer_is_for_model(run_dir: Path) -> bool:
         trained_for = torch.load(scorer, map_location="cpu", weights_only=True).get("segmentation_sha256")
     except Exception:
         return False
-    return trained_for == hashlib.sha256(model.read_bytes()).hexdigest()
+    return trained_for == file_sha256(model)
 
 
 def _summary(output_dir: Path) -> dict:

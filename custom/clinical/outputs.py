@@ -48,7 +48,7 @@ from custom.clinical.writers import (
 )
 from custom.user_inputs import as_bool
 
-__all__ = ["ReferringOutputWriter", "SaveReferringOutputsd", "case_id_of", "expression_slug"]
+__all__ = ["ReferringOutputWriter", "SaveReferringOutputsd", "case_id_of", "expression_slug", "process_alive"]
 
 
 def expression_slug(expression: str, max_length: int = 48) -> str:
@@ -89,7 +89,8 @@ def check_case_folder(folder: Path) -> None:
         )
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` runs (one of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -110,7 +111,7 @@ def remove_stale_staging(folder: Path) -> list[Path]:
         if match is None or entry.is_symlink() or not entry.is_dir():
             continue
         pid = match.group(1)
-        stale = not _process_alive(int(pid)) if pid else time.time() - entry.stat().st_mtime > STALE_STAGING_S
+        stale = not process_alive(int(pid)) if pid else time.time() - entry.stat().st_mtime > STALE_STAGING_S
         if stale and int(pid or 0) != os.getpid():
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)

@@ -46,6 +46,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose, ResampleToMatch
 
 from custom.atomic_files import atomic_write
+from custom.clinical.writers import file_sha256
 from custom.data.datalist import load_datalist
 from custom.data.default_dataset import extra_training_cases
 from custom.data.geometry import measure_lesions
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         "state_dict": scorer.state_dict(),
         "settings": SCORER_SETTINGS,
         "feature_names": list(FEATURE_NAMES),
-        "segmentation_sha256": hashlib.sha256(Path(parts["checkpoint"]).read_bytes()).hexdigest(),
+        "segmentation_sha256": file_sha256(parts["checkpoint"]),
     }
     atomic_write(args.out, lambda tmp: torch.save(scorer_file, tmp), overwrite=True)
     kinds = ", ".join(f"{k} {v:.3f}" for k, v in result["by_kind"].items())

@@ -315,22 +315,14 @@ def read_comparison(run_dir: Path) -> Dict[str, Any]:
 
 def _remove_stale_work(work_root: Path) -> None:
     """Remove the work folders of runs whose process has ended (stopped runs leave theirs)."""
+    from custom.clinical.outputs import process_alive
+
     if not work_root.is_dir():
         return
     for folder in work_root.glob("run-*"):
         pid = folder.name.split("-")[1] if folder.name.count("-") >= 2 else ""
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------------- the task
