@@ -73,7 +73,8 @@ WORKFLOWS = (INFERENCE, EVALUATION, TRAINING)
 #: Config ids that hold the workflow itself, not settings: its steps and the tables of the option checks.
 INTERNAL_IDS = frozenset(
     {"_meta_", "imports", "require_bundle_code", "initialize", "run", "finalize", "inference", "evaluating",
-     "training", "user_data", "option_limits", "optional_options"}
+     "training", "user_data", "option_limits", "optional_options", "liver_phase_info",
+     "candidate_map_to_input_grid"}
 )  # fmt: skip
 
 
@@ -183,6 +184,8 @@ OPTIONS: tuple[Option, ...] = (
            "default the split."),
     Option("overwrite", INFER, "Replace the outputs of an earlier run; false: an existing output is refused."),
     Option("montage", INFER, "Also write a montage (.png) of the slices of the answer."),
+    Option("candidate_map", INFER, "Also write every lesion candidate as a label map (_candidates.nii.gz), numbered "
+           "as the record's referral.candidates (MONAI Label returns it as segments)."),
     # weights
     Option("bundle_root", ALL, "The bundle folder (configs/, models/, sample/), relative to the working folder."),
     Option("ckpt_dir", INFER_EVAL, "Folder of the shipped weights."),
@@ -223,6 +226,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("liver_region#coarse_margin_mm", ALL, "Slack (mm) around the liver the coarse pass found."),
     Option("liver_region#scope_image_key", INFER_EVAL, "The image the scope check reads (no liver in view: no "
            "answer); null turns the check off."),
+    # what scanners do, undone before the network reads the CT (custom/harmonisation.py)
+    Option("harmonisation#enabled", INFER_EVAL, "Measure the CT against what the network learned and correct HU "
+           "offsets, strong noise, thin slices and a liver outside the learned HU; false: read the CT as stored."),
+    Option("harmonisation#fat_reference_hu", INFER_EVAL, "HU of fat in the CT the network learned."),
+    Option("harmonisation#offset_tolerance_hu", INFER_EVAL, "A fat peak further than this from the reference is "
+           "an HU offset, removed."),
+    Option("harmonisation#noise_limit_hu", INFER_EVAL, "Noise (robust SD in fat, HU) above which the CT is "
+           "smoothed in plane."),
+    Option("harmonisation#noise_target_hu", INFER_EVAL, "Noise the smoothing brings it down to."),
+    Option("harmonisation#min_slice_mm", INFER_EVAL, "Slices closer than this are averaged into slabs."),
+    Option("harmonisation#slice_mm", INFER_EVAL, "Thickness of those slabs (mm)."),
+    Option("harmonisation#liver_hu_range", INFER_EVAL, "[low, high] HU of the livers the network learned; a liver "
+           "outside is moved, with its lesions, to liver_hu_target."),
+    Option("harmonisation#liver_hu_target", INFER_EVAL, "HU the liver's median is moved to."),
     # the referral
     Option("referral#method", INFER_EVAL, "scorer: the learned candidate-level referral; rule: the earlier rule on "
            "the referring output."),

@@ -284,6 +284,26 @@ def test_dicom_series_gives_the_same_mask_as_its_nifti_twin(tmp_path):
 
 
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="needs the shipped weights bundle/models/model.pt")
+def test_candidate_map_numbers_every_candidate_as_the_record_does(tmp_path):
+    flow = workflow(
+        "inference.json", "infer", bundle_root=str(ROOT / "bundle"), output_dir=str(tmp_path), candidate_map=True
+    )
+    run_workflow(flow)
+    (record_path,) = tmp_path.rglob("*.json")
+    record = json.loads(record_path.read_text())
+    (candidates,) = tmp_path.rglob("*_candidates.nii.gz")
+    (mask,) = tmp_path.rglob("*_mask.nii.gz")
+    assert record["outputs"]["candidates"] == candidates.name
+    labels, answer = nib.load(candidates), nib.load(mask)
+    assert labels.shape == answer.shape and np.allclose(labels.affine, answer.affine)
+    values, answer = np.asarray(labels.dataobj), np.asarray(answer.dataobj) > 0
+    numbers = {c["candidate"] for c in record["referral"]["candidates"]}
+    assert len(numbers) >= 2 and set(np.unique(values).tolist()) - {0} <= numbers
+    chosen = [c["candidate"] for c in record["referral"]["candidates"] if c["chosen"]]
+    picked = np.isin(values, chosen)
+    assert answer.any() and 2.0 * (picked & answer).sum() / (picked.sum() + answer.sum()) >= 0.98
+
+
 def test_readme_first_command_runs_the_default_inference(tmp_path):
     cli("run", "inference", "--config_file", "bundle/configs/inference.json", "--output_dir", str(tmp_path))
     record = json.loads(next(tmp_path.rglob("*.json")).read_text())

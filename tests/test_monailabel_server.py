@@ -1,8 +1,10 @@
 """MONAI Label app: a real ``monailabel start_server`` on loopback, serving the bundle with a free-text prompt.
 
-Checks: ``/info`` lists the model and its prompt option; ``POST /infer/lsms`` returns the same mask (and record) as
-``python -m monai.bundle run inference`` for the same case and prompt; two prompts give two masks, each on its own
-lesion; an empty or over-long prompt is a clear 422; 8 concurrent requests all succeed; the server stops cleanly.
+Checks: ``/info`` lists the model and its prompt option; ``POST /infer/lsms`` with ``candidates`` off returns the
+same mask (and record) as ``python -m monai.bundle run inference`` for the same case and prompt; two prompts give two
+masks, each on its own lesion; with ``candidates`` on (the default) every candidate is its own segment, the chosen
+ones making up the same answer, with the parsed query and the explanation; an empty or over-long prompt is a clear
+422; 8 concurrent requests all succeed; the server stops cleanly.
 
 MONAI Label is optional (``requirements-monailabel.txt``): the module is skipped only when it cannot be imported.
 """
@@ -288,9 +290,11 @@ def reference(study, work):
 
 @pytest.fixture(scope="module")
 def answers(server, study, work):
-    """The server's answers (mask, JSON) for the two prompts, one request each."""
+    """The server's answers (mask, JSON) for the two prompts, one request each, the referred mask only."""
     return [
-        _mask_and_json(_infer(server.url, study["image_id"], {"prompt": e["text"]}), work, f"answer_{n}")
+        _mask_and_json(
+            _infer(server.url, study["image_id"], {"prompt": e["text"], "candidates": False}), work, f"answer_{n}"
+        )
         for n, e in enumerate(study["expressions"])
     ]
 
@@ -303,6 +307,7 @@ def test_info_lists_model_and_prompt_option(server):
     assert model["type"] == "segmentation"
     # displayable_configs -> the model's "config": what 3D Slicer's MONAI Label module shows as editable options
     assert isinstance(model["config"].get("prompt"), str)
+    assert model["config"].get("candidates") is True
     assert model["prompt"]["max_tokens"] == DEFAULT_MAX_TOKENS
     assert info["datastore"]["total"] == 2
 
@@ -337,6 +342,25 @@ def test_two_prompts_two_masks_each_on_its_lesion(study, answers):
     for expression, mask in zip(study["expressions"], masks):
         dice = {int(i): round(_dice(mask, lesions == i), 3) for i in np.unique(lesions) if i}
         assert dice[expression["targets"][0]] >= HIT_DICE, f"{expression['text']!r}: Dice per lesion {dice}"
+
+
+def test_candidates_are_segments_the_chosen_ones_the_answer(server, study, reference, work):
+    expression = study["expressions"][0]
+    labels, result = _mask_and_json(
+        _infer(server.url, study["image_id"], {"prompt": expression["text"]}), work, "candidates"
+    )
+    values = np.asarray(labels.dataobj)
+    record, names = result["record"], result["label_names"]
+    numbers = {c["candidate"] for c in record["referral"]["candidates"]}
+    assert len(numbers) >= 2 and set(names.values()) == numbers and set(np.unique(values)) - {0} <= numbers
+    chosen = {d["label"] for d in result["candidates"] if d["chosen"]}
+    assert chosen and all(
+        expression["text"][:20] in d["name"] if d["chosen"] else "not chosen" in d["name"] for d in result["candidates"]
+    )
+    assert all({"score", "volume_ml"} <= set(d) for d in result["candidates"])
+    cli = np.asarray(reference[0]["mask"].dataobj) > 0
+    assert _dice(np.isin(values, sorted(chosen)), cli) >= 0.98  # the chosen candidates are the answer
+    assert result["query"]["text"] == expression["text"] and result["explanation"]
 
 
 @pytest.mark.parametrize(
@@ -410,7 +434,7 @@ def test_concurrent_requests_with_bad_ones_all_answered_and_nothing_runs(server,
     bad = _bad_requests(study, marker)
 
     def good(n):
-        response = _infer(server.url, study["image_id"], {"prompt": texts[n % 2]})
+        response = _infer(server.url, study["image_id"], {"prompt": texts[n % 2], "candidates": False})
         mask, result = _mask_and_json(response, work, f"c{n}")
         return ("good", n, np.asarray(mask.dataobj), result)
 

@@ -174,7 +174,7 @@ class ReferringOutputWriter:
         self.window = tuple(window)
         self.algorithm_version = algorithm_version
 
-    def output_paths(self, case_id: str, expression_id: str, dicom: bool) -> dict[str, Path]:
+    def output_paths(self, case_id: str, expression_id: str, dicom: bool, candidates: bool = False) -> dict[str, Path]:
         """The files one call writes, by kind."""
         folder = self.output_dir / _safe_name(case_id)
         stem = _safe_name(expression_id)
@@ -185,6 +185,8 @@ class ReferringOutputWriter:
         }
         if self.montage:
             paths["montage"] = folder / f"{stem}_montage.png"
+        if candidates:
+            paths["candidates"] = folder / f"{stem}_candidates.nii.gz"
         return paths
 
     def _check_free(self, paths: Mapping[str, Path]) -> None:
@@ -205,6 +207,8 @@ class ReferringOutputWriter:
         region: Mapping | None = None,
         decision: Mapping | None = None,
         referral: Mapping | None = None,
+        harmonisation: Mapping | None = None,
+        candidate_map: MetaTensor | None = None,
     ) -> dict:
         """Write the outputs; return ``{"record": ..., "paths": {kind: path}}``.
 
@@ -223,11 +227,17 @@ class ReferringOutputWriter:
             decision: a decision already taken (``found``, ``confidence`` ...; the learned referral's,
                 :class:`custom.referral.choose.CandidateReferrald`), used instead of the not-present rule.
             referral: how the answer was chosen (every candidate with its score), kept in the record as ``referral``.
+            harmonisation: what was corrected before the network read the image (``custom.harmonisation``), kept
+                in the record as ``input_harmonisation``; its ``notes`` join the record's notes.
+            candidate_map: the lesion candidates as a label map on the same grid, value ``k`` the record's
+                ``referral.candidates`` number ``k``; written as ``<expression>_candidates.nii.gz`` (NIfTI in the
+                input's geometry, whatever the input's format) for a viewer to offer each candidate.
         """
         meta = image.meta
         dicom_seg = bool(meta.get("source_files")) and bool(meta.get("FrameOfReferenceUID"))
         case_id = case_id or case_id_of(str(meta.get("filename_or_obj", "case")))
-        paths = self.output_paths(case_id, expression_id or expression_slug(expression), dicom_seg)
+        stem = expression_id or expression_slug(expression)
+        paths = self.output_paths(case_id, stem, dicom_seg, candidates=candidate_map is not None)
         self._check_free(paths)
         folder = paths["mask"].parent
         check_case_folder(folder)
@@ -238,7 +248,19 @@ class ReferringOutputWriter:
         published = False
         try:
             record = self._write_all(
-                image, probabilities, expression, mask, meta, case_id, paths, staged, region, decision, referral
+                image,
+                probabilities,
+                expression,
+                mask,
+                meta,
+                case_id,
+                paths,
+                staged,
+                region,
+                decision,
+                referral,
+                harmonisation,
+                candidate_map,
             )
             self._publish(staged, paths)
             published = True
@@ -265,6 +287,8 @@ class ReferringOutputWriter:
         region=None,
         decision=None,
         referral=None,
+        harmonisation=None,
+        candidate_map=None,
     ) -> dict:
         """Write every output under its staged name; return the record."""
         image_ras, affine = _ras_view(image, "image")
@@ -280,6 +304,13 @@ class ReferringOutputWriter:
             referred = as_binary_uint8(_ras_view(mask, "mask")[0])
 
         self._write_mask(referred, affine, meta, staged["mask"], expression)
+        if candidate_map is not None:
+            labels, labels_affine = _ras_view(candidate_map, "candidate_map")
+            reference = (meta[MetaKeys.ORIGINAL_AFFINE], meta[MetaKeys.SPATIAL_SHAPE])
+            source = str(meta.get("filename_or_obj", ""))
+            if is_nifti_path(source) and Path(source).is_file():
+                reference = source
+            write_nifti_mask(labels, reference, staged["candidates"], mask_affine=labels_affine, labels=True)
         notes = []
         if meta.get("source_files") and not meta.get("FrameOfReferenceUID"):
             notes.append(
@@ -293,6 +324,8 @@ class ReferringOutputWriter:
                 + ", so no lesion is answered: this model answers about liver lesions only. Check that the image is "
                 "an abdominal CT that shows the liver."
             )
+        harmonisation = dict(harmonisation or {})
+        notes += [str(note) for note in harmonisation.pop("notes", None) or []]
         record = build_record(
             expression,
             referred,
@@ -308,6 +341,7 @@ class ReferringOutputWriter:
                 "outputs": {kind: path.name for kind, path in paths.items()},
                 **({"liver_region": dict(region)} if region is not None else {}),
                 **({"referral": dict(referral)} if referral is not None else {}),
+                **({"input_harmonisation": harmonisation} if harmonisation else {}),
                 **({"notes": notes} if notes else {}),
                 **({"bundle": self.provenance} if self.provenance else {}),
             },
@@ -389,6 +423,8 @@ class SaveReferringOutputsd(MapTransform):
         region_key: str | None = "liver_region",
         decision_key: str | None = "decision",
         referral_key: str | None = "referral",
+        harmonisation_key: str | None = "input_harmonisation",
+        candidate_map_key: str | None = "candidate_map",
         rule: NotPresentRule | Mapping | None = None,
         overwrite: bool = False,
         montage: bool = False,
@@ -396,6 +432,7 @@ class SaveReferringOutputsd(MapTransform):
         provenance: Mapping | None = None,
     ):
         super().__init__(keys=[image_key, prob_key])
+        self.harmonisation_key, self.candidate_map_key = harmonisation_key, candidate_map_key
         self.writer = ReferringOutputWriter(output_dir, rule, overwrite, montage, window, provenance=provenance)
         self.image_key, self.prob_key, self.expression_key = image_key, prob_key, expression_key
         self.mask_key, self.case_id_key, self.record_key = mask_key, case_id_key, record_key
@@ -412,6 +449,8 @@ class SaveReferringOutputsd(MapTransform):
             region=d.get(self.region_key) if self.region_key else None,
             decision=d.get(self.decision_key) if self.decision_key else None,
             referral=d.get(self.referral_key) if self.referral_key else None,
+            harmonisation=d.get(self.harmonisation_key) if self.harmonisation_key else None,
+            candidate_map=d.get(self.candidate_map_key) if self.candidate_map_key else None,
         )
         d[self.record_key] = result["record"]
         return d

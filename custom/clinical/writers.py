@@ -98,8 +98,11 @@ def _nifti_like(data: np.ndarray, affine: np.ndarray, reference: nib.Nifti1Image
     return image
 
 
-def write_nifti_mask(mask, reference, out_path: PathLike, mask_affine=None, overwrite: bool = False) -> Path:
-    """Write a binary mask as NIfTI with exactly the input's shape, affine and spacing.
+def write_nifti_mask(
+    mask, reference, out_path: PathLike, mask_affine=None, overwrite: bool = False, labels: bool = False
+) -> Path:
+    """Write a binary mask (or with ``labels``, a label map of values 0-65535) as NIfTI with exactly the input's
+    shape, affine and spacing.
 
     Args:
         mask: (X, Y, Z) or (1, X, Y, Z) mask on the pipeline's grid (e.g. RAS-oriented); > 0 is foreground.
@@ -112,8 +115,12 @@ def write_nifti_mask(mask, reference, out_path: PathLike, mask_affine=None, over
     grid raises ``GeometryMismatchError``.
     """
     ref_affine, ref_shape, ref_image = _reference_grid(reference)
-    binary = as_binary_uint8(as_spatial_array(mask))
-    data = reorient_to(binary, affine_of(mask, mask_affine), ref_affine, ref_shape, order="F")  # NIfTI's own order
+    values = as_spatial_array(mask)
+    if labels:
+        values = np.asarray(values).astype(np.uint8 if int(np.max(values, initial=0)) < 256 else np.uint16)
+    else:
+        values = as_binary_uint8(values)
+    data = reorient_to(values, affine_of(mask, mask_affine), ref_affine, ref_shape, order="F")  # NIfTI's own order
     image = _nifti_like(data, ref_affine, ref_image)
     protected = [reference] if isinstance(reference, (str, os.PathLike)) else []
     return atomic_write(out_path, lambda tmp: nib.save(image, str(tmp)), overwrite, protected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,7 @@ class ReferringSliceInferer(SliceInferer):
         coarse_factor: int | None = None,
         coarse_step_mm: float = 8.0,
         coarse_margin_mm: float = 15.0,
+        liver_phase: Callable | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -116,7 +118,9 @@ class ReferringSliceInferer(SliceInferer):
         self.focus_margin = tuple(int(m) for m in focus_margin)
         self.focus_margin_mm = None if focus_margin_mm is None else float(focus_margin_mm)
         self._focus_logit = float(torch.logit(torch.tensor(self.focus_threshold)))
-        self._last: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self.liver_phase = liver_phase
+        self.liver_phase_info: dict = {}
+        self._last: tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._box: tuple[torch.Tensor, tuple[slice, slice, slice] | None] | None = None
 
     def _slide(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -237,21 +241,41 @@ class ReferringSliceInferer(SliceInferer):
             return MetaTensor(output, meta=inputs.meta, applied_operations=inputs.applied_operations)
         return output
 
-    def text_free(self, inputs: torch.Tensor, network) -> torch.Tensor:
-        """The text-free pass, ``(1, C, H, W, D) -> (1, K, H, W, D)``: on the coarse liver's box with two levels,
-        else (or when the coarse pass finds no liver) over every whole slice. Reused while the volume and the
-        network's weights (their in-place update counters) are the same."""
-        weights = (id(network), tuple(p._version for p in network.parameters()))
-        last = self._last
-        if last is not None and last[0] == weights and last[1].shape == inputs.shape and torch.equal(last[1], inputs):
-            return last[2]
+    def _text_free_pass(self, inputs: torch.Tensor, network) -> torch.Tensor:
+        """One text-free pass: on the coarse liver's box with two levels, else over every whole slice."""
         output = None
         if self.coarse_factor is not None and self.focus_channel is not None:
             output = self._text_free_in_liver_box(inputs, network)
         if output is None:
             output = self._slide(slice_context(inputs, self.context_slices), network)
-        self._last = (weights, inputs.detach(), output)  # kept, not copied: MONAI's transforms do not work in place
         return output
+
+    def read_inputs(self, inputs: torch.Tensor, network) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text-free pass, ``(1, C, H, W, D) -> (1, K, H, W, D)``, and the inputs the network read: ``inputs``,
+        or with ``liver_phase`` and a liver outside the HU it learned, the inputs with that liver moved into them
+        (the pass is then run again on those). Reused while the volume and the network's weights (their in-place
+        update counters) are the same; what ``liver_phase`` did is in :attr:`liver_phase_info`."""
+        weights = (id(network), tuple(p._version for p in network.parameters()))
+        last = self._last
+        if last is not None and last[0] == weights and last[1].shape == inputs.shape and torch.equal(last[1], inputs):
+            return last[2], last[3]
+        output, read, self.liver_phase_info = self._text_free_pass(inputs, network), inputs, {}
+        if self.liver_phase is not None and self.focus_channel is not None:
+            liver = output[0, self.focus_channel] >= self._focus_logit
+            adjusted, self.liver_phase_info = self.liver_phase(inputs, liver)
+            if adjusted is not None:
+                output, read = self._text_free_pass(adjusted, network), adjusted
+        self._last = (
+            weights,
+            inputs.detach(),
+            output,
+            read,
+        )  # kept, not copied: MONAI's transforms do not work in place
+        return output, read
+
+    def text_free(self, inputs: torch.Tensor, network) -> torch.Tensor:
+        """The text-free pass of :meth:`read_inputs`, ``(1, C, H, W, D) -> (1, K, H, W, D)``."""
+        return self.read_inputs(inputs, network)[0]
 
     def _focus_box(self, inputs: torch.Tensor, text_free: torch.Tensor) -> tuple[slice, slice, slice] | None:
         """The box of the largest liver component of ``text_free`` grown by the focus margin (:func:`liver_box`),
@@ -266,7 +290,7 @@ class ReferringSliceInferer(SliceInferer):
     def __call__(self, inputs: torch.Tensor, network, *args: Any, **kwargs: Any):
         if self.focus_channel is None:
             return self._slide(slice_context(inputs, self.context_slices), network, *args, **kwargs)
-        text_free = self.text_free(inputs, network)
+        text_free, inputs = self.read_inputs(inputs, network)
         box = self._focus_box(inputs, text_free)
         output = text_free.clone()
         output[:, 0] = OUTSIDE_LOGIT

@@ -25,6 +25,7 @@ __all__ = [
     "SplitOutputsd",
     "BoxInvertd",
     "AnswerToInputGridd",
+    "CandidateMapToInputGridd",
     "largest_component",
     "lazy_zeros",
     "liver_region",
@@ -179,15 +180,16 @@ class BoxInvertd(MapTransform):
         self.box_channels = tuple(int(c) for c in box_channels)
 
     def grid_of(self, image) -> dict | None:
-        """Input grid and resampling of ``Orientationd`` + ``Spacingd`` as recorded on ``image``; ``None`` for any
-        other preprocessing."""
+        """Input grid and resampling of ``Orientationd`` then one or more ``Spacingd`` (the in-plane grid, thin slices
+        thickened) as recorded on ``image``: the network grid maps onto the input grid by its affine alone, whatever
+        resamplings led to it. ``None`` for any other preprocessing."""
         operations = getattr(image, "applied_operations", [])
-        if len(operations) != 2 or operations[0]["class"] != "Orientation":
+        if len(operations) < 2 or operations[0]["class"] != "Orientation":
             return None
-        orientation, spacing = operations
-        if spacing["class"] != "SpatialResample":
+        orientation, spacings = operations[0], operations[1:]
+        if any(spacing["class"] != "SpatialResample" for spacing in spacings):
             return None
-        extra = spacing["extra_info"]
+        extra = spacings[0]["extra_info"]
         return {
             "affine": torch.as_tensor(orientation["extra_info"]["original_affine"], dtype=torch.float64),
             "shape": tuple(int(n) for n in orientation["orig_size"]),
@@ -514,3 +516,49 @@ class PerVolumeOutputsd(MapTransform):
         shared = {key: output[key] for key in self.shared_keys if key in output}
         self._last = (volume.detach(), shared) if shared and isinstance(volume, torch.Tensor) else None  # not copied
         return output
+
+
+class CandidateMapToInputGridd(MapTransform):
+    """The lesion candidates as one label map on the input grid, candidate ``k`` as value ``k``.
+
+    ``keys``: the candidates of ``custom.referral.choose.LesionCandidatesd`` (``box`` and ``map`` on the network
+    grid, numbered 1..K as the record's ``referral.candidates``) -> ``output_key`` (1, X', Y', Z') uint8 (uint16
+    beyond 255 candidates) on the grid of ``orig_keys`` as loaded. Each candidate comes back as an answer does
+    (:class:`AnswerToInputGridd`: its box resampled, its border from ``prob_key`` at ``threshold``), so a chosen
+    candidate's voxels are those of the answer; where two touch, the later one takes the voxels they share. With no
+    candidates (or none found) the output key is not set.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        transform,
+        prob_key: str = "lesions_prob",
+        threshold: float = 0.5,
+        orig_keys: str = "image",
+        output_key: str = "candidate_map",
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.prob_key, self.output_key = prob_key, output_key
+        self.to_input = AnswerToInputGridd("candidate", transform, prob_key, threshold, orig_keys=orig_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            candidates = d[key]
+            if not candidates or "map" not in candidates:
+                continue
+            source = d[self.prob_key]
+            network_map = np.zeros(tuple(source.shape[1:]), np.int32)
+            network_map[tuple(slice(start, stop) for start, stop in candidates["box"])] = np.asarray(candidates["map"])
+            labels, meta = None, None
+            for k in range(1, int(network_map.max(initial=0)) + 1):
+                one = MetaTensor(torch.as_tensor(network_map == k)[None], meta=getattr(source, "meta", {}))
+                on_input = self.to_input({**d, "candidate": one})["candidate"]
+                if labels is None:
+                    dtype = torch.uint8 if network_map.max() < 256 else torch.int32
+                    labels, meta = torch.zeros(on_input.shape[1:], dtype=dtype), on_input.meta
+                labels[torch.as_tensor(on_input)[0] > 0] = k
+            if labels is not None:
+                d[self.output_key] = MetaTensor(labels[None], meta=meta)
+        return d

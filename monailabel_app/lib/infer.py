@@ -43,6 +43,14 @@ LABEL_NAME = "referred lesion"
 #: Longest segment name given to 3D Slicer (the prompt is cut beyond it).
 MAX_SEGMENT_NAME = 64
 
+#: The request option that asks for every lesion candidate as its own segment (shown in 3D Slicer as a checkbox).
+CANDIDATES_OPTION = "candidates"
+
+#: Per-candidate figures of the record copied into the answer's ``candidates``.
+CANDIDATE_FIELDS = (
+    "score", "volume_ml", "longest_axial_diameter_mm", "mean_hu", "density", "lobe", "segment", "why",
+)  # fmt: skip
+
 
 class InferenceInputError(Exception):
     """A request the bundle cannot run (unknown image, unreadable volume): answered with a 4xx status."""
@@ -58,6 +66,41 @@ def _segment_name(prompt: str, found: Optional[bool]) -> str:
     if len(name) > MAX_SEGMENT_NAME:
         name = name[: MAX_SEGMENT_NAME - 3].rstrip() + "..."
     return f"{name} (not present)" if found is False else name
+
+
+def _yes(value: Any) -> bool:
+    """A request's yes/no option: a JSON boolean, or true/false/yes/no/1/0 as text."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off", ""):
+        return False
+    raise InferenceInputError(422, f"'{CANDIDATES_OPTION}' must be true or false, got {value!r}.")
+
+
+def candidate_segments(prompt: str, record: Dict[str, Any]) -> Tuple[Dict[str, int], list]:
+    """Segment names (label value ``k`` = candidate ``k`` of the record's ``referral.candidates``) and each
+    candidate's figures: the chosen ones named after the prompt, the others "candidate k (not chosen)"."""
+    names: Dict[str, int] = {}
+    details = []
+    for candidate in (record.get("referral") or {}).get("candidates") or []:
+        k = int(candidate["candidate"])
+        chosen = bool(candidate.get("chosen")) and bool(record.get("found"))
+        volume = candidate.get("volume_ml")
+        size = f", {volume:.1f} ml" if isinstance(volume, (int, float)) else ""
+        name = f"{_segment_name(prompt, True)} #{k}" if chosen else f"candidate {k} (not chosen{size})"
+        names[name] = k
+        details.append(
+            {
+                "label": k,
+                "name": name,
+                "chosen": chosen,
+                **{f: candidate[f] for f in CANDIDATE_FIELDS if f in candidate},
+            }
+        )
+    return names, details
 
 
 def code_root_of(bundle_path: str) -> str:
@@ -118,6 +161,7 @@ class LSMSReferringInfer(InferTask):
             self._top_level_ids = {"prompt"}
             logger.warning(f"LSMS: no inference config at {self.config_path}; the model is not offered.")
         displayable.setdefault("prompt", "")
+        displayable.setdefault(CANDIDATES_OPTION, True)
         self.displayable_configs = displayable
         self.default_prompt = str(displayable.get("prompt") or "")
         self.prompt_checker = PromptChecker(text_model_path=text_model_path, max_tokens=max_tokens)
@@ -129,7 +173,9 @@ class LSMSReferringInfer(InferTask):
             description=(
                 "LSMS referring lesion segmentation: type a sentence in 'prompt' (e.g. 'the largest hypodense "
                 "lesion in the right lobe'); returns the mask of the lesion(s) it refers to, in the study's "
-                "geometry, and the measurement record (found, volume, diameters, HU) in the JSON part. "
+                "geometry, and the measurement record (found, volume, diameters, HU) in the JSON part. With "
+                f"'{CANDIDATES_OPTION}' on, every lesion candidate is its own segment: the chosen ones named after "
+                "the prompt, the others 'candidate k (not chosen)', with their scores and measurements in the JSON. "
                 f"At most {self.prompt_checker.max_tokens} tokens."
             ),
             config=copy.deepcopy(displayable),
@@ -173,6 +219,7 @@ class LSMSReferringInfer(InferTask):
         begin = time.time()
         options = self._request_options(request)
         options["prompt"] = self.prompt_checker.check(options.get("prompt"))
+        with_candidates = _yes(options.get(CANDIDATES_OPTION, False))
         image = request.get("image")
         if not isinstance(image, str) or not image or not os.path.exists(image):
             image_id = request.get("image_id") or image
@@ -181,9 +228,15 @@ class LSMSReferringInfer(InferTask):
         with self._lock, tempfile.TemporaryDirectory(prefix="lsms-label-") as output_dir:
             start = time.time()
             weights = self._weights()  # read per request: a version served since the last one answers this one
-            self._run_workflow(image, options, output_dir, weights)
+            self._run_workflow(image, options, output_dir, weights, with_candidates)
             latency_infer = time.time() - start
             mask_path, record = self._collect_outputs(output_dir)
+            candidates_path = mask_path.split("_mask.")[0] + "_candidates.nii.gz"
+            names, details = candidate_segments(options["prompt"], record) if with_candidates else ({}, [])
+            if names and os.path.isfile(candidates_path):
+                mask_path = candidates_path
+            else:
+                names = {_segment_name(options["prompt"], record.get("found")): 1}
             suffix = ".nii.gz" if mask_path.endswith(".nii.gz") else os.path.splitext(mask_path)[1]
             fd, result_file = tempfile.mkstemp(prefix="lsms-mask-", suffix=suffix)
             os.close(fd)
@@ -198,7 +251,10 @@ class LSMSReferringInfer(InferTask):
             "prompt": options["prompt"],
             "found": found,
             "record": record,
-            "label_names": {_segment_name(options["prompt"], found): 1},
+            "label_names": names,
+            "candidates": details,
+            "query": (record.get("referral") or {}).get("query"),
+            "explanation": (record.get("referral") or {}).get("explanation"),
             "weights_version": weights.version,
             "latencies": {"infer": round(latency_infer, 2), "total": round(time.time() - begin, 2)},
         }
@@ -210,7 +266,9 @@ class LSMSReferringInfer(InferTask):
             return Weights(BUNDLE, Path(self.bundle_path) / "models")
         return self.store.served()
 
-    def _run_workflow(self, image: str, options: Dict[str, Any], output_dir: str, weights: Weights) -> None:
+    def _run_workflow(
+        self, image: str, options: Dict[str, Any], output_dir: str, weights: Weights, candidate_map: bool = False
+    ) -> None:
         # The request's image and prompt are data: UserDataWorkflow sets them after the config is parsed, so no
         # character of them reaches MONAI's config parser (no expression, reference or macro is ever read).
         from custom.user_inputs import UserDataWorkflow
@@ -227,6 +285,7 @@ class LSMSReferringInfer(InferTask):
             logging_file=False,  # keep the server's logging as it is
             bundle_root=self.bundle_path,
             output_dir=output_dir,
+            candidate_map=bool(candidate_map),
             **weights_override,
         )
         added = self.bundle_path  # ConfigWorkflow.run() puts the bundle folder on sys.path on every call
