@@ -3,7 +3,8 @@
 Usage::
 
     python -m benchmarks.robustness [--split test] [--perturbations noise_20 kernel_sharp ...] [--max_cases N] \
-        [--checkpoint bundle/models/model.pt] [--seed 0] [--work_dir DIR] [--keep] [--out results.json]
+        [--checkpoint bundle/models/model.pt] [--seed 0] [--work_dir DIR] [--keep] [--out results.json] \
+        [--set harmonisation#enabled=false]
 
 On a CPU shared with other work, run it with ``OMP_NUM_THREADS=1``: torch's default of one thread per core, with
 another process on the cores, made one evaluation of 4 cases take 261 s instead of 14 s (same results).
@@ -340,10 +341,18 @@ def recording_liver_volumes():
         lesion_detection.text_free_on_input_grid = original
 
 
-def evaluate(config_file: str, dataset_dir: Path, split: str, checkpoint: str | None, max_cases: int | None) -> dict:
-    """Referring and liver results of the dataset in ``dataset_dir`` with the evaluation config; adds
-    ``liver_volume_ml`` per case."""
-    config = lesion_detection.build(config_file, {"bundle_root": str(ROOT / "bundle"), "dataset_dir": str(dataset_dir)})
+def evaluate(
+    config_file: str,
+    dataset_dir: Path,
+    split: str,
+    checkpoint: str | None,
+    max_cases: int | None,
+    overrides: dict | None = None,
+) -> dict:
+    """Referring and liver results of the dataset in ``dataset_dir`` with the evaluation config and ``overrides``
+    (config ids, as ``--set``); adds ``liver_volume_ml`` per case."""
+    settings = {"bundle_root": str(ROOT / "bundle"), **(overrides or {}), "dataset_dir": str(dataset_dir)}
+    config = lesion_detection.build(config_file, settings)
     checkpoint = checkpoint or config.get_parsed_content("checkpoint")
     with recording_liver_volumes() as volumes:
         results = lesion_detection.evaluate_split(config, checkpoint, split, True, max_cases)
@@ -449,7 +458,8 @@ def run(args: argparse.Namespace) -> dict:
     datalist = Path(ensure_default_dataset(ROOT / "cache"))
     cases = load_datalist(datalist, args.split)[: args.max_cases]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="robustness-"))
-    reference = evaluate(args.config_file, datalist.parent, args.split, args.checkpoint, args.max_cases)
+    overrides = dict(args.overrides)
+    reference = evaluate(args.config_file, datalist.parent, args.split, args.checkpoint, args.max_cases, overrides)
     print(f"unperturbed: 3D Dice {reference['referring']['overall']['dice_3d']:.4f}, {reference['seconds']:.0f} s")
     perturbations = {"none": {**compare(reference, reference), "description": "unperturbed", "seconds_perturbing": 0}}
     for name in args.perturbations:
@@ -457,7 +467,7 @@ def run(args: argparse.Namespace) -> dict:
         began = time.perf_counter()
         infos = write_dataset(cases, name, folder, args.split, args.seed)
         perturbing = time.perf_counter() - began
-        row = compare(reference, evaluate(args.config_file, folder, args.split, args.checkpoint, None))
+        row = compare(reference, evaluate(args.config_file, folder, args.split, args.checkpoint, None, overrides))
         row.update(description=PERTURBATIONS[name][0], seconds_perturbing=perturbing, cases_info=infos)
         restored = {case: info["lesions_restored"] for case, info in infos.items() if info.get("lesions_restored")}
         if name.startswith("slices_"):
@@ -497,6 +507,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work_dir", default=None, help="folder of the perturbed datasets (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the perturbed datasets")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--set", dest="overrides", type=lesion_detection.parse_override, action="append", default=[],
+        metavar="KEY=VALUE", help="a config setting for every evaluation, e.g. harmonisation#enabled=false",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     summary = run(args)
     print(table(summary))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import GaussianSmooth, MapTransform, Spacingd, Transform
+from monai.transforms import MapTransform, Spacingd, Transform
 from monai.utils import TraceKeys
 from scipy import ndimage
 
@@ -54,7 +54,8 @@ FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 def fat_peak_hu(image: np.ndarray) -> tuple[float | None, float]:
     """The fat peak of a CT (any shape, HU): the mode of the body's histogram (2 HU bins, smoothed) within
     :data:`FAT_SEARCH_HU`, and the share of body voxels within 30 HU of it; ``None`` when that share is under
-    :data:`MIN_FAT_SHARE` (too little fat to be a reference)."""
+    :data:`MIN_FAT_SHARE` (too little fat to be a reference) or the histogram does not fall on both sides of it
+    (the mode sits on a flank at the range's edge)."""
     values = image[image > BODY_HU]
     if values.size == 0:
         return None, 0.0
@@ -63,9 +64,12 @@ def fat_peak_hu(image: np.ndarray) -> tuple[float | None, float]:
     smoothed = ndimage.gaussian_filter1d(counts.astype(np.float64), 2.5)
     centres = 0.5 * (edges[:-1] + edges[1:])
     inside = (centres >= FAT_SEARCH_HU[0]) & (centres <= FAT_SEARCH_HU[1])
-    peak = float(centres[np.argmax(np.where(inside, smoothed, -1.0))])
+    index = int(np.argmax(np.where(inside, smoothed, -1.0)))
+    peak = float(centres[index])
     share = float(np.mean(np.abs(values - peak) < 30.0))
-    return (peak if share >= MIN_FAT_SHARE else None), share
+    # a rising or falling flank at the search range's edge is no peak (soft tissue's tail, or air's)
+    is_peak = smoothed[index] > smoothed[index - 3] and smoothed[index] > smoothed[index + 3]
+    return (peak if share >= MIN_FAT_SHARE and is_peak else None), share
 
 
 def fat_mask(image: np.ndarray, fat_hu: float) -> np.ndarray:
@@ -179,7 +183,8 @@ class ThickenSlicesd(Spacingd):
 
     ``d[key]``: (C, X, Y, Z), the last axis across slices. Slices closer than ``min_slice_mm`` are smoothed along
     that axis by a Gaussian slab profile (FWHM ``sqrt(slice_mm**2 - spacing**2)``) and resampled every
-    ``slice_mm`` mm; other volumes pass unchanged. The resampling is recorded like any ``Spacingd``, so MONAI's
+    ``slice_mm`` mm (the end slices continuing as themselves); other volumes, and those too short for two slabs,
+    pass unchanged. The resampling is recorded like any ``Spacingd``, so MONAI's
     inverse returns an answer to the input's slices. Writes ``slice_mm: [given, read]`` and a note into
     ``d[info_key]`` when it resamples.
     """
@@ -205,14 +210,13 @@ class ThickenSlicesd(Spacingd):
         d = dict(data)
         keys = [key for key in self.key_iterator(d) if isinstance(d[key], MetaTensor)]
         spacing = float(d[keys[0]].pixdim[2]) if keys else None
-        if spacing is None or spacing >= self.min_slice_mm - 1e-6:
-            return d  # nothing recorded: the inverse leaves such a volume as it is
+        slices = int(d[keys[0]].shape[-1]) if keys else 0
+        if spacing is None or spacing >= self.min_slice_mm - 1e-6 or slices * spacing < 2 * self.slice_mm:
+            return d  # nothing recorded (thick slices, or too few for two slabs): the inverse leaves it as it is
         sigma = np.sqrt(self.slice_mm**2 - spacing**2) / FWHM_PER_SIGMA / spacing
-        smooth = GaussianSmooth(sigma=(0.0, 0.0, float(sigma)))
-        for key in keys:
-            d[key] = MetaTensor(
-                smooth(d[key].as_tensor().float()), meta=d[key].meta, applied_operations=d[key].applied_operations
-            )
+        for key in keys:  # the end slices continue as themselves (zero padding would darken them)
+            slabs = ndimage.gaussian_filter1d(d[key].as_tensor().float().cpu().numpy(), sigma, axis=-1, mode="nearest")
+            d[key] = MetaTensor(torch.as_tensor(slabs), meta=d[key].meta, applied_operations=d[key].applied_operations)
         d = super().__call__(d, lazy=lazy)
         info = dict(d.get(self.info_key) or {})
         info["slice_mm"] = [round(spacing, 3), self.slice_mm]

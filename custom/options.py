@@ -237,8 +237,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("harmonisation#noise_target_hu", INFER_EVAL, "Noise the smoothing brings it down to."),
     Option("harmonisation#min_slice_mm", INFER_EVAL, "Slices closer than this are averaged into slabs."),
     Option("harmonisation#slice_mm", INFER_EVAL, "Thickness of those slabs (mm)."),
+    Option("harmonisation#liver_phase", INFER_EVAL, "After a first pass, move a liver outside liver_hu_range with "
+           "its lesions to liver_hu_target and read it again (off: on real unenhanced CT it found fewer lesions)."),
     Option("harmonisation#liver_hu_range", INFER_EVAL, "[low, high] HU of the livers the network learned; a liver "
-           "outside is moved, with its lesions, to liver_hu_target."),
+           "outside is moved, with its lesions, to liver_hu_target (with liver_phase)."),
     Option("harmonisation#liver_hu_target", INFER_EVAL, "HU the liver's median is moved to."),
     # the referral
     Option("referral#method", INFER_EVAL, "scorer: the learned candidate-level referral; rule: the earlier rule on "

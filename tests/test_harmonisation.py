@@ -57,6 +57,13 @@ def test_an_hu_offset_is_measured_on_fat_and_removed(phantom, offset):
     assert "fat measures" in info["notes"][0] and "stored values" in info["notes"][0]
 
 
+def test_no_fat_peak_no_offset():
+    ramp = np.linspace(-300.0, 100.0, 40 * 40 * 10, dtype=np.float32).reshape(40, 40, 10)  # soft tissue's flank
+    assert fat_peak_hu(ramp)[0] is None
+    out = harmonise(ramp, np.eye(4))
+    assert out["input_harmonisation"]["hu_shift"] == 0.0 and np.array_equal(out["image"][0].numpy(), ramp)
+
+
 def test_strong_noise_is_smoothed_down_and_moderate_noise_is_not(phantom):
     rng = np.random.default_rng(0)
     body = phantom.image > -500
@@ -83,6 +90,17 @@ def test_thin_slices_are_read_as_slabs_and_the_answer_returns_to_them():
     oriented = Compose([Orientationd("image", axcodes="RAS"), *steps.transforms])({"image": image})["image"]
     grid = BoxInvertd("answer", steps).grid_of(oriented)
     assert grid is not None and grid["shape"] == tuple(image.shape[1:]) and np.allclose(grid["affine"], affine)
+
+
+def test_slabs_keep_the_hu_of_the_end_slices():
+    uniform = MetaTensor(torch.full((1, 8, 8, 30), 100.0), affine=torch.as_tensor(np.diag([1.5, 1.5, 1.0, 1.0])))
+    out = ThickenSlicesd("image")({"image": uniform})["image"]
+    assert out.shape[-1] < 30 and torch.allclose(out.as_tensor(), torch.tensor(100.0), atol=1e-3)
+
+
+def test_a_few_thin_slices_are_left_as_they_are():
+    three = MetaTensor(torch.randn(1, 8, 8, 3), affine=torch.as_tensor(np.diag([0.8, 0.8, 1.25, 1.0])))
+    assert "input_harmonisation" not in ThickenSlicesd("image")({"image": three})
 
 
 def test_thick_slices_pass_unchanged_and_invert_to_themselves():
