@@ -8,7 +8,8 @@ config, as ``benchmarks.lesion_detection`` does (text-free lesions matched with 
 components, liver Dice, and the referring 3D Dice per expression over the expressions generated from the inserted
 lesions' measured geometry).
 
-    python -m benchmarks.real_anatomy [--checkpoint runs/<run>/models/model.pt] [--out results.json]
+    python -m benchmarks.real_anatomy [--checkpoint runs/<run>/models/model.pt] [--out results.json] \
+        [--set harmonisation#liver_phase=true]
 
 It prints the figures of the targets for real anatomy: lesion recall for lesions of at least 1 ml and under 1 ml,
 false-positive components per case, liver Dice, 3D Dice per expression.
@@ -70,10 +71,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_dir", default=str(ROOT / "cache"))
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--set", dest="overrides", type=lesion_detection.parse_override, action="append", default=[],
+        metavar="KEY=VALUE", help="a config setting, e.g. harmonisation#liver_phase=true",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     dataset = ensure_dataset(args.source, args.cases, args.seed, Path(args.cache_dir))
     config = lesion_detection.build(
-        args.config_file, {"bundle_root": str(ROOT / "bundle"), "dataset_dir": str(dataset)}
+        args.config_file, {"bundle_root": str(ROOT / "bundle"), **dict(args.overrides), "dataset_dir": str(dataset)}
     )
     checkpoint = args.checkpoint or config.get_parsed_content("checkpoint")
     results = lesion_detection.evaluate_split(config, checkpoint, "test", True)

@@ -155,7 +155,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "bundle" / "sample" / "sample_case.nii.gz"
 
 
-def infer(image: Path, out: Path, prompt: str = "the largest hypodense lesion") -> dict:
+def infer(image: Path, out: Path, prompt: str = "the largest hypodense lesion", **overrides) -> dict:
     """The bundle's inference (shipped weights) on ``image``; returns the record."""
     flow = ConfigWorkflow(
         config_file=str(ROOT / "bundle" / "configs" / "inference.json"),
@@ -165,6 +165,7 @@ def infer(image: Path, out: Path, prompt: str = "the largest hypodense lesion") 
         image=str(image),
         prompt=prompt,
         output_dir=str(out),
+        **overrides,
     )
     flow.initialize()
     flow.run()
@@ -211,3 +212,21 @@ def test_thin_slices_get_the_same_answer_on_their_own_grid(sample_answer, tmp_pa
     assert record["found"] and same_lesion(record, sample_answer)
     (mask,) = (tmp_path / "out").rglob("*_mask.nii.gz")
     assert nib.load(mask).shape == thin.shape
+
+
+def test_an_unenhanced_liver_is_moved_when_asked_and_the_record_says_so(phantom, tmp_path):
+    liver = phantom.liver > 0
+    image = phantom.image.astype(np.float32)
+    median = float(np.median(image[liver & (phantom.lesions == 0)]))
+    unenhanced = np.where(liver, image - (median - 50.0), image)  # the liver and its lesions at 50 HU
+    path = tmp_path / "unenhanced.nii.gz"
+    nib.save(nib.Nifti1Image(np.rint(unenhanced).astype(np.int16), phantom.affine), path)
+    harmonisation = {**json.loads((ROOT / "bundle" / "configs" / "inference.json").read_text())["harmonisation"]}
+    record = infer(
+        path, tmp_path / "on", "all lesions in the liver", harmonisation={**harmonisation, "liver_phase": True}
+    )
+    info = record["input_harmonisation"]
+    assert info["liver_hu"] < 65.0 and info["liver_hu_shift"] == pytest.approx(80.0 - info["liver_hu"], abs=0.2)
+    assert any("the network read the liver and its lesions" in note for note in record["notes"])
+    default = infer(path, tmp_path / "off", "all lesions in the liver")  # off by default
+    assert "liver_hu_shift" not in default.get("input_harmonisation", {})
