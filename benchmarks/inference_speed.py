@@ -11,9 +11,9 @@ the repository root. In one run it prints
   1.6 mm slices, written as NIfTI; nothing is downloaded): wall time and peak resident memory of
   ``python -m monai.bundle run inference`` with one prompt and with ``--prompts`` prompts on the same volume (one
   ``--datalist``), each in a fresh process, and the seconds inside the workflow (medians of ``--repeats`` processes);
-- the time of each stage of the one-prompt run (load, resample, window and tokenise, liver location by the coarse
-  pass, text-free pass, referring pass, liver region, lesion candidates, referral, writing), measured in-process on
-  the same inputs.
+- the time of each stage of the one-prompt run (load, resample, scanner corrections, window and tokenise, liver
+  location by the coarse pass, text-free pass, referring pass, liver region, lesion candidates, referral, writing),
+  measured in-process on the same inputs.
 
 The allocator is set as the inference workflow sets it (``custom.runtime.keep_freed_memory``). Figures depend on
 the machine and on what else runs on it: compare the rows of one run.
@@ -198,6 +198,8 @@ def stage_rows(image: Path, folder: Path) -> list[str]:
         "LoadClinicalImaged": "load",
         "Orientationd": "resample",
         "Spacingd": "resample",
+        "ThickenSlicesd": "resample",
+        "HarmoniseHUd": "scanner corrections",
         "HUWindowd": "window and tokenise",
         "Tokenized": "window and tokenise",
         "Activationsd": "activation",
@@ -226,7 +228,7 @@ def stage_rows(image: Path, folder: Path) -> list[str]:
         for cls in {type(transform) for transform in leaf_transforms(flow.parser.get_parsed_content(key))}:
             cls.__call__ = timed(stage_of.get(cls.__name__, "other"), cls.__call__)
     inferer: ReferringSliceInferer = flow.parser.get_parsed_content("inferer")
-    inferer.text_free = timed("text-free pass", inferer.text_free)
+    inferer.read_inputs = timed("text-free pass", inferer.read_inputs)  # what the inferer calls for the text-free pass
     inferer._coarse_liver = timed("liver location (coarse pass)", inferer._coarse_liver)
     inferer._slide = timed("referring pass", inferer._slide)
     start = time.perf_counter()
