@@ -53,7 +53,7 @@ from custom.metrics import (
 from custom.networks.folding import fold_batch_norms
 from custom.networks.weights import load_weights
 from custom.referral.choose import LesionCandidatesd, full_candidate_map
-from custom.user_inputs import parse_override
+from custom.user_inputs import add_set_option
 
 ROOT = Path(__file__).resolve().parents[1]
 #: evaluate.json layered on inference.json, as one ``--config_file`` value (ConfigParser reads comma-separated files).
@@ -270,9 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="test", choices=("training", "validation", "test"))
     parser.add_argument("--checkpoint", default=None, help="weights (default: the config's, the shipped model.pt)")
     parser.add_argument("--dataset_dir", default=None, help="a dataset folder with datalist.json (default: generated)")
-    parser.add_argument(
-        "--set", dest="overrides", type=parse_override, action="append", default=[], metavar="KEY=VALUE"
-    )
+    add_set_option(parser)
     parser.add_argument("--no_referring", action="store_true", help="text-free detection only")
     parser.add_argument("--max_cases", type=int, default=None, help="the first N cases of the split only")
     parser.add_argument("--out", default=None, help="write the results as JSON here")

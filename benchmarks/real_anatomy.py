@@ -23,6 +23,7 @@ from pathlib import Path
 
 from benchmarks import lesion_detection
 from custom.data.lesion_insertion import write_inserted_dataset
+from custom.user_inputs import add_set_option
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / "data" / "realct"
@@ -71,10 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_dir", default=str(ROOT / "cache"))
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument(
-        "--set", dest="overrides", type=lesion_detection.parse_override, action="append", default=[],
-        metavar="KEY=VALUE", help="a config setting, e.g. harmonisation#liver_phase=true",
-    )  # fmt: skip
+    add_set_option(parser, "a config setting, e.g. harmonisation#liver_phase=true")
     args = parser.parse_args(argv)
     dataset = ensure_dataset(args.source, args.cases, args.seed, Path(args.cache_dir))
     config = lesion_detection.build(

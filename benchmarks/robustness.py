@@ -66,6 +66,7 @@ from custom.clinical.measurements import axial_axis
 from custom.data.datalist import load_datalist
 from custom.data.default_dataset import ensure_default_dataset
 from custom.data.io import write_nifti
+from custom.user_inputs import add_set_option
 
 ROOT = Path(__file__).resolve().parents[1]
 HU_RANGE = (-1024.0, 3071.0)
@@ -507,10 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work_dir", default=None, help="folder of the perturbed datasets (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the perturbed datasets")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument(
-        "--set", dest="overrides", type=lesion_detection.parse_override, action="append", default=[],
-        metavar="KEY=VALUE", help="a config setting for every evaluation, e.g. harmonisation#enabled=false",
-    )  # fmt: skip
+    add_set_option(parser, "a config setting for every evaluation, e.g. harmonisation#enabled=false")
     args = parser.parse_args(argv)
     summary = run(args)
     print(table(summary))

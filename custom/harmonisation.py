@@ -200,11 +200,16 @@ class ThickenSlicesd(Spacingd):
     ) -> None:
         if slice_mm < min_slice_mm:
             raise ValueError(f"slice_mm ({slice_mm}) must be at least min_slice_mm ({min_slice_mm}).")
-        super().__init__(keys, pixdim=(-1.0, -1.0, float(slice_mm)), mode=mode, dtype=torch.float32)
+        super().__init__(
+            keys,
+            pixdim=(-1.0, -1.0, float(slice_mm)),
+            mode=mode,
+            dtype=torch.float32,
+            allow_missing_keys=allow_missing_keys,
+        )
         self.min_slice_mm = float(min_slice_mm)
         self.slice_mm = float(slice_mm)
         self.info_key = info_key
-        self.allow_missing_keys = allow_missing_keys
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> dict:
         d = dict(data)

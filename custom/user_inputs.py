@@ -61,6 +61,7 @@ __all__ = [
     "install_error_hook",
     "literal",
     "parse_override",
+    "add_set_option",
     "pin",
     "pin_values",
     "running_parser",
@@ -240,6 +241,13 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def add_set_option(parser, help: str = "a config setting (repeatable), e.g. --set referral#threshold=0.4") -> None:
+    """A developer command's repeatable ``--set KEY=VALUE`` (:func:`parse_override`), gathered in ``overrides``."""
+    parser.add_argument(
+        "--set", dest="overrides", type=parse_override, action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 #: What MONAI's parser reads as config code in a value: Python (``$``), a reference (``@``), a macro (``%``).

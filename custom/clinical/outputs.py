@@ -142,6 +142,15 @@ def _ras_view(volume, name: str) -> tuple[np.ndarray, np.ndarray]:
     return ras_view(array[0] if array.ndim == 4 else array, volume.affine.numpy())
 
 
+def _nifti_reference(meta: Mapping):
+    """The input grid a NIfTI output is written on: the input file when it is NIfTI (its header kept), else the
+    ``(affine, shape)`` the loader recorded."""
+    source = str(meta.get("filename_or_obj", ""))
+    if is_nifti_path(source) and Path(source).is_file():
+        return source
+    return meta[MetaKeys.ORIGINAL_AFFINE], meta[MetaKeys.SPATIAL_SHAPE]
+
+
 class ReferringOutputWriter:
     """Decide, measure and write every output of one (case, expression).
 
@@ -306,10 +315,7 @@ class ReferringOutputWriter:
         self._write_mask(referred, affine, meta, staged["mask"], expression)
         if candidate_map is not None:
             labels, labels_affine = _ras_view(candidate_map, "candidate_map")
-            reference = (meta[MetaKeys.ORIGINAL_AFFINE], meta[MetaKeys.SPATIAL_SHAPE])
-            source = str(meta.get("filename_or_obj", ""))
-            if is_nifti_path(source) and Path(source).is_file():
-                reference = source
+            reference = _nifti_reference(meta)
             write_nifti_mask(labels, reference, staged["candidates"], mask_affine=labels_affine, labels=True)
         notes = []
         if meta.get("source_files") and not meta.get("FrameOfReferenceUID"):
@@ -386,12 +392,7 @@ class ReferringOutputWriter:
                 algorithm_version=self.algorithm_version,
                 overwrite=self.overwrite,
             )
-        source = str(meta.get("filename_or_obj", ""))
-        if is_nifti_path(source) and Path(source).is_file():
-            reference = source
-        else:
-            reference = (meta[MetaKeys.ORIGINAL_AFFINE], meta[MetaKeys.SPATIAL_SHAPE])
-        return write_nifti_mask(referred, reference, path, mask_affine=affine, overwrite=self.overwrite)
+        return write_nifti_mask(referred, _nifti_reference(meta), path, mask_affine=affine, overwrite=self.overwrite)
 
     @staticmethod
     def _title(expression: str, record: Mapping) -> str:

@@ -522,7 +522,7 @@ class CandidateMapToInputGridd(MapTransform):
     """The lesion candidates as one label map on the input grid, candidate ``k`` as value ``k``.
 
     ``keys``: the candidates of ``custom.referral.choose.LesionCandidatesd`` (``box`` and ``map`` on the network
-    grid, numbered 1..K as the record's ``referral.candidates``) -> ``output_key`` (1, X', Y', Z') uint8 (uint16
+    grid, numbered 1..K as the record's ``referral.candidates``) -> ``output_key`` (1, X', Y', Z') uint8 (int32
     beyond 255 candidates) on the grid of ``orig_keys`` as loaded. Each candidate comes back as an answer does
     (:class:`AnswerToInputGridd`: its box resampled, its border from ``prob_key`` at ``threshold``), so a chosen
     candidate's voxels are those of the answer; where two touch, the later one takes the voxels they share. With no

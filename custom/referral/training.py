@@ -63,7 +63,7 @@ from custom.networks.weights import load_weights
 from custom.options import config_dir
 from custom.referral.choose import LesionCandidatesd, choose_candidates, full_candidate_map
 from custom.runtime import ProgressLog, format_duration
-from custom.user_inputs import parse_override
+from custom.user_inputs import add_set_option
 
 SCORER_SETTINGS = {"dim": 128, "heads": 4, "layers": 2, "dropout": 0.1}
 
@@ -355,15 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         "--extra_cases", type=int, default=96, help="cases of a dataset generated with another seed, added to training"
     )
     parser.add_argument("--epochs", type=int, default=80)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        type=parse_override,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="evaluation-config overrides, e.g. --set context_slices=1 --set referral#split_depth_mm=2.0",
-    )
+    add_set_option(parser, "evaluation-config overrides, e.g. --set context_slices=1 --set referral#split_depth_mm=2.0")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.dataset_dir and not (Path(args.dataset_dir) / "datalist.json").is_file():

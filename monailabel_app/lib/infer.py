@@ -32,6 +32,7 @@ from fastapi import HTTPException
 from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from lib.options import yes_no
 from lib.prompt import PromptChecker, PromptError
 from lib.versions import BUNDLE, VersionStore, Weights
 
@@ -69,14 +70,10 @@ def _segment_name(prompt: str, found: Optional[bool]) -> str:
 
 
 def _yes(value: Any) -> bool:
-    """A request's yes/no option: a JSON boolean, or true/false/yes/no/1/0 as text."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "1", "on"):
-        return True
-    if text in ("false", "no", "0", "off", ""):
-        return False
+    """A request's yes/no option (:func:`lib.options.yes_no`; an empty text is no)."""
+    flag = yes_no(value) if value != "" else False
+    if flag is not None:
+        return flag
     raise InferenceInputError(422, f"'{CANDIDATES_OPTION}' must be true or false, got {value!r}.")
 
 

@@ -14,13 +14,19 @@ TRAINING_NEEDS_WRITES = (
 )
 
 
+def yes_no(value) -> Optional[bool]:
+    """A yes/no value: a bool, or true/yes/1/on or false/no/0/off as text in any case; None when it is neither."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    return True if text in _YES else False if text in _NO else None
+
+
 def conf_flag(conf: Mapping[str, str], key: str) -> bool:
     """The yes/no ``--conf key value`` option ``key`` (false when absent); a value that is neither is refused."""
-    value = str(conf.get(key, "false")).strip().lower()
-    if value in _YES:
-        return True
-    if value in _NO:
-        return False
+    flag = yes_no(conf.get(key, "false"))
+    if flag is not None:
+        return flag
     raise ValueError(f"--conf {key} {conf.get(key)!r} is not a yes/no value. Pass --conf {key} true or false.")
 
 
